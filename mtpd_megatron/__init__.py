@@ -1,0 +1,1 @@
+"""Self-distilled multi-token prediction (MTP-D) on megatron-core."""

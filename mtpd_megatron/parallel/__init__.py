@@ -1,0 +1,1 @@
+"""Process groups, launch environment and the CPU compatibility layer for megatron-core."""

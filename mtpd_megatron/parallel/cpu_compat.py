@@ -1,0 +1,228 @@
+"""CPU + gloo compatibility layer for megatron-core 0.19.2 — tests and the CPU demo only.
+
+megatron-core assumes CUDA in a handful of places (RNG tracker, `torch.cuda.current_device()` as a device,
+CUDA streams in the MoE dispatcher, `device='cuda'` literals and `.type() == 'torch.cuda.FloatTensor'` checks
+in the optimizer). This module answers each of them, one patch per megatron-core line, so that TP, EP
+(alltoall and allgather dispatchers), sequence parallel, MTP, megatron DDP, the DistributedOptimizer and
+dist_checkpointing run on CPU processes joined by gloo.
+
+Rules:
+* Switched on explicitly by `enable()`; the trainer calls it only when the run's device is the CPU.
+* Refuses to run when a GPU is visible (it must never change GPU behaviour) and when the installed
+  megatron-core is not the pinned version (each patch is written against that version's lines).
+* `import_shims()` is the one import-time piece: megatron-core 0.19.2 imports `triton` at import time
+  (transformer/moe/ops/paged_stash.py:4, paged stashing is a CUDA-only feature); where triton is absent
+  that single module is stubbed. On a GPU machine triton exists and nothing is stubbed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.metadata
+import importlib.util
+import sys
+import types
+
+import torch
+
+PINNED_MEGATRON_CORE = "0.19.2"
+_ENABLED = False
+
+
+class CompatError(RuntimeError):
+    """The layer cannot be used here (wrong megatron-core version, or a GPU is visible)."""
+
+
+def installed_megatron_version() -> str:
+    try:
+        return importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def check_version(installed: str | None = None) -> None:
+    installed = installed or installed_megatron_version()
+    if installed != PINNED_MEGATRON_CORE:
+        raise CompatError(
+            f"megatron-core {installed} is installed but the CPU compatibility layer is written for "
+            f"{PINNED_MEGATRON_CORE}: run `pip install --no-deps --ignore-requires-python "
+            f"megatron-core=={PINNED_MEGATRON_CORE}` (or tools/setup_env.sh)"
+        )
+
+
+def import_shims() -> None:
+    """Stub megatron/core/transformer/moe/ops/paged_stash.py (its line 4 imports triton) when triton is absent."""
+    name = "megatron.core.transformer.moe.ops.paged_stash"
+    if name in sys.modules or importlib.util.find_spec("triton") is not None:
+        return
+    stub = types.ModuleType(name)
+    stub.__doc__ = "mtpd_megatron stub: paged stashing needs triton + CUDA; unused on CPU."
+
+    def _unavailable(*args, **kwargs):
+        raise CompatError("paged stashing needs triton and CUDA")
+
+    def __getattr__(attr: str):  # any kernel name imported from it (moe/paged_stash.py:12)
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _unavailable
+
+    stub.__getattr__ = __getattr__
+    sys.modules[name] = stub
+
+
+# --------------------------------------------------------------------------------------------------------
+# Individual patches. Each names the megatron-core 0.19.2 line it answers.
+# --------------------------------------------------------------------------------------------------------
+
+
+class _NoStream:
+    """Stands in for torch.cuda.Stream/Event: work on CPU is synchronous, so waits are no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args):
+        pass
+
+    def wait_event(self, *args):
+        pass
+
+    def record_event(self, *args):
+        return _NoStream()
+
+    def record(self, *args):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def __eq__(self, other):
+        return isinstance(other, _NoStream)
+
+    def __hash__(self):
+        return 0
+
+
+_CURRENT_STREAM = _NoStream()
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    # tensor_parallel/random.py:303-308 (CudaRNGStatesTracker.add) and :490 (model_parallel_cuda_manual_seed):
+    # the tracker keeps per-region RNG states; on CPU they are states of the CPU default generator.
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = cuda.manual_seed
+    # models/common/embeddings/rotary_pos_embedding.py:162, tensor_parallel/mappings.py:446,
+    # distributed/param_and_grad_buffer.py, optimizer/distrib_optimizer.py:998: the current device.
+    cuda.current_device = lambda: "cpu"
+    # transformer/moe/token_dispatcher.py:469 (Stream), :922-925 (current_stream, stream context).
+    cuda.Stream = _NoStream
+    cuda.Event = _NoStream
+    cuda.current_stream = lambda device=None: _CURRENT_STREAM
+    cuda.stream = lambda s=None: contextlib.nullcontext()
+    cuda.synchronize = lambda device=None: None
+    cuda.is_current_stream_capturing = lambda: False
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as tp_random
+    from megatron.core.transformer import utils as tf_utils
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    # tensor_parallel/random.py:104 _get_cuda_rng_state / :135 _set_cuda_rng_state (fork/unfork of the
+    # tracker) -> the CPU generator.
+    tp_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+    tp_random._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+    # transformer/utils.py:39 get_default_causal_mask builds the mask with device="cuda"
+    # (used by fusions/fused_softmax.py:327 in megatron's reference attention).
+    @functools.lru_cache(maxsize=32)
+    def causal_mask_cpu(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    tf_utils.get_default_causal_mask = causal_mask_cpu
+    fused_softmax.get_default_causal_mask = causal_mask_cpu
+
+    # transformer/moe/moe_utils.py:1184 maybe_move_tensor_to_cpu only converts CUDA tensors, so on CPU the
+    # split sizes stay tensors and gloo's all_to_all_single (tensor_parallel/mappings.py:460) raises a
+    # TypeError. Convert CPU tensors too when numpy is asked for.
+    original = moe_utils.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if torch.is_tensor(tensor) and not tensor.is_cuda and as_numpy:
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def enable() -> None:
+    """Switch the layer on for this (CPU-only) process. Idempotent."""
+    global _ENABLED
+    if _ENABLED:
+        return
+    if torch.cuda.is_available():
+        raise CompatError("the CPU compatibility layer must not be enabled in a process that sees a GPU")
+    check_version()
+    import_shims()
+    _patch_torch_cuda()
+    _patch_megatron()
+    _ENABLED = True
+
+
+def is_enabled() -> bool:
+    return _ENABLED
+
+
+# --------------------------------------------------------------------------------------------------------
+# Optimizer scope: megatron's optimizer code is full of device='cuda' literals and CUDA type-string checks.
+# --------------------------------------------------------------------------------------------------------
+
+_FACTORIES = {
+    torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.zeros_like,
+    torch.ones_like, torch.empty_like, torch.full_like, torch.as_tensor,
+}
+_CUDA_TYPE = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
+              "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    return isinstance(device, int)
+
+
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Maps the optimizer's CUDA assumptions to CPU while active.
+
+    Answers optimizer/optimizer.py:1249 (`device='cuda'` scale tensor), optimizer/clip_grads.py:96/108/112/
+    180/231 (`device='cuda'` norms and buffers; `.type() == 'torch.cuda.FloatTensor'` at :174) and
+    optimizer/distrib_optimizer.py:401/466/758 (`model_param.type()` checks), plus `Tensor.cuda()` calls.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in _FACTORIES and _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return _CUDA_TYPE.get(name, name)
+        elif func is torch.Tensor.cuda:
+            return args[0]
+        elif func is torch.Tensor.to and _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def optimizer_scope():
+    """Context for building and stepping megatron's optimizer: the CUDA→CPU mapping on CPU, else nothing."""
+    return _CudaToCpu() if _ENABLED else contextlib.nullcontext()
