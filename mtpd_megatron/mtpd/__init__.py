@@ -1,0 +1,1 @@
+"""MTP-D: vocabulary-parallel TopN self-distillation for megatron-core's MTP heads."""

@@ -1,0 +1,177 @@
+"""The one hook into megatron-core: MTP-D replaces `process_mtp_loss` for models that opt in.
+
+megatron-core 0.19.2 computes the MTP heads' losses in `process_mtp_loss`
+(transformer/multi_token_prediction.py:760), imported by name into models/gpt/gpt_model.py (called at :701)
+and models/hybrid/hybrid_model.py (:573). `install()` rebinds that name in both modules to
+`mtpd_process_mtp_loss`, which falls through to megatron's original for every model whose
+TransformerConfig was not `attach()`-ed — so plain megatron MTP is untouched.
+
+For an attached model, per micro-batch:
+  1. teacher = output_layer(h0.detach()) under no_grad: the main head's logits [s, b, V/tp], computed once;
+     its TopN threshold, log-normalisers and argmax are computed once and shared by all heads.
+  2. head k's logits [s, b, V/tp] (the shared output layer, vocab-parallel, never gathered) are compared at
+     position t with the teacher at t+k: slices logits[:s-k] and teacher[k:], no copy and no roll of hidden
+     states (under sequence parallelism the output layer has already gathered the sequence, so the slices
+     are along the full local sequence).
+  3. labels and loss mask are rolled with megatron's `roll_tensor` exactly as megatron does (so packed
+     sequences mask positions whose target lies in the next document: no CE and no KL across documents);
+     the loss rides on the hidden states through megatron's `MTPLossAutoScaler`, scaled by
+     mtp_loss_scaling_factor / num_heads like megatron's own MTP loss (docs/design.md, "Loss scaling").
+Context parallelism is refused (one-line error); pipeline parallelism works because this runs on the stage
+holding the MTP block and the output layer (the last).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron.core.models.gpt import gpt_model as _gpt_model
+from megatron.core.transformer import multi_token_prediction as _mtp
+from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, roll_tensor
+
+from mtpd_megatron.mtpd.collectives import global_argmax, tp_size
+from mtpd_megatron.mtpd.kl import DistillSpec, head_loss, teacher_stats
+from mtpd_megatron.mtpd.metrics import MTPDMetrics
+
+_ORIGINAL = _mtp.process_mtp_loss
+
+
+@dataclass(frozen=True)
+class MTPDSettings:
+    """Per-model MTP-D settings, attached to the model's TransformerConfig."""
+
+    spec: DistillSpec
+    alphas: tuple
+    betas: tuple
+    trained: tuple  # per head: False = frozen (looped extension): no loss, metrics only
+
+    @classmethod
+    def from_config(cls, mtp_cfg, trained: Optional[tuple] = None) -> "MTPDSettings":
+        n = mtp_cfg.num_heads
+        d = mtp_cfg.mtpd
+
+        def per_head(value, name):
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+            if len(values) != n:
+                raise ValueError(f"mtp.mtpd.{name}: {len(values)} values for {n} heads (give one per head)")
+            return tuple(float(v) for v in values)
+
+        betas = per_head(d.beta, "beta") if d.enabled else (0.0,) * n
+        spec = DistillSpec(topn=d.topn, direction=d.direction, mode=d.mode, temperature=d.temperature)
+        return cls(spec=spec, alphas=per_head(d.alpha, "alpha"), betas=betas, trained=trained or (True,) * n)
+
+
+def install() -> None:
+    """Route megatron's MTP loss through MTP-D for attached models. Idempotent."""
+    _gpt_model.process_mtp_loss = mtpd_process_mtp_loss
+    try:
+        from megatron.core.models.hybrid import hybrid_model as _hybrid_model
+    except ImportError:  # the hybrid model needs optional Mamba dependencies
+        return
+    _hybrid_model.process_mtp_loss = mtpd_process_mtp_loss
+
+
+def attach(config, mtp_cfg, trained: Optional[tuple] = None) -> MTPDSettings:
+    """Opt the model whose TransformerConfig is `config` into MTP-D (with fresh metrics)."""
+    settings = MTPDSettings.from_config(mtp_cfg, trained)
+    config.mtpd_settings = settings
+    config.mtpd_metrics = MTPDMetrics(mtp_cfg.num_heads)
+    install()
+    return settings
+
+
+def metrics(config) -> MTPDMetrics:
+    return config.mtpd_metrics
+
+
+def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output_weight, runtime_gather_output,
+                          is_training, compute_language_model_loss, config, cp_group=None, tp_group=None,
+                          packed_seq_params=None, scale_logits_fn=None, input_ids=None):
+    """Drop-in for megatron's process_mtp_loss (same signature and return value)."""
+    settings: Optional[MTPDSettings] = getattr(config, "mtpd_settings", None)
+    if settings is None:
+        return _ORIGINAL(hidden_states, labels, loss_mask, output_layer, output_weight, runtime_gather_output,
+                         is_training, compute_language_model_loss, config, cp_group=cp_group, tp_group=tp_group,
+                         packed_seq_params=packed_seq_params, scale_logits_fn=scale_logits_fn,
+                         input_ids=input_ids)
+    if cp_group is not None and tp_size(cp_group) > 1:
+        raise ValueError("MTP-D does not support context parallelism: set parallel.context_parallel_size=1")
+
+    num_heads = config.mtp_num_layers
+    chunks = torch.chunk(hidden_states, 1 + num_heads, dim=0)
+    hidden_states = chunks[0]
+    roll = dict(shifts=-1, dims=-1, cp_group=cp_group, packed_seq_params=packed_seq_params)
+    if labels is None:  # as megatron: derive labels from input_ids (e.g. RL), last position masked
+        if input_ids is None:
+            return hidden_states
+        labels, _ = roll_tensor(input_ids, **roll)
+        if loss_mask is None:
+            loss_mask = torch.ones_like(labels)
+        loss_mask, _ = roll_tensor(loss_mask, **roll)
+    if config.mtp_detach_heads:
+        output_weight = (output_weight if output_weight is not None else output_layer.weight).detach()
+    mtp_labels = labels.clone()
+    loss_mask = torch.ones_like(mtp_labels) if loss_mask is None else loss_mask
+    original_num_tokens = loss_mask.sum()
+
+    def logits_of(h, weight):
+        out, _ = output_layer(h, weight=weight, runtime_gather_output=False)
+        return scale_logits_fn(out) if scale_logits_fn is not None else out
+
+    with torch.no_grad():  # the teacher: main head, gradient-detached (no "seesaw" pull on the main head)
+        teacher = logits_of(chunks[0].detach(), None if output_weight is None else output_weight.detach())
+    seq, batch, v_local = teacher.shape
+    vocab_size = v_local * tp_size(tp_group)
+    vocab_start = (0 if tp_size(tp_group) == 1 else torch.distributed.get_rank(tp_group)) * v_local
+    teacher = teacher.reshape(seq * batch, v_local)
+    spec = settings.spec
+    stats = teacher_stats(teacher, spec, vocab_size, vocab_start, tp_group)
+    tracker: MTPDMetrics = config.mtpd_metrics
+    chain = torch.ones(seq * batch, dtype=torch.bool, device=teacher.device)  # heads < k all accepted
+    scale = config.mtp_loss_scaling_factor / num_heads
+
+    for k in range(1, num_heads + 1):
+        mtp_labels, _ = roll_tensor(mtp_labels, **roll)
+        loss_mask, num_tokens = roll_tensor(loss_mask, **roll)
+        n = (seq - k) * batch  # positions t < s-k have a teacher at t+k
+        if n <= 0:
+            break
+        head = k - 1
+        with contextlib.nullcontext() if settings.trained[head] else torch.no_grad():
+            logits = logits_of(chunks[k], output_weight)
+        student = logits[: seq - k].reshape(n, v_local)
+        lab = mtp_labels.t()[: seq - k].reshape(n)
+        mask = loss_mask.t()[: seq - k].reshape(n).to(torch.float64 if teacher.dtype == torch.float64 else torch.float32)
+        if settings.trained[head]:
+            out = head_loss(student, teacher[k * batch:], stats[k * batch:], lab, alpha=settings.alphas[head],
+                            beta=settings.betas[head], spec=spec, vocab_size=vocab_size, vocab_start=vocab_start,
+                            group=tp_group, inplace_grad=True)
+            mtp_loss = (out.loss * mask).view(seq - k, batch)
+            if config.calculate_per_token_loss:  # as megatron: renormalise to the unrolled token count
+                mtp_loss = scale * mtp_loss * (original_num_tokens / num_tokens.clamp(min=1))
+            else:
+                mtp_loss = scale * mtp_loss / num_tokens.clamp(min=1)
+            hidden_states = MTPLossAutoScaler.apply(hidden_states, mtp_loss)
+            ce, kl, draft = out.ce, out.kl, out.student_argmax
+        else:  # frozen head: its forward feeds the cascade; only its acceptance is measured
+            draft = global_argmax(student, vocab_start, tp_group)
+            ce = kl = torch.zeros(n, device=student.device)
+        valid = mask.to(torch.float64)
+        accepted = chain[:n] & (draft == stats.argmax[k * batch:])
+        mass = torch.exp(stats.log_z_sel[k * batch:] - stats.log_z_all[k * batch:])
+        tracker.add(
+            head,
+            tokens=valid.sum(),
+            ce=(ce.double() * valid).sum(),
+            kl=(kl.double() * valid).sum(),
+            topn_mass=(mass.double() * valid).sum(),
+            label_correct=((draft == lab).double() * valid).sum(),
+            accept=(accepted.double() * valid).sum(),
+            accept_base=(chain[:n].double() * valid).sum(),
+        )
+        chain = accepted
+    return hidden_states
