@@ -30,6 +30,7 @@ only chunk-sized fp32 temporaries exist: no [tokens, V/tp] fp32 tensor is kept f
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
@@ -128,87 +129,148 @@ class HeadOutputs(NamedTuple):
     student_argmax: Tensor  # [T] int64 global argmax of the student
 
 
-def _head_chunk(z_raw: Tensor, u_raw: Tensor, st: TeacherStats, labels: Tensor, vocab_start: int,
-                alpha: float, beta: float, spec: DistillSpec, full: bool, group, want_grad: bool):
-    """Loss pieces and d(loss)/dz for one chunk of tokens. Returns (ce, kl, grad or None)."""
-    inv_t = 1.0 / spec.temperature
+# ----------------------------------------------------------------------------------------------------------
+# Row-wise stages. Each is a pure function of one chunk (one pass over the [n, V/tp] logits); the collectives
+# sit between them. On CUDA they are compiled with torch.compile so each stage becomes one or two fused
+# kernels: the forward direction then reads the logits three times and writes the gradient once.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _prepare(z_raw: Tensor, u_raw: Tensor, tau: Tensor, inv_t: float):
     cdt = _compute_dtype(z_raw)
     z = z_raw.to(cdt)
     u = u_raw.to(cdt) * inv_t
-    n, v_local = z.shape
-    sel = u >= st.threshold.unsqueeze(-1)  # [n, V/tp]; all True when the whole vocabulary is kept
-    tail = spec.mode == "tail" and not full
+    sel = u >= tau.unsqueeze(-1)  # teacher's TopN set; all True when the whole vocabulary is kept
+    zt = z * inv_t
+    return z, u, zt, sel
 
-    # --- maxima (one all-reduce) -------------------------------------------------------------------------
-    zt = z * inv_t if spec.temperature != 1.0 else z
-    neg_inf = torch.tensor(-math.inf, dtype=cdt, device=z.device)
-    maxes = torch.stack([z.max(-1).values, torch.where(sel, zt, neg_inf).max(-1).values])
-    all_reduce(maxes, _MAX, group)
+
+def _stage_maxes(z_raw, u_raw, tau, inv_t: float) -> Tensor:
+    z, u, zt, sel = _prepare(z_raw, u_raw, tau, inv_t)
+    return torch.stack([z.amax(-1), torch.where(sel, zt, torch.full_like(zt, -math.inf)).amax(-1)])
+
+
+def _stage_sums(z_raw, u_raw, tau, maxes, local_label, inv_t: float) -> Tensor:
+    z, u, zt, sel = _prepare(z_raw, u_raw, tau, inv_t)
+    m_all, m_sel = maxes[0].unsqueeze(-1), maxes[1].unsqueeze(-1)
+    e = torch.exp(z - m_all)
+    e_t = torch.exp(zt - m_all * inv_t)
+    e_sel = torch.where(sel, torch.exp(zt - m_sel), torch.zeros_like(zt))
+    cols = torch.arange(z.shape[-1], device=z.device)
+    z_label = torch.where(cols == local_label.unsqueeze(-1), z, torch.zeros_like(z)).sum(-1)
+    tail_t = torch.where(sel, torch.zeros_like(e_t), e_t)
+    return torch.stack([e.sum(-1), e_t.sum(-1), e_sel.sum(-1), tail_t.sum(-1), z_label])
+
+
+def _row_terms(maxes, sums, log_z_sel, log_z_all, inv_t: float, tail: bool):
+    """Per-row normalisers: (lse of z, log-normaliser of P on S, of Q on S, log P_t, log Q_t, Q_t)."""
     m_all, m_sel = maxes[0], maxes[1]
-
-    # --- sums (one all-reduce) ---------------------------------------------------------------------------
-    e = torch.exp(z - m_all.unsqueeze(-1))  # softmax numerators at T = 1 (CE)
-    e_t = e if spec.temperature == 1.0 else torch.exp(zt - (m_all * inv_t).unsqueeze(-1))
-    e_sel = torch.exp(zt - m_sel.unsqueeze(-1)) * sel
-    local_label = labels - vocab_start
-    in_shard = (local_label >= 0) & (local_label < v_local)
-    safe_label = local_label.clamp(0, v_local - 1)
-    z_label = torch.where(in_shard, z.gather(-1, safe_label.unsqueeze(-1)).squeeze(-1), torch.zeros_like(m_all))
-    sums = torch.stack([e.sum(-1), e_t.sum(-1), e_sel.sum(-1), (e_t * ~sel).sum(-1), z_label])
-    all_reduce(sums, _SUM, group)
-    sum_all, sum_all_t, sum_sel, sum_tail_t, z_label = sums
+    sum_all, sum_all_t, sum_sel, sum_tail_t = sums[0], sums[1], sums[2], sums[3]
     lse = m_all + torch.log(sum_all)
-    ce = lse - z_label
-
-    # --- bucket log-probabilities -----------------------------------------------------------------------
     if tail:
         lse_t = m_all * inv_t + torch.log(sum_all_t)
-        log_p = zt - lse_t.unsqueeze(-1)
-        log_q = u - st.log_z_all.unsqueeze(-1)
         log_pt = m_all * inv_t + torch.log(sum_tail_t.clamp_min(_TINY)) - lse_t
-        q_tail = (1.0 - torch.exp(st.log_z_sel - st.log_z_all)).clamp_min(0.0)
-        log_qt = torch.log(q_tail.clamp_min(_TINY))
-    else:
-        log_p = zt - (m_sel + torch.log(sum_sel)).unsqueeze(-1)
-        log_q = u - st.log_z_sel.unsqueeze(-1)
-    p = torch.where(sel, torch.exp(log_p), torch.zeros_like(log_p))  # bucket probabilities of S members
-    q = torch.where(sel, torch.exp(log_q), torch.zeros_like(log_q))
-    d = torch.where(sel, log_p - log_q, torch.zeros_like(log_p))  # log P - log Q on S
+        q_tail = (1.0 - torch.exp(log_z_sel - log_z_all)).clamp_min(0.0)
+        return lse, lse_t, log_z_all, log_pt, torch.log(q_tail.clamp_min(_TINY)), q_tail
+    return lse, m_sel + torch.log(sum_sel), log_z_sel, None, None, None
 
-    # --- KL (one all-reduce) -----------------------------------------------------------------------------
-    if spec.direction == "forward":
-        kl_local = -(q * d).sum(-1)
-    else:
-        kl_local = (p * d).sum(-1)
-    kl = all_reduce(kl_local, _SUM, group)
-    if tail:  # the tail bucket is one scalar per token, known on every rank: added after the reduction
-        p_t = torch.exp(log_pt)
-        if spec.direction == "forward":
-            kl = kl + q_tail * (log_qt - log_pt)
-        else:
-            kl = kl + p_t * (log_pt - log_qt)
 
+def _bucket_logs(z_raw, u_raw, tau, terms, inv_t: float):
+    z, u, zt, sel = _prepare(z_raw, u_raw, tau, inv_t)
+    _, log_norm_p, log_norm_q = terms[:3]
+    log_p = zt - log_norm_p.unsqueeze(-1)
+    log_q = u - log_norm_q.unsqueeze(-1)
+    zero = torch.zeros_like(log_p)
+    p = torch.where(sel, torch.exp(log_p), zero)  # bucket probabilities of the S members
+    q = torch.where(sel, torch.exp(log_q), zero)
+    d = torch.where(sel, log_p - log_q, zero)  # log P - log Q on S
+    return z, zt, sel, p, q, d
+
+
+def _ce_grad(z, terms, local_label, alpha: float):
+    cols = torch.arange(z.shape[-1], device=z.device)
+    softmax = torch.exp(z - terms[0].unsqueeze(-1))
+    return alpha * (softmax - (cols == local_label.unsqueeze(-1)).to(z.dtype))
+
+
+def _tail_members(zt, sel, terms):
+    """softmax(z/T)_j for j outside S (the tail bucket's members), 0 on S."""
+    lse_t = terms[1]
+    return torch.where(sel, torch.zeros_like(zt), torch.exp(zt - lse_t.unsqueeze(-1)))
+
+
+def _stage_kl_forward(z_raw, u_raw, tau, terms, local_label, inv_t: float, alpha: float, c: float,
+                      tail: bool, want_grad: bool, out_dtype: torch.dtype):
+    """Forward KL's local partial sum and (it needs no global KL) the full gradient of the chunk."""
+    z, zt, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
+    kl_local = -(q * d).sum(-1)
+    if not want_grad:
+        return kl_local, None
+    g = p - q
+    if tail:
+        log_pt, q_tail = terms[3], terms[5]
+        g = g + _tail_members(zt, sel, terms) * (1.0 - q_tail / torch.exp(log_pt).clamp_min(_TINY)).unsqueeze(-1)
+    return kl_local, (_ce_grad(z, terms, local_label, alpha) + c * g).to(out_dtype)
+
+
+def _stage_kl_reverse(z_raw, u_raw, tau, terms, inv_t: float):
+    z, zt, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
+    return (p * d).sum(-1)
+
+
+def _stage_grad_reverse(z_raw, u_raw, tau, terms, kl, local_label, inv_t: float, alpha: float, c: float,
+                        tail: bool, out_dtype: torch.dtype):
+    z, zt, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
+    g = p * (d - kl.unsqueeze(-1))
+    if tail:
+        log_pt, log_qt = terms[3], terms[4]
+        g = g + _tail_members(zt, sel, terms) * (log_pt - log_qt - kl).unsqueeze(-1)
+    return (_ce_grad(z, terms, local_label, alpha) + c * g).to(out_dtype)
+
+
+_STAGES = dict(maxes=_stage_maxes, sums=_stage_sums, kl_forward=_stage_kl_forward, kl_reverse=_stage_kl_reverse,
+               grad_reverse=_stage_grad_reverse)
+_COMPILED: dict = {}
+
+
+def _stage(name: str, on_cuda: bool):
+    """The stage function, compiled on CUDA (MTPD_COMPILE=0 disables); eager on CPU (exact tests)."""
+    if not on_cuda or os.environ.get("MTPD_COMPILE", "1") == "0":
+        return _STAGES[name]
+    if name not in _COMPILED:
+        _COMPILED[name] = torch.compile(_STAGES[name], dynamic=False)
+    return _COMPILED[name]
+
+
+def _head_chunk(z_raw: Tensor, u_raw: Tensor, st: TeacherStats, labels: Tensor, vocab_start: int,
+                alpha: float, beta: float, spec: DistillSpec, full: bool, group, want_grad: bool,
+                out_dtype: torch.dtype):
+    """Loss pieces and d(loss)/dz for one chunk of tokens. Returns (ce, kl, grad or None)."""
+    inv_t = 1.0 / spec.temperature
+    tail = spec.mode == "tail" and not full
+    cuda = z_raw.is_cuda
+    local_label = labels - vocab_start  # outside [0, V/tp) on ranks that do not hold the label
+    tau = st.threshold
+
+    maxes = all_reduce(_stage("maxes", cuda)(z_raw, u_raw, tau, inv_t), _MAX, group)
+    sums = all_reduce(_stage("sums", cuda)(z_raw, u_raw, tau, maxes, local_label, inv_t), _SUM, group)
+    terms = _row_terms(maxes, sums, st.log_z_sel, st.log_z_all, inv_t, tail)
+    ce = terms[0] - sums[4]
+    c = beta * spec.temperature  # beta * T^2 * (1/T)
     grad = None
-    if want_grad:
-        # CE: p - onehot
-        grad = e / sum_all.unsqueeze(-1)
-        grad *= alpha
-        onehot_rows = torch.nonzero(in_shard, as_tuple=True)[0]
-        grad[onehot_rows, safe_label[onehot_rows]] -= alpha
-        if beta != 0.0:
-            c = beta * spec.temperature  # beta * T^2 * (1/T)
-            if spec.direction == "forward":
-                g_kl = p - q
-                if tail:
-                    p_full_tail = torch.where(sel, torch.zeros_like(e_t), e_t / sum_all_t.unsqueeze(-1))
-                    ratio = (q_tail / p_t.clamp_min(_TINY)).unsqueeze(-1)
-                    g_kl = g_kl + p_full_tail * (1.0 - ratio)
-            else:
-                g_kl = p * (d - kl.unsqueeze(-1))
-                if tail:
-                    p_full_tail = torch.where(sel, torch.zeros_like(e_t), e_t / sum_all_t.unsqueeze(-1))
-                    g_kl = g_kl + p_full_tail * (log_pt - log_qt - kl).unsqueeze(-1)
-            grad += c * g_kl
+    if spec.direction == "forward":
+        kl_local, grad = _stage("kl_forward", cuda)(z_raw, u_raw, tau, terms, local_label, inv_t, alpha, c, tail,
+                                                    want_grad, out_dtype)
+        kl = all_reduce(kl_local, _SUM, group)
+        if tail:  # the tail bucket is one scalar per token, known on every rank: added after the reduction
+            kl = kl + terms[5] * (terms[4] - terms[3])
+    else:
+        kl = all_reduce(_stage("kl_reverse", cuda)(z_raw, u_raw, tau, terms, inv_t), _SUM, group)
+        if tail:
+            kl = kl + torch.exp(terms[3]) * (terms[3] - terms[4])
+        if want_grad:
+            grad = _stage("grad_reverse", cuda)(z_raw, u_raw, tau, terms, kl, local_label, inv_t, alpha, c, tail,
+                                                out_dtype)
     return ce, kl, grad
 
 
@@ -233,11 +295,11 @@ class _FusedCEKL(torch.autograd.Function):
             z_chunk = student[lo:hi]
             argmax[lo:hi] = global_argmax(z_chunk, vocab_start, group)
             ce_c, kl_c, g_c = _head_chunk(z_chunk, teacher[lo:hi], st[lo:hi], labels[lo:hi], vocab_start,
-                                          alpha, beta, spec, full, group, want_grad)
+                                          alpha, beta, spec, full, group, want_grad, student.dtype)
             ce[lo:hi] = ce_c
             kl[lo:hi] = kl_c
             if want_grad:
-                grad_buf[lo:hi] = g_c.to(grad_buf.dtype)  # may overwrite the logits we just read
+                grad_buf[lo:hi] = g_c  # may overwrite the logits this chunk was computed from
         ctx.save_for_backward(grad_buf if want_grad else None)
         ctx.mark_non_differentiable(ce, kl, argmax)
         loss = alpha * ce + (beta * spec.temperature**2) * kl
