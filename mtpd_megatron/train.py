@@ -1,0 +1,77 @@
+"""Pretraining entry point: `python -m mtpd_megatron.train --config CFG [section.key=value ...] [--resume R]`.
+
+Launch with torchrun (`torchrun --nproc-per-node N -m mtpd_megatron.train ...`) or one srun task per GPU;
+the rank layout comes from the environment (parallel/launch.py). `--resume auto` (the default, also
+`checkpoint.resume`) continues from the newest complete checkpoint under checkpoint.load/save, `none`
+starts fresh, a directory resumes from that checkpoint.
+
+Exit codes:
+  0   training finished
+  2   user error: config, data/tokenizer or checkpoint (one line on stderr, nothing written)
+  3   training.max_consecutive_nan_steps non-finite losses in a row
+  75  EXIT_PREEMPTED: SIGTERM/SIGUSR1 received; the step finished, a checkpoint was saved; requeue
+      (srun passes it through; torchrun reports any non-zero child as its own failure)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import NoReturn, Optional, Sequence
+
+from mtpd_megatron.config.load import ConfigError, load_config
+
+EXIT_PREEMPTED = 75  # also mtpd_megatron.trainer.EXIT_PREEMPTED
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    p = _Parser(prog="mtpd-train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny_dense.yaml")
+    p.add_argument("--resume", default=None, help="auto | none | checkpoint directory (default: checkpoint.resume)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides such as training.train_iters=100")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    from mtpd_megatron.checkpoint.layout import CheckpointError
+    from mtpd_megatron.data import DataError
+
+    try:  # 1. Everything a user can get wrong is checked before any process group exists.
+        cfg = load_config(args.config, args.overrides)
+        from mtpd_megatron.config.validate import validate
+        from mtpd_megatron.data import load_tokenizer
+        from mtpd_megatron.parallel import launch
+
+        env = launch.read_env()
+        tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
+        validate(cfg, env.world_size, vocab_size=tokenizer.vocab_size if tokenizer else None)
+        if tokenizer is None:
+            raise ConfigError("data.tokenizer: not set (pass the tokenizer.json the data was preprocessed with)")
+        device = launch.resolve_device(cfg.training.device)
+    except (ConfigError, DataError, ValueError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+    from mtpd_megatron.trainer import Preemption, Trainer
+
+    preemption = Preemption().install()  # before the (slow) set-up: a signal then stops after step one
+    launch.init_distributed(cfg, env)
+    try:  # 2. Build (data and checkpoint errors are still user errors), then train.
+        trainer = Trainer(cfg, tokenizer, device, resume=args.resume or cfg.checkpoint.resume, preemption=preemption)
+        return trainer.fit()
+    except (ConfigError, DataError, CheckpointError) as e:
+        if env.rank == 0:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    finally:
+        launch.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

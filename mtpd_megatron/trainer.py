@@ -1,0 +1,378 @@
+"""The pretraining loop: megatron DDP + megatron optimizer + megatron's pipeline schedules, with MTP-D.
+
+`Trainer(cfg, tokenizer, device, resume=...)` builds datasets, model (GPTModel + MTP heads, MTP-D attached),
+DDP, optimizer, LR schedule and checkpoint manager, and resumes; `fit()` trains and returns an exit code.
+
+One step (`train_step`): zero the grad buffers -> `get_forward_backward_func()` runs the micro-batches
+(gradient accumulation, and the 1F1B schedule when PP > 1) and calls `finalize_model_grads` (DP all-reduce,
+SP norm all-reduce, MoE expert-bias update) -> all ranks agree on the loss, on non-finite losses and on
+preemption (one all-reduce) -> clip + AdamW + LR step, or a skipped update.
+
+Losses. The main loss is the masked mean of the per-token main cross-entropy per micro-batch, averaged over
+micro-batches and data-parallel ranks (megatron's `calculate_per_token_loss=False` convention). The MTP
+heads' losses (CE + MTP-D KL) are not added to it: they ride on the hidden states through megatron's
+`MTPLossAutoScaler`, whose backward scale the schedule sets from `config.grad_scale_func` divided by the
+number of micro-batches (schedules.py, forward_step_calc_loss); the MoE aux loss rides the same way on
+`MoEAuxLossAutoScaler`. So the logged `loss` is the main LM loss; the heads are logged per head.
+
+Exit codes (returned by `fit`, see train.py): 0 done, 3 too many non-finite losses in a row
+(`training.max_consecutive_nan_steps`), EXIT_PREEMPTED = 75 after SIGTERM/SIGUSR1 (the step in flight
+finishes, a checkpoint is saved, the job can be requeued).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+
+from mtpd_megatron.checkpoint import CheckpointManager, TrainState
+from mtpd_megatron.config.schema import Config
+from mtpd_megatron.data import build_dataloader, build_datasets
+from mtpd_megatron.logging_utils import RunLogger, flops_per_token, peak_tflops
+from mtpd_megatron.model.builder import build_model, padded_vocab_size
+from mtpd_megatron.mtpd import hook as mtpd_hook
+from mtpd_megatron.mtpd.metrics import FIELDS as MTPD_FIELDS
+from mtpd_megatron.optim import build_optimizer, build_scheduler, current_lr, optimizer_step
+from mtpd_megatron.parallel import cpu_compat
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved after SIGTERM/SIGUSR1; requeue and resume with --resume auto
+
+_MOE_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
+                   "global_aux_loss": "global_load_balancing_loss"}
+
+
+class Preemption:
+    """SIGTERM/SIGUSR1 only set a flag; the loop finishes its step, saves and exits with EXIT_PREEMPTED."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.signal: Optional[int] = None
+
+    def install(self) -> "Preemption":
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: Optional[float]
+    applied: bool
+    nonfinite: bool
+    stop: bool
+
+
+def params_dtype_for(cfg: Config, device: torch.device) -> torch.dtype:
+    precision = cfg.training.precision
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return torch.float32
+
+
+class Trainer:
+    def __init__(self, cfg: Config, tokenizer, device: torch.device, *, resume: str = "auto",
+                 preemption: Optional[Preemption] = None, stage: str = "pretrain"):
+        self.cfg, self.device, self.stage = cfg, device, stage
+        self.preemption = preemption or Preemption()
+        self.rank = dist.get_rank()
+        t = cfg.training
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
+        self.dtype = params_dtype_for(cfg, device)
+        self.log = self._print if self.rank == 0 else (lambda line: None)
+
+        # 1. Data and vocabulary: user errors surface here, before anything is written.
+        self.vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+        self.padded_vocab = padded_vocab_size(self.vocab_size, cfg.model.make_vocab_size_divisible_by,
+                                              cfg.parallel.tensor_model_parallel_size)
+        eval_samples = t.eval_iters * t.micro_batch_size * self.dp_size if t.eval_interval else 0
+        self.train_ds, self.valid_ds, _ = build_datasets(
+            cfg.data, tokenizer, seq_length=cfg.data.seq_length, seed=t.seed,
+            num_samples=(t.train_iters * t.global_batch_size, eval_samples, 0))
+
+        # 2. Which checkpoint to resume from, and is it this model's (before building anything big).
+        self.ckpt = CheckpointManager(cfg, vocab_size=self.vocab_size, padded_vocab_size=self.padded_vocab,
+                                      stage=stage, log=self.log)
+        self.resume_path = self.ckpt.resolve_resume(resume)
+        if self.resume_path is not None:
+            self.ckpt.read_and_check(self.resume_path)
+
+        # 3. Model, DDP, optimizer, schedule.
+        self.model = [self._build_model()]
+        self.config = self.model[0].config
+        self.optimizer = build_optimizer(cfg, self.model, self.dtype)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.config.grad_scale_func = self.optimizer.scale_loss
+        self.config.finalize_model_grads_func = finalize_model_grads
+        if self.model[0].ddp_config.overlap_grad_reduce:
+            self.config.no_sync_func = self.model[0].no_sync
+            self.config.grad_sync_func = self.model[0].start_grad_sync
+        self.forward_backward = get_forward_backward_func()
+
+        # 4. Resume, then the data position.
+        self.state = TrainState()
+        if self.resume_path is not None:
+            self.state = self.ckpt.load(self.resume_path, self.model, self.optimizer, self.scheduler)
+        self.train_iter = iter(build_dataloader(self.train_ds, t.micro_batch_size, self.dp_rank, self.dp_size,
+                                                self.state.consumed_samples, cfg.data.num_workers))
+
+        # 5. Logging (rank 0 only writes).
+        self.flops_per_token = flops_per_token(cfg, self.vocab_size)
+        self.peak = peak_tflops(device)
+        log_dir = cfg.logging.tensorboard_dir or (f"{cfg.checkpoint.save}/tensorboard" if cfg.checkpoint.save else None)
+        self.logger = RunLogger(cfg, enabled=self.rank == 0, log_dir=log_dir, total_iters=t.train_iters,
+                                start_iter=self.state.iteration)
+        self._interval = {"losses": [], "time": 0.0, "steps": 0}
+
+    def _print(self, line: str) -> None:
+        logger = getattr(self, "logger", None)
+        if logger is not None:
+            logger.print(line)
+        else:
+            print(line, flush=True)
+
+    # ------------------------------------------------------------------ build
+
+    def _build_model(self) -> DistributedDataParallel:
+        cfg = self.cfg
+        model = build_model(cfg, self.padded_vocab, params_dtype=self.dtype)
+        if cfg.mtp.num_heads:  # MTP-D, or plain MTP (beta = 0) with the same per-head metrics
+            mtpd_hook.attach(model.config, cfg.mtp)
+        if self.device.type == "cuda":
+            model.cuda(torch.cuda.current_device())
+        if self.dtype == torch.bfloat16:
+            model = Float16Module(model.config, model)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=self.device.type == "cuda",
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+        )
+        return DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model)
+
+    # ------------------------------------------------------------------ one step
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        tokens, labels, loss_mask, position_ids = (batch[k].to(self.device, non_blocking=True)
+                                                   for k in ("tokens", "labels", "loss_mask", "position_ids"))
+        output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
+        return output, partial(self._loss_func, loss_mask)
+
+    @staticmethod
+    def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+        """(sum, tokens, report): the schedule divides by tokens and micro-batches before backward."""
+        mask = loss_mask.float()
+        total = (per_token_loss.float() * mask).sum()
+        tokens = mask.sum()
+        report = torch.stack([total.detach().clone(), tokens.detach().clone()])
+        return total, tokens.to(torch.int), {"lm loss": report}
+
+    def _agree(self, outputs: list) -> tuple[float, bool, bool]:
+        """One all-reduce over the world: the global loss, any non-finite loss, any preemption signal."""
+        vec = torch.zeros(3, dtype=torch.float64, device=self.device)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and outputs:
+            reports = torch.stack([o["lm loss"].double() for o in outputs])
+            local = (reports[:, 0] / reports[:, 1].clamp(min=1)).mean()
+            if parallel_state.get_tensor_model_parallel_rank() == 0:
+                vec[0] = local / self.dp_size
+            vec[1] = float(not torch.isfinite(local).item())
+        vec[2] = float(self.preemption.requested)
+        dist.all_reduce(vec)
+        return vec[0].item(), bool(vec[1].item() > 0), bool(vec[2].item() > 0)
+
+    def _schedule_scope(self):
+        # schedules.py:749 allocates its token counter with device="cuda"; on CPU map it (cpu_compat).
+        return cpu_compat.optimizer_scope()
+
+    def train_step(self) -> StepResult:
+        t = self.cfg.training
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        with self._schedule_scope():
+            outputs = self.forward_backward(
+                forward_step_func=self._forward_step, data_iterator=self.train_iter, model=self.model,
+                num_microbatches=self.num_micro, seq_length=self.cfg.data.seq_length,
+                micro_batch_size=t.micro_batch_size, forward_only=False)
+        loss, nonfinite, stop = self._agree(outputs)
+        if nonfinite:  # skip the update: the grads of this step are dropped
+            for chunk in self.model:
+                chunk.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            applied, grad_norm = False, None
+        else:
+            applied, grad_norm = optimizer_step(self.optimizer)
+            if applied:
+                self.scheduler.step(increment=1)
+        self.state.iteration += 1
+        self.state.consumed_samples += t.global_batch_size
+        if not applied:
+            self.state.skipped_steps += 1
+        return StepResult(loss, grad_norm, applied, nonfinite, stop)
+
+    # ------------------------------------------------------------------ metrics
+
+    def _head_metrics(self) -> dict:
+        """The MTP-D hook's per-head summary over the data-parallel group, delivered to rank 0; then reset."""
+        if not self.cfg.mtp.num_heads:
+            return {}
+        tracker = mtpd_hook.metrics(self.config)
+        summary = tracker.summary(group=parallel_state.get_data_parallel_group())
+        tracker.reset()
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # the heads live on the last stage
+            keys = sorted(summary)
+            vec = torch.tensor([summary[k] for k in keys], dtype=torch.float64, device=self.device)
+            dist.broadcast(vec, src=dist.get_world_size() - 1)
+            summary = dict(zip(keys, vec.tolist()))
+        return summary
+
+    def _moe_metrics(self, steps: int) -> dict:
+        moe = self.cfg.model.moe
+        name = _MOE_LOSS_NAMES.get(moe.load_balancing_type)
+        if not moe.num_experts or name is None or moe.aux_loss_coeff <= 0:
+            return {}
+        from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+        totals: dict = {}
+        get_moe_metrics_tracker().report(
+            loss_scale=1.0 / (self.num_micro * max(steps, 1)), iteration=self.state.iteration,
+            force_initialize=True, track_names=[name], num_layers=self.cfg.model.num_layers,
+            moe_layer_freq=moe.layer_freq, mtp_num_layers=self.cfg.mtp.num_heads or None, total_loss_dict=totals)
+        return {f"moe/{k}": float(v) for k, v in totals.items()}
+
+    def _log_interval(self, result: StepResult, step_time: float) -> None:
+        iv = self._interval
+        iv["time"] += step_time
+        iv["steps"] += 1
+        if math.isfinite(result.loss):
+            iv["losses"].append(result.loss)
+        self.logger.advance()
+        t = self.cfg.training
+        if self.state.iteration % self.cfg.logging.log_interval and self.state.iteration != t.train_iters:
+            return
+        steps, seconds = iv["steps"], max(iv["time"], 1e-9)
+        tokens_per_s = steps * t.global_batch_size * self.cfg.data.seq_length / seconds
+        tflops = tokens_per_s * self.flops_per_token / 1e12
+        per_gpu = tflops / dist.get_world_size()
+        metrics = {
+            "loss": sum(iv["losses"]) / len(iv["losses"]) if iv["losses"] else float("nan"),
+            "lr": current_lr(self.optimizer),
+            "grad_norm": result.grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "tflops": tflops,
+            "mfu": per_gpu / self.peak if self.peak else None,
+            "step_time_s": seconds / steps,
+            "skipped_steps": self.state.skipped_steps,
+            "consumed_samples": self.state.consumed_samples,
+        }
+        metrics.update(self._head_metrics())
+        metrics.update(self._moe_metrics(steps))
+        self.logger.log_train(self.state.iteration, metrics)
+        self._interval = {"losses": [], "time": 0.0, "steps": 0}
+
+    # ------------------------------------------------------------------ validation
+
+    def evaluate(self) -> dict:
+        """Main loss and per-head metrics on the first `eval_iters` validation micro-batches of each DP rank."""
+        t = self.cfg.training
+        tracker = mtpd_hook.metrics(self.config) if self.cfg.mtp.num_heads else None
+        saved = tracker.raw() if tracker is not None else None  # training sums of the current log interval
+        if tracker is not None:
+            tracker.reset()
+        loader = build_dataloader(self.valid_ds, t.micro_batch_size, self.dp_rank, self.dp_size, 0, 0)
+        for chunk in self.model:
+            chunk.eval()
+        try:
+            with torch.no_grad(), self._schedule_scope():
+                outputs = self.forward_backward(
+                    forward_step_func=self._forward_step, data_iterator=iter(loader), model=self.model,
+                    num_microbatches=t.eval_iters, seq_length=self.cfg.data.seq_length,
+                    micro_batch_size=t.micro_batch_size, forward_only=True)
+        finally:
+            for chunk in self.model:
+                chunk.train()
+        loss, _, _ = self._agree(outputs)
+        metrics = {"loss": loss, **self._head_metrics()}
+        if tracker is not None and saved is not None:
+            for head in range(saved.shape[0]):
+                if saved[head].abs().sum() > 0:
+                    tracker.add(head, **{f: saved[head, i] for i, f in enumerate(MTPD_FIELDS)})
+        self.logger.log_eval(self.state.iteration, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ loop
+
+    def save(self) -> None:
+        self.ckpt.save(self.state, self.model, self.optimizer, self.scheduler)
+        self._last_saved = self.state.iteration
+
+    def fit(self) -> int:
+        t, c = self.cfg.training, self.cfg.checkpoint
+        self._last_saved = self.state.iteration if self.resume_path is not None else None
+        nan_run = 0
+        if self.state.iteration >= t.train_iters:
+            self.log(f"[{self.cfg.name}] already at iteration {self.state.iteration} >= training.train_iters="
+                     f"{t.train_iters}: nothing to do (raise training.train_iters to train further)")
+        while self.state.iteration < t.train_iters:
+            start = time.perf_counter()
+            result = self.train_step()
+            self._log_interval(result, time.perf_counter() - start)
+            nan_run = nan_run + 1 if result.nonfinite else 0
+            if nan_run >= t.max_consecutive_nan_steps:
+                self._error(f"training.max_consecutive_nan_steps: {nan_run} non-finite losses in a row at step "
+                            f"{self.state.iteration}; stopping without saving (lower training.lr, raise "
+                            f"training.lr_warmup_iters or check the data)")
+                self.close()
+                return EXIT_NONFINITE
+            self.ckpt.finalize(blocking=False)
+            if result.stop:
+                self.log(f"[{self.cfg.name}] signal {self.preemption.signal or 'on another rank'}: saving at step "
+                         f"{self.state.iteration} and exiting with {EXIT_PREEMPTED} (resume with --resume auto)")
+                self.save()
+                self.close()
+                return EXIT_PREEMPTED
+            if t.eval_interval and self.state.iteration % t.eval_interval == 0:
+                self.evaluate()
+            if c.save_interval and self.state.iteration % c.save_interval == 0:
+                self.save()
+        if c.save and self._last_saved != self.state.iteration:
+            self.save()
+        self.close()
+        return EXIT_OK
+
+    def _error(self, line: str) -> None:
+        if self.rank == 0:
+            import sys
+
+            print(f"error: {line}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """Publish any background save (collective) and close the log sinks."""
+        self.ckpt.finalize(blocking=True)
+        self.ckpt.close()
+        self.logger.close()
