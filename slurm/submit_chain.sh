@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# Submit the looped MTP-head extension as a chain of Slurm jobs, one per stage, each starting only after
+# the previous one succeeded (--dependency=afterok). Stages that are already complete are skipped, so
+# re-running this after a failure resubmits only what is left, and after completion submits nothing.
+#
+#   slurm/submit_chain.sh CONFIG.yaml [--stages 1,2,4,8,16] [--after JOBID]
+#       [--convert-to OUT_DIR --convert-from CKPT_DIR] [--dry-run] [sbatch args ...] [-- key=value ...]
+#
+#   --stages LIST      comma-separated head counts, in order (default 1,2,4,8,16)
+#   --after JOBID      the first submitted stage also waits for JOBID (e.g. the pretraining job)
+#   --convert-to DIR   also submit slurm/convert_hf.sbatch --ckpt CKPT_DIR --out DIR after the last stage
+#   --convert-from DIR the checkpoint directory to convert (required with --convert-to)
+#   --dry-run          print the sbatch commands instead of running them
+#   sbatch args        anything else before `--` goes to every stage's sbatch (e.g. -N 2
+#                      --ntasks-per-node=8 --gpus-per-node=8 -p PART -t 12:00:00)
+#   -- key=value ...   config overrides, passed to every stage and to the status check
+#
+# Prints one line per submitted job on stdout: "stage <heads> job <id>" and "convert job <id>".
+# A stage counts as complete when `$MTPD_PYTHON -m $MTPD_LOOPED_MODULE status --config CONFIG --stage I
+# [overrides]` exits 0 (1 = not complete; anything else aborts). Knobs: slurm/README.md.
+set -euo pipefail
+
+MTPD_ROOT=${MTPD_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
+export MTPD_ROOT
+# shellcheck source=slurm/common.sh
+source "$MTPD_ROOT/slurm/common.sh"
+
+usage() {
+    sed -n '2,22s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+    exit 2
+}
+
+[[ $# -ge 1 && $1 != -* ]] || usage
+config=$1
+shift
+[[ -f $config ]] || mtpd_die "config not found: $config"
+config=$(cd "$(dirname "$config")" && pwd)/$(basename "$config")
+
+stages=1,2,4,8,16
+after=
+convert_to=
+convert_from=
+dry_run=0
+sbatch_args=()
+overrides=()
+while [[ $# -gt 0 ]]; do
+    case $1 in
+        --stages) stages=${2:?--stages needs a value}; shift 2 ;;
+        --stages=*) stages=${1#*=}; shift ;;
+        --after) after=${2:?--after needs a job id}; shift 2 ;;
+        --after=*) after=${1#*=}; shift ;;
+        --convert-to) convert_to=${2:?--convert-to needs a directory}; shift 2 ;;
+        --convert-to=*) convert_to=${1#*=}; shift ;;
+        --convert-from) convert_from=${2:?--convert-from needs a directory}; shift 2 ;;
+        --convert-from=*) convert_from=${1#*=}; shift ;;
+        --dry-run) dry_run=1; shift ;;
+        -h | --help) usage ;;
+        --) shift; overrides=("$@"); break ;;
+        *) sbatch_args+=("$1"); shift ;;
+    esac
+done
+if [[ -n $convert_to && -z $convert_from ]]; then
+    mtpd_die "--convert-to needs --convert-from CKPT_DIR (the checkpoint directory of the last stage)"
+fi
+IFS=, read -r -a stage_list <<<"$stages"
+for s in "${stage_list[@]}"; do
+    [[ $s =~ ^[0-9]+$ ]] || mtpd_die "--stages must be comma-separated numbers, got '$stages'"
+done
+
+# Environment for the status checks only; the jobs set up their own (a subshell keeps it from leaking
+# into the sbatch environment).
+stage_complete() {
+    local rc=0
+    (
+        mtpd_init
+        "$MTPD_PYTHON" -m "$MTPD_LOOPED_MODULE" status --config "$config" --stage "$1" "${overrides[@]}"
+    ) >&2 || rc=$?
+    case $rc in
+        0) return 0 ;;
+        1) return 1 ;;
+        *) mtpd_die "status check for stage $1 failed (exit $rc)" ;;
+    esac
+}
+
+# `status` exits 1 for "not complete", and so does python for a missing module: check it exists first.
+(
+    mtpd_init
+    "$MTPD_PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)' \
+        "$MTPD_LOOPED_MODULE"
+) || mtpd_die "cannot import MTPD_LOOPED_MODULE=${MTPD_LOOPED_MODULE:-mtpd_megatron.looped} with ${MTPD_PYTHON:-the default python}"
+
+log_dir=${MTPD_LOG_DIR:-$MTPD_ROOT/runs/slurm-logs}
+submit() {
+    local cmd=(sbatch --parsable "$@")
+    if [[ $dry_run == 1 ]]; then
+        printf '%q ' "${cmd[@]}" >&2
+        echo >&2
+        echo "DRYRUN$RANDOM"
+        return
+    fi
+    local out
+    out=$("${cmd[@]}")
+    echo "${out%%;*}"
+}
+
+[[ $dry_run == 1 ]] || mkdir -p "$log_dir"
+prev=$after
+submitted=0
+for stage in "${stage_list[@]}"; do
+    if stage_complete "$stage"; then
+        mtpd_log "stage $stage: already complete, skipped"
+        continue
+    fi
+    dep=()
+    if [[ -n $prev ]]; then
+        dep=("--dependency=afterok:$prev" --kill-on-invalid-dep=yes)
+    fi
+    job=$(submit --job-name="mtpd-stage$stage" --output="$log_dir/%x-%j.out" "${dep[@]}" \
+        "${sbatch_args[@]}" "$MTPD_ROOT/slurm/looped_extension.sbatch" "$config" "$stage" "${overrides[@]}")
+    echo "stage $stage job $job"
+    prev=$job
+    submitted=$((submitted + 1))
+done
+
+if [[ -n $convert_to ]]; then
+    if [[ $submitted -eq 0 && -f $convert_to/config.json ]]; then
+        mtpd_log "conversion: $convert_to/config.json exists and no stage was submitted, skipped"
+    else
+        dep=()
+        if [[ -n $prev ]]; then
+            dep=("--dependency=afterok:$prev" --kill-on-invalid-dep=yes)
+        fi
+        # Not the stages' sbatch args (GPUs, nodes): MTPD_CONVERT_SBATCH_ARGS, e.g. "-p cpu -t 2:00:00".
+        read -r -a convert_args <<<"${MTPD_CONVERT_SBATCH_ARGS:-}"
+        job=$(submit --output="$log_dir/%x-%j.out" "${dep[@]}" "${convert_args[@]}" \
+            "$MTPD_ROOT/slurm/convert_hf.sbatch" --ckpt "$convert_from" --out "$convert_to")
+        echo "convert job $job"
+        submitted=$((submitted + 1))
+    fi
+fi
+[[ $submitted -gt 0 ]] || mtpd_log "nothing to submit: every stage is complete"
