@@ -31,6 +31,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
@@ -251,7 +252,7 @@ class SlurmCluster:
         """Cancel every job, then SIGTERM the daemons by pid (slurmd first), SIGKILL after a grace period."""
         if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
             subprocess.run(["scancel", "--user", str(os.getuid()), "--full"], env=self.env, capture_output=True)
-            deadline = time.monotonic() + 15
+            deadline = time.monotonic() + 30
             while time.monotonic() < deadline and self.running_jobs():
                 time.sleep(0.3)
         order = [n for n in self._procs if n.startswith("slurmd")] + ["slurmctld", "munged"]
@@ -265,14 +266,49 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=5)
+        leftovers = self._kill_job_leftovers()
         for name, proc in self._procs.items():
             assert proc.poll() is not None and not _is_alive(proc.pid), f"{name} (pid {proc.pid}) still alive"
         for f in self._log_files:
             f.close()
+        if leftovers:
+            warnings.warn("killed job processes left after the cluster stopped:\n" + "\n".join(leftovers))
         if self._old_slurm_conf is None:
             os.environ.pop("SLURM_CONF", None)
         else:
             os.environ["SLURM_CONF"] = self._old_slurm_conf
+
+    def _kill_job_leftovers(self) -> list[str]:
+        """SIGKILL job processes that outlived the daemons (slurmstepd, batch scripts, srun, tasks).
+
+        They are recognised by SLURM_CONF=<this cluster's slurm.conf> in their initial environment, which
+        slurmstepd inherits from slurmd and every job process from its submitter; this process and its
+        ancestors are spared. Returns their command lines (normally none).
+        """
+        spare, pid = set(), os.getpid()
+        while pid > 1:
+            spare.add(pid)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    pid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                break
+        marker = f"SLURM_CONF={self.conf_path}".encode()
+        killed = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) in spare:
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if marker not in f.read().split(b"\0"):
+                        continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(f"{entry}: {cmd}")
+            except (OSError, ProcessLookupError):
+                continue
+        return killed
 
     # ------------------------------------------------------------------ jobs
     def run(self, argv: list[str], check: bool = True, **kw) -> subprocess.CompletedProcess:
