@@ -35,6 +35,11 @@ def global_argmax(local: Tensor, vocab_start: int, group: Optional[dist.ProcessG
     maximum) and the winner is the largest value, then the smallest index.
     """
     values, idx = local.max(dim=-1)  # torch.max returns the first maximal index
+    return combine_argmax(values, idx, vocab_start, group)
+
+
+def combine_argmax(values: Tensor, idx: Tensor, vocab_start: int, group: Optional[dist.ProcessGroup]) -> Tensor:
+    """Global argmax from each shard's (row max, local index of its first maximum)."""
     if tp_size(group) == 1:
         return idx + vocab_start
     packed = torch.stack([values.double(), (idx + vocab_start).double()], dim=-1)  # [..., 2]

@@ -38,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mtpd_megatron.mtpd.collectives import all_gather_cat, all_reduce, global_argmax, tp_size
+from mtpd_megatron.mtpd.collectives import all_gather_cat, all_reduce, combine_argmax, tp_size
 
 _TINY = torch.finfo(torch.float32).tiny
 _MAX, _SUM = dist.ReduceOp.MAX, dist.ReduceOp.SUM
@@ -76,17 +76,42 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def default_chunk_tokens(local_vocab: int) -> int:
-    """Tokens per chunk so that one fp32 [chunk, V/tp] temporary is ~128 MiB."""
-    return max(1, (32 * 1024 * 1024) // max(local_vocab, 1))
+def default_chunk_tokens(local_vocab: int, on_cuda: bool = False) -> int:
+    """Tokens per chunk, a multiple of 16 (aligned chunk starts: compiled stages see one input layout).
+
+    Eager (CPU) stages materialise fp32 [chunk, V/tp] temporaries: 32M logits (128 MiB each). Compiled CUDA
+    stages keep temporaries in registers, so chunks are larger (256M logits): fewer launches and collectives;
+    measured on H200 (docs/benchmarks.md) 256M was faster than 128M and far faster than 32M.
+    MTPD_CHUNK_ELEMS overrides the element budget.
+    """
+    default = 256 * 1024 * 1024 if on_cuda and os.environ.get("MTPD_COMPILE", "1") != "0" else 32 * 1024 * 1024
+    elems = int(os.environ.get("MTPD_CHUNK_ELEMS", default))
+    return max(16, (elems // max(local_vocab, 1)) // 16 * 16)
 
 
-def _topn_threshold(u: Tensor, topn: int, group) -> Tensor:
-    """N-th largest value of each row over the sharded vocabulary: local top-k values, gathered, top-N."""
-    k_local = min(topn, u.shape[-1])
-    local = torch.topk(u, k_local, dim=-1, sorted=False).values
+def _topn_threshold(u_raw: Tensor, topn: int, group) -> Tensor:
+    """N-th largest raw logit of each row over the sharded vocabulary: local top-k values, gathered, top-N.
+
+    Selection works on the raw logits (temperature does not change the order), in their own dtype: bf16
+    values are exact in fp32, so the comparison `u >= tau` is exact whatever the compute dtype.
+    """
+    k_local = min(topn, u_raw.shape[-1])
+    local = torch.topk(u_raw, k_local, dim=-1, sorted=False).values
     gathered = all_gather_cat(local, group, dim=-1)
-    return torch.topk(gathered, topn, dim=-1, sorted=False).values.min(dim=-1).values
+    return torch.topk(gathered, topn, dim=-1, sorted=False).values.amin(dim=-1).to(_compute_dtype(u_raw))
+
+
+def _teacher_max(u_raw: Tensor):
+    u = u_raw.to(_compute_dtype(u_raw))
+    values, idx = u.max(dim=-1)
+    return values, idx
+
+
+def _teacher_sums(u_raw: Tensor, tau: Tensor, m_all: Tensor, inv_t: float) -> Tensor:
+    u = u_raw.to(_compute_dtype(u_raw))
+    e = torch.exp((u - m_all.unsqueeze(-1)) * inv_t)
+    sel = u >= tau.unsqueeze(-1)
+    return torch.stack([e.sum(-1), torch.where(sel, e, torch.zeros_like(e)).sum(-1)])
 
 
 @torch.no_grad()
@@ -100,25 +125,27 @@ def teacher_stats(
 ) -> TeacherStats:
     """Threshold, log-normalisers and argmax of the teacher logits `teacher` [T, V/tp] (any float dtype)."""
     n_tok = teacher.shape[0]
-    chunk = chunk_tokens or default_chunk_tokens(teacher.shape[-1])
+    chunk = chunk_tokens or default_chunk_tokens(teacher.shape[-1], teacher.is_cuda)
     full = spec.full_vocab(vocab_size)
     inv_t = 1.0 / spec.temperature
     cdt = _compute_dtype(teacher)
+    cuda = teacher.is_cuda
     out = [torch.empty(n_tok, dtype=cdt, device=teacher.device) for _ in range(3)]
     argmax = torch.empty(n_tok, dtype=torch.long, device=teacher.device)
     for lo in range(0, n_tok, chunk):
         hi = min(lo + chunk, n_tok)
-        u = teacher[lo:hi].to(cdt) * inv_t
-        tau = torch.full((hi - lo,), -math.inf, dtype=cdt, device=u.device) if full else _topn_threshold(u, spec.topn, group)
-        sel = u >= tau.unsqueeze(-1)
-        m_all = all_reduce(u.max(dim=-1).values, _MAX, group)
-        s_all = torch.exp(u - m_all.unsqueeze(-1))
-        sums = torch.stack([s_all.sum(-1), (s_all * sel).sum(-1)])
-        all_reduce(sums, _SUM, group)
+        u_raw = teacher[lo:hi]
+        if full:
+            tau = torch.full((hi - lo,), -math.inf, dtype=cdt, device=u_raw.device)
+        else:
+            tau = _topn_threshold(u_raw, spec.topn, group)
+        m_local, idx = _stage("teacher_max", cuda)(u_raw)
+        argmax[lo:hi] = combine_argmax(m_local, idx, vocab_start, group)
+        m_all = all_reduce(m_local.clone(), _MAX, group)
+        sums = all_reduce(_stage("teacher_sums", cuda)(u_raw, tau, m_all, inv_t), _SUM, group)
         out[0][lo:hi] = tau
-        out[1][lo:hi] = m_all + torch.log(sums[1].clamp_min(_TINY))
-        out[2][lo:hi] = m_all + torch.log(sums[0])
-        argmax[lo:hi] = global_argmax(u, vocab_start, group)
+        out[1][lo:hi] = m_all * inv_t + torch.log(sums[1].clamp_min(_TINY))
+        out[2][lo:hi] = m_all * inv_t + torch.log(sums[0])
     return TeacherStats(threshold=out[0], log_z_sel=out[1], log_z_all=out[2], argmax=argmax)
 
 
@@ -139,15 +166,16 @@ class HeadOutputs(NamedTuple):
 def _prepare(z_raw: Tensor, u_raw: Tensor, tau: Tensor, inv_t: float):
     cdt = _compute_dtype(z_raw)
     z = z_raw.to(cdt)
-    u = u_raw.to(cdt) * inv_t
-    sel = u >= tau.unsqueeze(-1)  # teacher's TopN set; all True when the whole vocabulary is kept
-    zt = z * inv_t
-    return z, u, zt, sel
+    u_unscaled = u_raw.to(cdt)
+    sel = u_unscaled >= tau.unsqueeze(-1)  # teacher's TopN set (raw logits); all True for the full vocabulary
+    return z, u_unscaled * inv_t, z * inv_t, sel
 
 
-def _stage_maxes(z_raw, u_raw, tau, inv_t: float) -> Tensor:
+def _stage_maxes(z_raw, u_raw, tau, inv_t: float):
+    """Row maxima of z and of z/T over S (to be MAX-reduced) and the local argmax of z (for acceptance)."""
     z, u, zt, sel = _prepare(z_raw, u_raw, tau, inv_t)
-    return torch.stack([z.amax(-1), torch.where(sel, zt, torch.full_like(zt, -math.inf)).amax(-1)])
+    z_max, z_idx = z.max(-1)
+    return torch.stack([z_max, torch.where(sel, zt, torch.full_like(zt, -math.inf)).amax(-1)]), z_idx
 
 
 def _stage_sums(z_raw, u_raw, tau, maxes, local_label, inv_t: float) -> Tensor:
@@ -200,17 +228,21 @@ def _tail_members(zt, sel, terms):
 
 
 def _stage_kl_forward(z_raw, u_raw, tau, terms, local_label, inv_t: float, alpha: float, c: float,
-                      tail: bool, want_grad: bool, out_dtype: torch.dtype):
-    """Forward KL's local partial sum and (it needs no global KL) the full gradient of the chunk."""
+                      tail: bool, dest: Optional[Tensor]):
+    """Forward KL's local partial sum and (it needs no global KL) the chunk's gradient, written into `dest`.
+
+    `dest` may be `z_raw` itself (the gradient replaces the logits): every element's gradient depends only
+    on its own logit and per-row scalars, so the in-place write is safe even inside one fused kernel.
+    """
     z, zt, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
     kl_local = -(q * d).sum(-1)
-    if not want_grad:
-        return kl_local, None
-    g = p - q
-    if tail:
-        log_pt, q_tail = terms[3], terms[5]
-        g = g + _tail_members(zt, sel, terms) * (1.0 - q_tail / torch.exp(log_pt).clamp_min(_TINY)).unsqueeze(-1)
-    return kl_local, (_ce_grad(z, terms, local_label, alpha) + c * g).to(out_dtype)
+    if dest is not None:
+        g = p - q
+        if tail:
+            log_pt, q_tail = terms[3], terms[5]
+            g = g + _tail_members(zt, sel, terms) * (1.0 - q_tail / torch.exp(log_pt).clamp_min(_TINY)).unsqueeze(-1)
+        dest.copy_(_ce_grad(z, terms, local_label, alpha) + c * g)
+    return kl_local
 
 
 def _stage_kl_reverse(z_raw, u_raw, tau, terms, inv_t: float):
@@ -219,16 +251,16 @@ def _stage_kl_reverse(z_raw, u_raw, tau, terms, inv_t: float):
 
 
 def _stage_grad_reverse(z_raw, u_raw, tau, terms, kl, local_label, inv_t: float, alpha: float, c: float,
-                        tail: bool, out_dtype: torch.dtype):
+                        tail: bool, dest: Tensor) -> None:
     z, zt, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
     g = p * (d - kl.unsqueeze(-1))
     if tail:
         log_pt, log_qt = terms[3], terms[4]
         g = g + _tail_members(zt, sel, terms) * (log_pt - log_qt - kl).unsqueeze(-1)
-    return (_ce_grad(z, terms, local_label, alpha) + c * g).to(out_dtype)
+    dest.copy_(_ce_grad(z, terms, local_label, alpha) + c * g)
 
 
-_STAGES = dict(maxes=_stage_maxes, sums=_stage_sums, kl_forward=_stage_kl_forward, kl_reverse=_stage_kl_reverse,
+_STAGES = dict(teacher_max=_teacher_max, teacher_sums=_teacher_sums, maxes=_stage_maxes, sums=_stage_sums, kl_forward=_stage_kl_forward, kl_reverse=_stage_kl_reverse,
                grad_reverse=_stage_grad_reverse)
 _COMPILED: dict = {}
 
@@ -238,40 +270,38 @@ def _stage(name: str, on_cuda: bool):
     if not on_cuda or os.environ.get("MTPD_COMPILE", "1") == "0":
         return _STAGES[name]
     if name not in _COMPILED:
-        _COMPILED[name] = torch.compile(_STAGES[name], dynamic=False)
+        _COMPILED[name] = torch.compile(_STAGES[name], dynamic=True)
     return _COMPILED[name]
 
 
 def _head_chunk(z_raw: Tensor, u_raw: Tensor, st: TeacherStats, labels: Tensor, vocab_start: int,
-                alpha: float, beta: float, spec: DistillSpec, full: bool, group, want_grad: bool,
-                out_dtype: torch.dtype):
-    """Loss pieces and d(loss)/dz for one chunk of tokens. Returns (ce, kl, grad or None)."""
+                alpha: float, beta: float, spec: DistillSpec, full: bool, group, dest: Optional[Tensor]):
+    """One chunk of tokens: returns (ce, kl, global student argmax); writes d(loss)/dz into `dest` if given."""
     inv_t = 1.0 / spec.temperature
     tail = spec.mode == "tail" and not full
     cuda = z_raw.is_cuda
     local_label = labels - vocab_start  # outside [0, V/tp) on ranks that do not hold the label
     tau = st.threshold
 
-    maxes = all_reduce(_stage("maxes", cuda)(z_raw, u_raw, tau, inv_t), _MAX, group)
+    maxes, z_idx = _stage("maxes", cuda)(z_raw, u_raw, tau, inv_t)
+    argmax = combine_argmax(maxes[0], z_idx, vocab_start, group)
+    all_reduce(maxes, _MAX, group)
     sums = all_reduce(_stage("sums", cuda)(z_raw, u_raw, tau, maxes, local_label, inv_t), _SUM, group)
     terms = _row_terms(maxes, sums, st.log_z_sel, st.log_z_all, inv_t, tail)
     ce = terms[0] - sums[4]
     c = beta * spec.temperature  # beta * T^2 * (1/T)
-    grad = None
     if spec.direction == "forward":
-        kl_local, grad = _stage("kl_forward", cuda)(z_raw, u_raw, tau, terms, local_label, inv_t, alpha, c, tail,
-                                                    want_grad, out_dtype)
-        kl = all_reduce(kl_local, _SUM, group)
+        kl = all_reduce(_stage("kl_forward", cuda)(z_raw, u_raw, tau, terms, local_label, inv_t, alpha, c, tail, dest),
+                        _SUM, group)
         if tail:  # the tail bucket is one scalar per token, known on every rank: added after the reduction
             kl = kl + terms[5] * (terms[4] - terms[3])
     else:
         kl = all_reduce(_stage("kl_reverse", cuda)(z_raw, u_raw, tau, terms, inv_t), _SUM, group)
         if tail:
             kl = kl + torch.exp(terms[3]) * (terms[3] - terms[4])
-        if want_grad:
-            grad = _stage("grad_reverse", cuda)(z_raw, u_raw, tau, terms, kl, local_label, inv_t, alpha, c, tail,
-                                                out_dtype)
-    return ce, kl, grad
+        if dest is not None:
+            _stage("grad_reverse", cuda)(z_raw, u_raw, tau, terms, kl, local_label, inv_t, alpha, c, tail, dest)
+    return ce, kl, argmax
 
 
 class _FusedCEKL(torch.autograd.Function):
@@ -283,7 +313,7 @@ class _FusedCEKL(torch.autograd.Function):
         st = TeacherStats(*stats_tensors)
         n_tok = student.shape[0]
         full = spec.full_vocab(vocab_size)
-        chunk = chunk_tokens or default_chunk_tokens(student.shape[-1])
+        chunk = chunk_tokens or default_chunk_tokens(student.shape[-1], student.is_cuda)
         ce = torch.empty(n_tok, dtype=_compute_dtype(student), device=student.device)
         kl = torch.empty_like(ce)
         argmax = torch.empty(n_tok, dtype=torch.long, device=student.device)
@@ -293,13 +323,9 @@ class _FusedCEKL(torch.autograd.Function):
         for lo in range(0, n_tok, chunk):
             hi = min(lo + chunk, n_tok)
             z_chunk = student[lo:hi]
-            argmax[lo:hi] = global_argmax(z_chunk, vocab_start, group)
-            ce_c, kl_c, g_c = _head_chunk(z_chunk, teacher[lo:hi], st[lo:hi], labels[lo:hi], vocab_start,
-                                          alpha, beta, spec, full, group, want_grad, student.dtype)
-            ce[lo:hi] = ce_c
-            kl[lo:hi] = kl_c
-            if want_grad:
-                grad_buf[lo:hi] = g_c  # may overwrite the logits this chunk was computed from
+            dest = None if grad_buf is None else (z_chunk if inplace_grad else grad_buf[lo:hi])
+            ce[lo:hi], kl[lo:hi], argmax[lo:hi] = _head_chunk(
+                z_chunk, teacher[lo:hi], st[lo:hi], labels[lo:hi], vocab_start, alpha, beta, spec, full, group, dest)
         ctx.save_for_backward(grad_buf if want_grad else None)
         ctx.mark_non_differentiable(ce, kl, argmax)
         loss = alpha * ce + (beta * spec.temperature**2) * kl
