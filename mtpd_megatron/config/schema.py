@@ -132,6 +132,27 @@ class LoggingConfig:
 
 
 @dataclass
+class StageConfig:
+    """One looped-extension stage: train with `heads` MTP heads, starting from the previous stage."""
+
+    heads: int = doc("MTP heads after this stage (m'); the previous stage had m.", 1)
+    init: str = doc("New heads m+1..m': copy (head m+j <- head j, the paper), repeat-last or random.", "copy")
+    freeze_main: bool = doc("Freeze the main model (embeddings, decoder, output layer).", True)
+    train_old_heads: bool = doc("Keep training heads 1..m (default: frozen).", False)
+    train_iters: int = doc("Optimizer steps of this stage (its token budget).", 100)
+    lr: Optional[float] = doc("Peak LR of this stage; null = training.lr.", None)
+    min_lr: Optional[float] = doc("Final LR of this stage; null = training.min_lr.", None)
+    lr_warmup_iters: Optional[int] = doc("Warmup of this stage; null = training.lr_warmup_iters.", None)
+    lr_schedule: Optional[str] = doc("Schedule of this stage; null = training.lr_schedule.", None)
+
+
+@dataclass
+class LoopedConfig:
+    root: Optional[str] = doc("Directory of the stage checkpoints (stage_<i>/); null = checkpoint.save.", None)
+    stages: list = doc("Stages in order; stage 0 trains from scratch (nothing frozen), later ones extend.", factory=list)
+
+
+@dataclass
 class Config:
     name: str = doc("Run name (used in log lines and metadata).", "mtpd")
     model: ModelConfig = doc("Model architecture.", factory=ModelConfig)
@@ -141,3 +162,4 @@ class Config:
     training: TrainingConfig = doc("Optimisation.", factory=TrainingConfig)
     checkpoint: CheckpointConfig = doc("Checkpointing and resume.", factory=CheckpointConfig)
     logging: LoggingConfig = doc("Logging.", factory=LoggingConfig)
+    looped: LoopedConfig = doc("Looped extension of the MTP heads (1 -> 2 -> 4 -> 8 -> 16).", factory=LoopedConfig)
