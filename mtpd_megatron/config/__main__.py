@@ -1,0 +1,109 @@
+"""Config checker: `python -m mtpd_megatron.config CFG [section.key=value ...] [--world-size N]`.
+
+Loads, overrides and validates a config the way the trainer will, without torch, process groups or
+files, and prints the resolved config (valid YAML) followed by the layout and parameter counts as
+comments. A bad config prints one `error:` line and exits with code 2, so a Slurm script can check a
+config on the login node before it queues anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from typing import NoReturn, Optional, Sequence
+
+from mtpd_megatron.config.load import ConfigError, dump_config, load_config
+from mtpd_megatron.config.params import count_parameters, format_count
+from mtpd_megatron.config.schema import Config
+from mtpd_megatron.config.validate import validate
+
+PROG = "python -m mtpd_megatron.config"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see {PROG} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Load, override and validate a config as the trainer will; print "
+                     "it with its parallel layout and parameter counts. Exit code 2 on a bad config.")
+    parser.add_argument("config", help="YAML config file, e.g. configs/tiny_dense.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides such as model.num_layers=4")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks to check the layout for (default: the smallest the layout allows)")
+    parser.add_argument("--vocab-size", type=int, default=None,
+                        help="tokenizer vocabulary size (default: model.vocab_size, else read data.tokenizer)")
+    return parser
+
+
+def smallest_world_size(cfg: Config) -> int:
+    """The fewest ranks that fit both the dense grid (TP*PP*CP) and the expert grid (ETP*EP*PP)."""
+    p = cfg.parallel
+    dense = p.tensor_model_parallel_size * p.pipeline_model_parallel_size * p.context_parallel_size
+    if not cfg.model.moe.num_experts:
+        return max(dense, 1)
+    etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    return max(math.lcm(dense, etp * p.expert_model_parallel_size * p.pipeline_model_parallel_size), 1)
+
+
+def tokenizer_vocab_size(cfg: Config) -> Optional[int]:
+    """Vocabulary size of data.tokenizer if that file exists (it may not yet: the demo writes it)."""
+    path = cfg.data.tokenizer
+    if not path or not os.path.isfile(path):
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
+    except Exception as err:  # the tokenizers library raises plain Exceptions
+        raise ConfigError(f"data.tokenizer={path!r}: not a Hugging Face tokenizer.json "
+                          f"({' '.join(str(err).split())[:120]})") from None
+
+
+def summary(cfg: Config, world: int, vocab_size: Optional[int]) -> str:
+    p = cfg.parallel
+    tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
+    lines = [f"# layout: world {world} = TP {tp} x PP {pp} x CP {cp} x DP {world // (tp * pp * cp)}"
+             f"{' (sequence parallel)' if p.sequence_parallel else ''}"]
+    if cfg.model.moe.num_experts:
+        etp = p.expert_tensor_parallel_size or tp
+        lines.append(f"# experts: EP {p.expert_model_parallel_size} x ETP {etp} x expert-DP "
+                     f"{world // (p.expert_model_parallel_size * etp * pp)}")
+    vocab = cfg.model.vocab_size or vocab_size
+    if vocab is None:
+        lines.append(f"# parameters: unknown until the tokenizer exists ({cfg.data.tokenizer}); "
+                     "pass --vocab-size N to count them")
+        return "\n".join(lines)
+    c = count_parameters(cfg, vocab)
+    lines += [
+        f"# vocabulary: {vocab} padded to {c['padded_vocab_size']}",
+        f"# parameters: main model {format_count(c['main_model'])} ({format_count(c['main_model_active'])} "
+        f"active per token), {cfg.mtp.num_heads} MTP heads {format_count(c['mtp_heads'])} "
+        f"({format_count(c['mtp_head'])} each), total {format_count(c['total'])} "
+        f"({format_count(c['active'])} active)",
+        f"# of which: embedding {format_count(c['embedding'])}, output layer {format_count(c['output_layer'])}"
+        f"{' (tied)' if cfg.model.tie_embeddings else ''}, decoder {format_count(c['decoder'])}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        world = args.world_size if args.world_size is not None else smallest_world_size(cfg)
+        vocab_size = args.vocab_size if args.vocab_size is not None else tokenizer_vocab_size(cfg)
+        validate(cfg, world, vocab_size)
+    except ConfigError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    sys.stdout.write(dump_config(cfg))
+    print(summary(cfg, world, vocab_size))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
