@@ -24,7 +24,8 @@ import importlib.util
 import sys
 import types
 
-import torch
+# torch is imported inside the functions: `import mtpd_megatron` runs import_shims() and must stay cheap for
+# the command-line tools that never touch torch (config checks, corpus fetch).
 
 PINNED_MEGATRON_CORE = "0.19.2"
 _ENABLED = False
@@ -111,6 +112,8 @@ _CURRENT_STREAM = _NoStream()
 
 
 def _patch_torch_cuda() -> None:
+    import torch
+
     cuda = torch.cuda
     # tensor_parallel/random.py:303-308 (CudaRNGStatesTracker.add) and :490 (model_parallel_cuda_manual_seed):
     # the tracker keeps per-region RNG states; on CPU they are states of the CPU default generator.
@@ -130,6 +133,7 @@ def _patch_torch_cuda() -> None:
 
 
 def _patch_megatron() -> None:
+    import torch
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import utils as tf_utils
     from megatron.core.fusions import fused_softmax
@@ -168,6 +172,8 @@ def enable() -> None:
     global _ENABLED
     if _ENABLED:
         return
+    import torch
+
     if torch.cuda.is_available():
         raise CompatError("the CPU compatibility layer must not be enabled in a process that sees a GPU")
     check_version()
@@ -185,15 +191,13 @@ def is_enabled() -> bool:
 # Optimizer scope: megatron's optimizer code is full of device='cuda' literals and CUDA type-string checks.
 # --------------------------------------------------------------------------------------------------------
 
-_FACTORIES = {
-    torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.zeros_like,
-    torch.ones_like, torch.empty_like, torch.full_like, torch.as_tensor,
-}
 _CUDA_TYPE = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
               "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
 
 
 def _is_cuda_device(device) -> bool:
+    import torch
+
     if isinstance(device, str):
         return device.startswith("cuda")
     if isinstance(device, torch.device):
@@ -201,28 +205,39 @@ def _is_cuda_device(device) -> bool:
     return isinstance(device, int)
 
 
-class _CudaToCpu(torch.overrides.TorchFunctionMode):
+@functools.lru_cache(maxsize=1)
+def _cuda_to_cpu_mode() -> type:
     """Maps the optimizer's CUDA assumptions to CPU while active.
 
     Answers optimizer/optimizer.py:1249 (`device='cuda'` scale tensor), optimizer/clip_grads.py:96/108/112/
-    180/231 (`device='cuda'` norms and buffers; `.type() == 'torch.cuda.FloatTensor'` at :174) and
-    optimizer/distrib_optimizer.py:401/466/758 (`model_param.type()` checks), plus `Tensor.cuda()` calls.
+    180/231 (`device='cuda'` norms and buffers; `.type() == 'torch.cuda.FloatTensor'` at :174),
+    optimizer/distrib_optimizer.py:401/466/758 (`model_param.type()` checks), pipeline_parallel/schedules.py
+    (`device="cuda"` token counter), plus `Tensor.cuda()` calls.
     """
+    import torch
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func in _FACTORIES and _is_cuda_device(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            name = func(*args)
-            return _CUDA_TYPE.get(name, name)
-        elif func is torch.Tensor.cuda:
-            return args[0]
-        elif func is torch.Tensor.to and _is_cuda_device(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        return func(*args, **kwargs)
+    factories = {
+        torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.zeros_like,
+        torch.ones_like, torch.empty_like, torch.full_like, torch.as_tensor,
+    }
+
+    class CudaToCpu(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = dict(kwargs or {})
+            if func in factories and _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
+                name = func(*args)
+                return _CUDA_TYPE.get(name, name)
+            elif func is torch.Tensor.cuda:
+                return args[0]
+            elif func is torch.Tensor.to and _is_cuda_device(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            return func(*args, **kwargs)
+
+    return CudaToCpu
 
 
 def optimizer_scope():
     """Context for building and stepping megatron's optimizer: the CUDA→CPU mapping on CPU, else nothing."""
-    return _CudaToCpu() if _ENABLED else contextlib.nullcontext()
+    return _cuda_to_cpu_mode()() if _ENABLED else contextlib.nullcontext()
