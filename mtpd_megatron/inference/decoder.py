@@ -1,0 +1,420 @@
+"""Greedy and self-speculative decoding on a megatron GPTModel with cascaded MTP heads (batch >= 1, ragged).
+
+Why not megatron-core's inference engine (docs/design-inference.md has the long form): its MTP speculative
+path (DynamicInferenceEngine + text_generation_controller `_compute_serial_mtp_and_sample`) needs CUDA and
+flash-attn's paged KV kernels (`flash_decode_and_prefill`; flash_attn is not on our GPU machine, and nothing
+of it runs on CPU), and it runs each MTP layer through `forward_single_position` on one position with no KV
+cache and no RoPE, while training runs every MTP layer as causal attention over all earlier positions of its
+depth. Drafts from that path are not the heads' teacher-forced predictions, so measured acceptance would not
+be the trained heads' acceptance. This decoder runs the trained computation exactly.
+
+How: megatron's modules do all the math (embedding, every TransformerLayer forward, final norm, each MTP
+layer's `forward_single_position` = enorm/hnorm/eh_proj/layer/final norm, the shared output layer); only
+core attention is swapped for a static KV cache (kv_cache.py). State lives in device tensors, every shape is
+static, so one decoding step (verify + draft) can be captured in a CUDA graph and replayed with no host sync;
+the host only looks at the lengths between rounds of steps.
+
+Bookkeeping (per sample): tokens x_0..x_{n-1} are committed; the main model has hidden states h0 for
+positions 0..p with p = n-2 (x_{n-1}, the last bonus token, has not been fed yet).
+* draft: head k at position p takes h_{k-1}[p] and the token at p+k (x_{p+1} for k=1, else draft d_{k-1})
+  and predicts d_k (token p+k+1). Head k attends over its own depth's past, so its cache holds entries for
+  positions < p too; entries j <= p+1-k have only committed inputs and are kept ("committed", start
+  c_k = p+2-k next time); entries p+2-k..p depend on this step's drafts and are recomputed next step. Each
+  depth runs over a fixed window of K+k positions from c_k (positions past p are padding and never read).
+* verify: the main model runs positions p+1..p+1+K (x_{p+1}, d_1..d_K) in one forward; the longest prefix
+  of drafts equal to the main greedy tokens is accepted plus one bonus token; n += a + 1. Rejected entries
+  are left in place and masked (rollback = the length pointer).
+So the output is token-for-token the greedy output, and the drafts are exactly the teacher-forced head
+predictions on the decoded text (tests/test_inference.py checks both).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from mtpd_megatron.inference.acceptance import greedy_tokens, num_heads, tp_group_of
+from mtpd_megatron.inference.kv_cache import AttendState, KVCache, cached_attention
+
+
+@dataclass
+class Generation:
+    """Result of one `generate` call (per-sample lists; metrics pooled over the batch)."""
+
+    tokens: list  # generated token ids per sample (prompt excluded, truncated at max_new_tokens / eos)
+    k: int
+    steps: list  # per sample: number of decoding steps (forwards of the main model after the prefill)
+    accepted: list  # per sample: drafts accepted at each step (list of ints)
+    draft_positions: list  # per sample: position p the drafts of each step were made from
+    seconds: float  # wall clock of the whole call (prefill included), device synchronised
+    prefill_seconds: float = 0.0
+    tokens_per_step: float = 0.0  # mean of (accepted + 1) over all steps of all samples
+    per_position_acceptance: list = field(default_factory=list)  # CAR_k measured: P(accepted >= k)
+    per_head_acceptance: list = field(default_factory=list)  # a_k measured: P(>= k | >= k-1)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    def as_dict(self) -> dict:
+        return {
+            "k": self.k, "seconds": self.seconds, "prefill_seconds": self.prefill_seconds,
+            "new_tokens": self.new_tokens,
+            "tokens_per_second": self.new_tokens / self.seconds if self.seconds > 0 else None,
+            "steps": sum(self.steps), "tokens_per_step": self.tokens_per_step,
+            "per_position_acceptance": self.per_position_acceptance,
+            "per_head_acceptance": self.per_head_acceptance,
+        }
+
+
+class SpeculativeDecoder:
+    """Greedy (k=0) or self-speculative (1 <= k <= heads) decoding with static caches on one model.
+
+    One instance holds buffers for sequences of up to `max_length` tokens (prompt + new) at the batch size
+    of its last call (re-allocated when the batch size changes). `cuda_graphs=True` captures one decoding
+    step the first time it is needed (CUDA, TP=1; checked on dense models -- MoE token dispatch may sync
+    with the host, then use eager). The greedy baseline (k=0) gets exactly the same treatment.
+
+    Exactness: in fp32 the tokens equal greedy decoding bit for bit (and a full recompute without cache).
+    In bf16 the verify forward (K+1 positions) and a greedy step (1 position) round differently, so where
+    the top two logits are tied to within bf16 rounding the two may pick different tokens -- as a KV-cached
+    greedy decoder and a full recompute already do. Trained models rarely have such ties.
+    """
+
+    def __init__(self, model, *, k: int = 0, max_length: int = 1024, vocab_limit: Optional[int] = None,
+                 cuda_graphs: bool = False):
+        cfg = model.config
+        heads = num_heads(model)
+        if k < 0:
+            raise ValueError(f"k={k}: the number of drafted tokens must be >= 0")
+        if k > heads:
+            raise ValueError(f"k={k} drafted tokens but the model has {heads} MTP heads: use k <= {heads} "
+                             "(each draft position needs its own trained head)")
+        if cfg.sequence_parallel:
+            raise ValueError("decoding needs parallel.sequence_parallel=false (build/load the model without "
+                             "sequence parallelism, e.g. at TP=1: torch_dist checkpoints reshard)")
+        if getattr(cfg, "pipeline_model_parallel_size", 1) > 1 or getattr(cfg, "context_parallel_size", 1) > 1:
+            raise ValueError("decoding runs on a model without pipeline or context parallelism (PP=CP=1)")
+        self.model = model
+        self.k = k
+        self.max_length = int(max_length)
+        self.vocab_limit = vocab_limit
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.use_graphs = bool(cuda_graphs)
+        if self.use_graphs and (self.device.type != "cuda" or tp_group_of(model) is not None):
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device at TP=1")
+        # Token buffer, caches and hidden buffers cover drafts and window padding past the last position.
+        self.capacity = self.max_length + 3 * k + 2
+        self._batch = None
+        self._graph = None
+
+    # ---------------------------------------------------------------------------------------------------
+    # Buffers
+    # ---------------------------------------------------------------------------------------------------
+
+    def _allocate(self, batch: int) -> None:
+        if self._batch == batch:
+            return
+        m, dev, T = self.model, self.device, self.capacity
+        attn0 = m.decoder.layers[0].self_attention
+        groups, dim = attn0.num_query_groups_per_partition, attn0.hidden_size_per_attention_head
+
+        def cache():
+            return KVCache.empty(batch, groups, T, dim, dtype=self.dtype, device=dev)
+
+        self.main_caches = [cache() for _ in m.decoder.layers]
+        self.mtp_caches = [cache() for _ in range(self.k)]
+        h = m.config.hidden_size
+        # hid[0] = main hidden after the final norm; hid[k] = output of MTP depth k (input of depth k+1).
+        self.hid = [torch.zeros(batch, T, h, dtype=self.dtype, device=dev) for _ in range(max(self.k, 1))]
+        self.seq = torch.zeros(batch, T, dtype=torch.long, device=dev)
+        self.n = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.limit = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.cstart = torch.zeros(batch, max(self.k, 1), dtype=torch.long, device=dev)
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
+        self.log_a = torch.full((self.max_length + 1, batch), -1, dtype=torch.long, device=dev)
+        self.log_p = torch.zeros(self.max_length + 1, batch, dtype=torch.long, device=dev)
+        rope = m.rotary_pos_emb(T)  # [T, 1, 1, d] fp32, same values megatron uses in training
+        self.rope_table = rope.reshape(T, rope.shape[-1])
+        self.state = AttendState()
+        self._batch = batch
+        self._graph = None
+        self._warm = 0
+        self._stream = torch.cuda.Stream(device=self.device) if self.use_graphs else None
+
+    # ---------------------------------------------------------------------------------------------------
+    # Forwards (megatron modules, our cache)
+    # ---------------------------------------------------------------------------------------------------
+
+    def _rope(self, positions: Tensor) -> Tensor:
+        return self.rope_table[positions.t()].unsqueeze(2)  # [s, b, 1, d]
+
+    def _main(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """Main model over `positions` [b, s] -> final hidden [s, b, h]; writes the main caches."""
+        m = self.model
+        self.state.set_positions(positions, self.capacity)
+        rope = self._rope(positions)
+        hidden = m.embedding(input_ids=tokens, position_ids=positions)
+        for layer, kv in zip(m.decoder.layers, self.main_caches):
+            self.state.kv = kv
+            hidden, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
+        self.state.kv = None
+        return m.decoder.final_layernorm(hidden)
+
+    def _depth(self, k: int, hidden: Tensor, tokens: Tensor, positions: Tensor) -> Tensor:
+        """MTP depth k (1-based) over `positions`: hidden h_{k-1} [s, b, h], tokens at positions + k."""
+        mtp = self.model.mtp
+        layer = mtp.layers[0 if mtp.mtp_use_repeated_layer else k - 1]
+        self.state.set_positions(positions, self.capacity)
+        self.state.kv = self.mtp_caches[k - 1]
+        out = layer.forward_single_position(
+            hidden_states=hidden, next_token_ids=tokens, position_ids=positions,
+            embedding=self.model.embedding, rotary_pos_emb=self._rope(positions),
+        )
+        self.state.kv = None
+        return out
+
+    def _greedy(self, hidden: Tensor) -> Tensor:
+        return greedy_tokens(self.model, hidden, vocab_limit=self.vocab_limit)
+
+    @staticmethod
+    def _gather_rows(buf: Tensor, index: Tensor) -> Tensor:
+        """buf [b, T, h], index [b, s] -> [s, b, h]."""
+        return buf.gather(1, index.unsqueeze(-1).expand(-1, -1, buf.shape[-1])).transpose(0, 1)
+
+    @staticmethod
+    def _scatter_rows(buf: Tensor, index: Tensor, rows: Tensor) -> None:
+        """buf[b, index[b, i]] = rows[i, b] for rows [s, b, h]."""
+        buf.scatter_(1, index.unsqueeze(-1).expand(-1, -1, buf.shape[-1]), rows.transpose(0, 1).to(buf.dtype))
+
+    def _draft(self, widths: Sequence[int]) -> None:
+        """Heads 1..K at position p = n-2, each over its window from its committed start."""
+        p = self.n - 2
+        batch = torch.arange(p.shape[0], device=self.device)
+        for k in range(1, self.k + 1):
+            start = self.cstart[:, k - 1]
+            window = start.unsqueeze(1) + torch.arange(widths[k - 1], device=self.device)
+            hidden_in = self._gather_rows(self.hid[k - 1], window)
+            out = self._depth(k, hidden_in, self.seq.gather(1, window + k), window)  # [W, b, h]
+            if k < self.k:
+                self._scatter_rows(self.hid[k], window, out)
+            at_p = out[(p - start).clamp(min=0), batch].unsqueeze(0)  # [1, b, h] (clamp: finished rows)
+            draft = self._greedy(at_p)[0]  # [b]
+            self.seq.scatter_(1, (p + 1 + k).unsqueeze(1), draft.unsqueeze(1))
+            self.cstart[:, k - 1] = (p + 2 - k).clamp(min=0)
+
+    def _verify(self) -> None:
+        """Main model over x_{p+1}, d_1..d_K; accept the agreeing prefix + a bonus token."""
+        K = self.k
+        p = self.n - 2
+        window = (p + 1).unsqueeze(1) + torch.arange(K + 1, device=self.device)  # [b, K+1]
+        tokens = self.seq.gather(1, window)
+        hidden = self._main(tokens, window)
+        self._scatter_rows(self.hid[0], window, hidden)
+        greedy = self._greedy(hidden).t()  # [b, K+1]
+        if K:
+            match = (tokens[:, 1:] == greedy[:, :K]).long()
+            accepted = match.cumprod(dim=1).sum(dim=1)
+        else:
+            accepted = torch.zeros_like(p)
+        self.seq.scatter_(1, window + 1, greedy)  # d_1..d_a (unchanged), the bonus, then junk past n
+        active = self.n < self.limit
+        row = self.step_idx.clamp(max=self.log_a.shape[0] - 1)
+        self.log_a.index_copy_(0, row, torch.where(active, accepted, -1).unsqueeze(0))
+        self.log_p.index_copy_(0, row, p.unsqueeze(0))
+        self.n.copy_(torch.where(active, self.n + accepted + 1, self.n))
+        self.step_idx.add_(1)
+
+    def _step(self) -> None:
+        self._verify()
+        if self.k:
+            self._draft([self.k + d for d in range(1, self.k + 1)])
+
+    def _prefill(self, prompts: list) -> None:
+        b = len(prompts)
+        lengths = torch.tensor([len(x) for x in prompts], device=self.device)
+        width = int(lengths.max())
+        padded = torch.zeros(b, width, dtype=torch.long, device=self.device)
+        for i, x in enumerate(prompts):
+            padded[i, : len(x)] = torch.as_tensor(x, dtype=torch.long, device=self.device)
+        positions = torch.arange(width, device=self.device).unsqueeze(0).expand(b, width)
+        self.seq.zero_()
+        self.seq[:, :width] = padded
+        hidden = self._main(padded, positions)
+        self._scatter_rows(self.hid[0], positions, hidden)
+        last = hidden[lengths - 1, torch.arange(b, device=self.device)].unsqueeze(0)
+        self.seq.scatter_(1, lengths.unsqueeze(1), self._greedy(last).t())
+        self.n.copy_(lengths + 1)
+        self.cstart.zero_()
+        if self.k:
+            self._draft([width] * self.k)
+
+    # ---------------------------------------------------------------------------------------------------
+    # CUDA graph
+    # ---------------------------------------------------------------------------------------------------
+
+    def _advance(self) -> None:
+        """One decoding step: a graph replay once captured; before that, real eager steps.
+
+        With graphs on, the first two steps run eagerly on a side stream (they warm up cuBLAS and the caching
+        allocator for that stream, as torch.cuda.graph asks) and are real steps of the generation; then the
+        step is recorded (recording does not execute it) and every later step, in this and later `generate`
+        calls of the same batch size, is a replay.
+        """
+        if self._graph is not None:
+            self._graph.replay()
+            return
+        if not self.use_graphs:
+            self._step()
+            return
+        stream = self._stream
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self._step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self._warm += 1
+        if self._warm >= 2:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                self._step()
+            self._graph = graph
+
+    # ---------------------------------------------------------------------------------------------------
+    # Public
+    # ---------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, prompts: Union[Sequence[Sequence[int]], Tensor], max_new_tokens: int,
+                 eos_id: Optional[int] = None, max_steps_per_sync: int = 64) -> Generation:
+        """Decode every prompt greedily (k=0) or speculatively; the tokens are the same either way."""
+        if isinstance(prompts, Tensor):
+            prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+        prompts = [list(map(int, x)) for x in prompts]
+        if not prompts or any(len(x) == 0 for x in prompts):
+            raise ValueError("every prompt needs at least one token")
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        longest = max(len(x) for x in prompts) + max_new_tokens
+        if longest > self.max_length:
+            raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds max_length={self.max_length}")
+        model = self.model
+        was_training = model.training
+        model.eval()
+        self._allocate(len(prompts))
+        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        sync()
+        t0 = time.perf_counter()
+        try:
+            with cached_attention(model, self.state):
+                self._prefill(prompts)
+                sync()
+                prefill_seconds = time.perf_counter() - t0
+                self.limit.copy_(torch.tensor([len(x) + max_new_tokens for x in prompts], device=self.device))
+                self.step_idx.zero_()
+                self.log_a.fill_(-1)
+                while True:
+                    n = self.n.tolist()  # the only host sync, once per round
+                    left = [lim - m for lim, m in zip(self.limit.tolist(), n)]
+                    if max(left) <= 0 or (eos_id is not None and self._all_ended(prompts, n, eos_id)):
+                        break
+                    # Each step adds at most k+1 tokens: this many steps cannot overshoot the slowest sample.
+                    rounds = min(max_steps_per_sync, max(1, math.ceil(max(left) / (self.k + 1))))
+                    for _ in range(rounds):
+                        self._advance()
+                sync()
+        finally:
+            model.train(was_training)
+        seconds = time.perf_counter() - t0
+        result = self._result(prompts, max_new_tokens, eos_id, seconds)
+        result.prefill_seconds = prefill_seconds
+        return result
+
+    def _all_ended(self, prompts, n, eos_id) -> bool:
+        seq = self.seq.tolist()
+        return all(eos_id in seq[i][len(x) : n[i]] for i, x in enumerate(prompts))
+
+    def _result(self, prompts, max_new_tokens, eos_id, seconds) -> Generation:
+        seq, n = self.seq.tolist(), self.n.tolist()
+        log_a, log_p = self.log_a.t().tolist(), self.log_p.t().tolist()
+        tokens, steps, accepted, positions = [], [], [], []
+        for i, x in enumerate(prompts):
+            out = seq[i][len(x) : min(n[i], len(x) + max_new_tokens)]
+            if eos_id is not None and eos_id in out:
+                out = out[: out.index(eos_id) + 1]
+            tokens.append(out)
+            acc = [a for a in log_a[i] if a >= 0]
+            accepted.append(acc)
+            positions.append([p for a, p in zip(log_a[i], log_p[i]) if a >= 0])
+            steps.append(len(acc))
+        flat = [a for acc in accepted for a in acc]
+        total = len(flat)
+        car = [sum(a >= k for a in flat) / total if total else 0.0 for k in range(1, self.k + 1)]
+        previous = [1.0] + car[:-1]
+        per_head = [c / q if q else 0.0 for c, q in zip(car, previous)]
+        return Generation(
+            tokens=tokens, k=self.k, steps=steps, accepted=accepted, draft_positions=positions,
+            seconds=seconds, tokens_per_step=(sum(flat) + total) / total if total else 0.0,
+            per_position_acceptance=car, per_head_acceptance=per_head,
+        )
+
+
+def generate(model, prompts, max_new_tokens: int, *, k: int = 0, eos_id: Optional[int] = None,
+             vocab_limit: Optional[int] = None, cuda_graphs: bool = False) -> Generation:
+    """One-off decoding (builds a decoder sized for this call)."""
+    if isinstance(prompts, Tensor):
+        prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+    length = max(len(x) for x in prompts) + max_new_tokens
+    decoder = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit, cuda_graphs=cuda_graphs)
+    return decoder.generate(prompts, max_new_tokens, eos_id=eos_id)
+
+
+def _encode(tokenizer, text: str) -> list:
+    for name in ("tokenize", "encode"):
+        fn = getattr(tokenizer, name, None)
+        if fn is not None:
+            ids = fn(text)
+            return list(ids.ids if hasattr(ids, "ids") else ids)
+    raise TypeError("tokenizer needs a tokenize() or encode() method")
+
+
+def _decode(tokenizer, ids: list) -> str:
+    for name in ("detokenize", "decode"):
+        fn = getattr(tokenizer, name, None)
+        if fn is not None:
+            return fn(ids)
+    raise TypeError("tokenizer needs a detokenize() or decode() method")
+
+
+def speculative_demo(model, tokenizer, prompt: str, k: int, max_new_tokens: int, *,
+                     vocab_limit: Optional[int] = None) -> dict:
+    """Decode `prompt` greedily and with k drafts; check they agree; report speed and acceptance.
+
+    Returns dict(text, tokens_per_step, identical_to_greedy, per_position_acceptance, per_head_acceptance,
+    steps, greedy_seconds, speculative_seconds, speedup, new_tokens, k).
+    """
+    ids = _encode(tokenizer, prompt)
+    if vocab_limit is None:
+        vocab_limit = getattr(tokenizer, "vocab_size", None)
+    length = len(ids) + max_new_tokens
+    greedy = SpeculativeDecoder(model, k=0, max_length=length, vocab_limit=vocab_limit).generate([ids], max_new_tokens)
+    spec = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit).generate([ids], max_new_tokens)
+    return {
+        "prompt": prompt,
+        "text": _decode(tokenizer, spec.tokens[0]),
+        "k": k,
+        "new_tokens": len(spec.tokens[0]),
+        "steps": spec.steps[0],
+        "tokens_per_step": spec.tokens_per_step,
+        "per_position_acceptance": spec.per_position_acceptance,
+        "per_head_acceptance": spec.per_head_acceptance,
+        "identical_to_greedy": spec.tokens == greedy.tokens,
+        "greedy_seconds": greedy.seconds,
+        "speculative_seconds": spec.seconds,
+        "speedup": greedy.seconds / spec.seconds if spec.seconds > 0 else None,
+    }

@@ -1,0 +1,116 @@
+"""Static KV caches plugged into megatron's attention modules through their `core_attention` slot.
+
+Decoding reuses every megatron module unchanged (norms, QKV projection, QK-norm, RoPE, output projection,
+MLP/MoE, the MTP layers' eh_proj and norms) and swaps only the innermost `core_attention` of each
+SelfAttention for `CachedCoreAttention` while a decoder is running. Megatron hands that slot query, key and
+value of the *new* positions after RoPE ([s, b, heads, dim]); the cache writes key and value at their
+absolute positions and attends over the whole cache with a mask `key_pos <= query_pos`.
+
+Why the whole preallocated cache and a mask, not a slice to the current length: every shape stays static, so
+the step can be captured in a CUDA graph and needs no host sync to learn the length. Entries beyond a query's
+position (rejected drafts, padding of a window) are masked, so rollback is only moving the length pointer
+back; caches start zeroed so a masked stale entry is always finite (0 weight x finite value = 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass
+class KVCache:
+    """Keys and values of one attention layer: [b, kv_heads_local, max_len, head_dim] each."""
+
+    k: Tensor
+    v: Tensor
+
+    @classmethod
+    def empty(cls, batch: int, groups: int, max_len: int, dim: int, *, dtype, device) -> "KVCache":
+        shape = (batch, groups, max_len, dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+
+@dataclass
+class AttendState:
+    """What the next attention call needs: which cache, and where the new positions are.
+
+    Set by the decoder before each layer call (one layer -> one cache; the MTP depth decides the cache even
+    when megatron reuses one MTP layer for every depth). `positions` is [b, s] (absolute), `mask` the
+    [b, 1, s, max_len] boolean "may attend" mask built once per forward.
+    """
+
+    kv: Optional[KVCache] = None
+    positions: Optional[Tensor] = None
+    mask: Optional[Tensor] = None
+
+    def set_positions(self, positions: Tensor, max_len: int) -> None:
+        self.positions = positions
+        keys = torch.arange(max_len, device=positions.device)
+        self.mask = keys.view(1, 1, 1, max_len) <= positions.unsqueeze(1).unsqueeze(-1)
+
+
+class CachedCoreAttention(torch.nn.Module):
+    """Stands in for megatron's core attention: write k/v at absolute positions, attend over the cache.
+
+    Keeps the replaced module's softmax scale. With no cache active it defers to the original module, so a
+    model that still has it installed behaves as before.
+    """
+
+    def __init__(self, original: torch.nn.Module, state: AttendState):
+        super().__init__()
+        object.__setattr__(self, "original", original)  # not a child: state_dict/params untouched
+        self.state = state
+        self.softmax_scale = getattr(original, "softmax_scale", None)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None, **kwargs) -> Tensor:
+        st = self.state
+        if st.kv is None:
+            return self.original(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                 attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("cached decoding supports neither attention_bias nor packed sequences")
+        s, b, heads, dim = query.shape
+        kv = st.kv
+        groups = kv.k.shape[1]
+        # [s, b, g, d] -> [b, g, s, d], then scatter along the position axis at per-sample positions.
+        idx = st.positions.view(b, 1, s, 1).expand(b, groups, s, dim)
+        kv.k.scatter_(2, idx, key.permute(1, 2, 0, 3).to(kv.k.dtype))
+        kv.v.scatter_(2, idx, value.permute(1, 2, 0, 3).to(kv.v.dtype))
+        context = F.scaled_dot_product_attention(
+            query.permute(1, 2, 0, 3), kv.k, kv.v, attn_mask=st.mask, scale=self.softmax_scale,
+            enable_gqa=heads != groups,
+        )
+        return context.permute(2, 0, 1, 3).reshape(s, b, heads * dim)
+
+
+def attention_modules(model) -> list:
+    """Every SelfAttention of the decoder layers, then of each MTP layer's inner transformer layer."""
+    mods = [layer.self_attention for layer in model.decoder.layers]
+    mtp = getattr(model, "mtp", None)
+    if mtp is not None:
+        mods += [layer.mtp_model_layer.self_attention for layer in mtp.layers]
+    return mods
+
+
+@contextlib.contextmanager
+def cached_attention(model, state: AttendState) -> Iterator[None]:
+    """Swap every core_attention for a CachedCoreAttention sharing `state`; restore on exit."""
+    swapped = []
+    try:
+        for attn in attention_modules(model):
+            original = attn.core_attention
+            if isinstance(original, CachedCoreAttention):
+                raise RuntimeError("a decoder is already running on this model (nested generate call)")
+            attn.core_attention = CachedCoreAttention(original, state)
+            swapped.append((attn, original))
+        yield
+    finally:
+        for attn, original in swapped:
+            attn.core_attention = original

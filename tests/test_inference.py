@@ -1,0 +1,532 @@
+"""Inference: teacher-forced acceptance math, vocabulary-parallel argmax, and speculative decoding that is
+token-identical to greedy decoding -- on tiny megatron models built in this process (gloo world of one).
+
+Two models: one with random (untrained) heads, where nearly every draft is rejected, and one trained for a
+few dozen steps on a cyclic synthetic corpus, where most drafts are accepted, so both the reject and the
+accept paths (and partial acceptance) run.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mtpd_megatron.testing.distributed import free_port, run_distributed
+
+V = 128  # vocabulary (already a multiple of 128: no padding)
+HEADS = 4
+
+
+def _config(num_heads=HEADS, tp=1, seed=1234):
+    from mtpd_megatron.config import config_from_dict
+
+    return config_from_dict({
+        "model": {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
+                  "num_query_groups": 2, "attention_backend": "sdpa", "max_position_embeddings": 256},
+        "mtp": {"num_heads": num_heads, "loss_scaling_factor": 1.0},
+        "parallel": {"tensor_model_parallel_size": tp},
+        "training": {"seed": seed},
+    })
+
+
+def _build(num_heads=HEADS, seed=1234):
+    from mtpd_megatron.model.builder import build_model
+    from mtpd_megatron.parallel.launch import set_seed
+
+    set_seed(seed)
+    return build_model(_config(num_heads, seed=seed), vocab_size=V).eval()
+
+
+def _cyclic(generator, b, s):
+    """Sequences x[t+1] = x[t] + step (mod V) with 5% random tokens: the next tokens are predictable."""
+    start = torch.randint(0, V, (b, 1), generator=generator)
+    step = torch.randint(1, 4, (b, 1), generator=generator)
+    x = (start + step * torch.arange(s)) % V
+    noise = torch.rand(b, s, generator=generator) < 0.05
+    return torch.where(noise, torch.randint(0, V, (b, s), generator=generator), x)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """gloo world of one + megatron groups at TP=1, torn down after this module."""
+    from mtpd_megatron.parallel import cpu_compat
+
+    cpu_compat.enable()
+    from megatron.core import parallel_state
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: OpenMP threads only spin against the other test processes
+    owned = not dist.is_initialized()
+    if owned:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    yield
+    torch.set_num_threads(threads)
+    if owned:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def random_model(world):
+    return _build()
+
+
+@pytest.fixture(scope="module")
+def trained_model(world):
+    """~70 AdamW steps on the MTP training loss (main CE + every head's CE through megatron's MTP block)."""
+    model = _build(seed=7)
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(70):
+        x = _cyclic(g, 8, 25)
+        tokens, labels = x[:, :-1], x[:, 1:]
+        pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+        loss = model(tokens, pos, None, labels=labels, loss_mask=torch.ones(labels.shape)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def _naive_greedy(model, prompt, n):
+    """Reference: full recompute of the whole sequence through megatron's forward for every new token."""
+    x = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            t = torch.tensor([x])
+            logits = model(t, torch.arange(len(x))[None], None)  # [1, s, V]
+            x.append(int(logits[0, -1].argmax()))
+    return x[len(prompt):]
+
+
+# ------------------------------------------------------------------------------------------------------
+# Acceptance math
+# ------------------------------------------------------------------------------------------------------
+
+
+def test_acceptance_hand_example():
+    """Logits built by hand -> argmax -> counts, a_k, CAR_k, tau computed on paper."""
+    from mtpd_megatron.inference.acceptance import acceptance_counts, acceptance_metrics, vocab_parallel_argmax
+
+    def onehot(ids, vocab=6):
+        logits = torch.full((len(ids), 1, vocab), -1.0)  # [s, b=1, V]
+        for t, i in enumerate(ids):
+            logits[t, 0, i] = 2.0
+        return logits
+
+    main = [3, 1, 4, 1, 5, 2]  # m[t]
+    head1 = [1, 4, 0, 5, 2, 0]  # want m[t+1]: t=0..4 -> 1,4,1,5,2 : match at t=0,1,3,4
+    head2 = [4, 1, 5, 2, 0, 0]  # want m[t+2]: t=0..3 -> 4,1,5,2 : all match
+    logits = [onehot(main), onehot(head1), onehot(head2)]
+    logits[0][2, 0, 0] = 2.0  # a tie at t=2 between ids 0 and 4: argmax takes the lowest id (0)
+    preds = torch.stack([vocab_parallel_argmax(z) for z in logits]).transpose(1, 2)  # [3, b, s]
+    assert preds[0, 0].tolist() == [3, 1, 0, 1, 5, 2]
+    # With the tie, m[2] = 0: head1 at t=1 (4) no longer matches, head2 at t=0 (4) does not match either.
+    # head 1, valid t=0..4: matches t=0 (1==1), t=3 (5==5), t=4 (2==2)  -> acc1 = 3, base1 = 5
+    # head 2, valid t=0..3: chain_1 at t=0,3 ; match_2 at t=0? m[2]=0 vs 4 no; t=3: m[5]=2 vs 2 yes
+    #   -> acc2 = 1, base2 = 2
+    acc, base = acceptance_counts(preds)
+    assert acc.tolist() == [3, 1] and base.tolist() == [5, 2]
+    m = acceptance_metrics(acc, base)
+    assert m["a"] == pytest.approx([0.6, 0.5]) and m["car"] == pytest.approx([0.6, 0.3])
+    assert m["tau"] == pytest.approx(1.9)
+    # The label-aligned loss mask: masking loss_mask[4] removes the checks whose target is at t+k = 4,
+    # i.e. head 1 at t=3 (accepted) and head 2 at t=2 (chain broken at head 1).
+    mask = torch.ones(1, 6)
+    mask[0, 4] = 0
+    acc, base = acceptance_counts(preds, mask)
+    assert acc.tolist() == [2, 1] and base.tolist() == [4, 2]
+    # select: count only the drafts made at t=3
+    acc, base = acceptance_counts(preds, select=torch.tensor([[0, 0, 0, 1, 0, 0]]))
+    assert acc.tolist() == [1, 1] and base.tolist() == [1, 1]
+
+
+def test_vocab_limit_masks_padding_rows():
+    from mtpd_megatron.inference.acceptance import vocab_parallel_argmax
+
+    logits = torch.tensor([[0.0, 1.0, 5.0, 9.0]])
+    assert vocab_parallel_argmax(logits).item() == 3
+    assert vocab_parallel_argmax(logits, vocab_limit=3).item() == 2
+
+
+def _tp2_worker(prompts, tokens):
+    """At TP=2 (and then DP=2): argmax over shards with cross-shard ties, teacher-forced counts, decoding."""
+    from mtpd_megatron.parallel import cpu_compat
+
+    cpu_compat.enable()
+    from megatron.core import parallel_state
+
+    from mtpd_megatron.inference import evaluate_acceptance, generate, vocab_parallel_argmax
+    from mtpd_megatron.model.builder import build_model
+    from mtpd_megatron.parallel.launch import set_seed
+
+    rank = dist.get_rank()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=2)
+    group = parallel_state.get_tensor_model_parallel_group()
+    full = torch.tensor([[1.0, 7.0, 3.0, 7.0, 0.0, 7.0, 2.0, 1.0], [0.0, 1.0, 2.0, 3.0, 9.0, 9.0, 1.0, 0.0]])
+    shard = full[:, rank * 4 : (rank + 1) * 4]
+    out = {"argmax": vocab_parallel_argmax(shard, group=group).tolist(),
+           "argmax_limited": vocab_parallel_argmax(shard, group=group, vocab_limit=5).tolist()}
+    set_seed(1234)  # same full weights as the TP=1 build (CPU init draws the full tensors, then splits)
+    model = build_model(_config(tp=2), vocab_size=V).eval()
+    out["tf"] = evaluate_acceptance(model, [tokens])
+    out["greedy"] = generate(model, prompts, 12, k=0).tokens
+    out["spec"] = generate(model, prompts, 12, k=3).tokens
+    parallel_state.destroy_model_parallel()
+    # DP = 2: each rank evaluates half of the batch, the counts are summed.
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    set_seed(1234)
+    model = build_model(_config(), vocab_size=V).eval()
+    out["dp"] = evaluate_acceptance(model, [tokens[rank::2]])
+    return out
+
+
+def test_tensor_and_data_parallel_match_single_process(random_model):
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, V, (4, 20), generator=g)
+    prompts = [[5, 9, 2], [17]]
+    from mtpd_megatron.inference import evaluate_acceptance, generate
+
+    ref_tf = evaluate_acceptance(random_model, [tokens])
+    ref_greedy = generate(random_model, prompts, 12, k=0).tokens
+    results = run_distributed(_tp2_worker, 2, prompts, tokens)
+    for r in results:
+        assert r["argmax"] == [1, 4]  # ties across shards -> lowest global id
+        assert r["argmax_limited"] == [1, 4]
+        assert r["tf"]["acc_counts"] == ref_tf["acc_counts"] and r["tf"]["base_counts"] == ref_tf["base_counts"]
+        assert r["greedy"] == ref_greedy and r["spec"] == ref_greedy
+        assert r["dp"]["acc_counts"] == ref_tf["acc_counts"] and r["dp"]["base_counts"] == ref_tf["base_counts"]
+
+
+def test_teacher_forced_predictions_are_megatrons(trained_model):
+    """Main argmax equals megatron's forward; head k's argmax agrees with megatron's own MTP accuracy counter."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper
+
+    from mtpd_megatron.inference.acceptance import teacher_forced_predictions
+
+    g = torch.Generator().manual_seed(11)
+    x = _cyclic(g, 3, 21)
+    tokens, labels = x[:, :-1], x[:, 1:]
+    s = tokens.shape[1]
+    preds = teacher_forced_predictions(trained_model, tokens)
+    pos = torch.arange(s).expand_as(tokens)
+    with torch.no_grad():
+        logits = trained_model(tokens, pos, None)
+        assert torch.equal(preds[0], logits.argmax(-1))
+        MTPLossLoggingHelper.clean_metrics_in_tracker()
+        trained_model.train()  # megatron counts head accuracy vs the data labels only in training mode
+        try:
+            trained_model(tokens, pos, None, labels=labels, loss_mask=torch.ones(labels.shape))
+        finally:
+            trained_model.eval()
+    correct = MTPLossLoggingHelper.tracker["correct_values"].tolist()
+    for k in range(1, HEADS + 1):
+        ours = (preds[k][:, : s - k] == labels[:, k:]).sum().item()
+        assert ours == correct[k - 1], f"head {k}"
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+
+
+def test_teacher_forced_equals_training_time_metric(trained_model):
+    """The MTP-D hook's training-time acceptance (mtpd/hook.py, an independent implementation of the same
+    definition, label-aligned loss mask included) gives the same a_k and tau."""
+    from mtpd_megatron.inference import evaluate_acceptance
+    from mtpd_megatron.mtpd import hook
+
+    model = _build(seed=7)  # a separate model object: attaching the hook changes its config
+    model.load_state_dict(trained_model.state_dict())
+    hook.attach(model.config, _config().mtp)
+    g = torch.Generator().manual_seed(2)
+    x = _cyclic(g, 4, 33)
+    tokens, labels = x[:, :-1], x[:, 1:]
+    mask = torch.ones(labels.shape)
+    mask[1, 5:9] = 0
+    with torch.no_grad():
+        model(tokens, torch.arange(32).expand_as(tokens), None, labels=labels, loss_mask=mask)
+    training = hook.metrics(model.config).summary()
+    ours = evaluate_acceptance(model, [{"tokens": tokens, "loss_mask": mask}])
+    assert 0.3 < ours["car"][-1] < 1.0
+    for k in range(1, HEADS + 1):
+        assert ours["a"][k - 1] == pytest.approx(training[f"mtp{k}/accept"], abs=1e-12)
+    assert ours["tau"] == pytest.approx(training["tau"], abs=1e-12)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Decoding
+# ------------------------------------------------------------------------------------------------------
+
+PROMPTS_RANDOM = [[7], [3, 99, 41, 5, 18], [60, 61, 62, 63, 64, 65, 66, 67, 68]]
+
+
+def test_greedy_decoder_matches_full_recompute(random_model):
+    from mtpd_megatron.inference import generate
+
+    ref = [_naive_greedy(random_model, p, 16) for p in PROMPTS_RANDOM]
+    assert generate(random_model, PROMPTS_RANDOM, 16, k=0).tokens == ref  # ragged batch
+    assert generate(random_model, PROMPTS_RANDOM[1:2], 16, k=0).tokens == ref[1:2]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_speculative_equals_greedy_random_heads(random_model, k):
+    from mtpd_megatron.inference import generate
+
+    greedy = generate(random_model, PROMPTS_RANDOM, 16, k=0)
+    spec = generate(random_model, PROMPTS_RANDOM, 16, k=k)
+    assert spec.tokens == greedy.tokens
+    assert spec.tokens_per_step < 1.3  # untrained heads: almost every draft rejected
+    single = generate(random_model, PROMPTS_RANDOM[2:], 16, k=k)
+    assert single.tokens == greedy.tokens[2:]
+
+
+def _trained_prompts():
+    g = torch.Generator().manual_seed(5)
+    cyc = _cyclic(g, 3, 6)
+    return [cyc[0, :2].tolist(), cyc[1].tolist(), cyc[2, :4].tolist(), [11, 90, 3]]
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_speculative_equals_greedy_trained_heads(trained_model, k):
+    from mtpd_megatron.inference import generate
+
+    prompts = _trained_prompts()
+    greedy = generate(trained_model, prompts, 30, k=0)
+    assert greedy.tokens[1] == _naive_greedy(trained_model, prompts[1], 30)
+    spec = generate(trained_model, prompts, 30, k=k)
+    assert spec.tokens == greedy.tokens
+    assert all(len(t) == 30 for t in spec.tokens)
+    flat = [a for acc in spec.accepted for a in acc]
+    assert max(flat) == k, "some step must accept every draft"
+    assert spec.tokens_per_step > 1 + 0.5 * k  # trained heads: most drafts accepted
+    assert sum(spec.steps) < sum(greedy.steps)
+    for i, p in enumerate(prompts):  # batch 1 gives the same as the ragged batch
+        assert generate(trained_model, [p], 30, k=k).tokens[0] == greedy.tokens[i]
+
+
+def test_partial_acceptance_and_eos(trained_model):
+    """Steps that accept some but not all drafts occur; eos stops and truncates every sample."""
+    from mtpd_megatron.inference import generate
+
+    prompts = _trained_prompts()
+    spec = generate(trained_model, prompts, 30, k=4)
+    flat = [a for acc in spec.accepted for a in acc]
+    assert any(0 < a < 4 for a in flat) and any(a == 0 for a in flat) and any(a == 4 for a in flat)
+    eos = spec.tokens[1][5]
+    stopped = generate(trained_model, prompts, 30, k=4, eos_id=eos)
+    greedy_stopped = generate(trained_model, prompts, 30, k=0, eos_id=eos)
+    assert stopped.tokens == greedy_stopped.tokens
+    assert stopped.tokens[1] == spec.tokens[1][: spec.tokens[1].index(eos) + 1]
+
+
+def test_decode_acceptance_equals_teacher_forced(trained_model):
+    """Drafts made while decoding are the teacher-forced head predictions on the decoded text.
+
+    Teacher forcing on the model's own greedy continuation conditions on exactly the tokens decoding saw,
+    so at every position the decoder drafted from, the teacher-forced accept length equals the decoder's
+    (exactly, in fp32 on the CPU). Averaged over *all* positions (tau) the two differ by a sampling
+    effect, not an error: decoding drafts once per step and skips the positions inside accepted runs, so
+    easy stretches get fewer draft positions than in the per-position average. The test bounds that gap.
+    """
+    from mtpd_megatron.inference import generate
+    from mtpd_megatron.inference.acceptance import acceptance_counts, acceptance_metrics, teacher_forced_predictions
+
+    K = HEADS
+    prompts = _trained_prompts()
+    spec = generate(trained_model, prompts, 40, k=K)
+    checked = 0
+    acc_all, base_all, acc_sel, base_sel = 0, 0, 0, 0
+    for i, prompt in enumerate(prompts):
+        text = torch.tensor([prompt + spec.tokens[i]])
+        s = text.shape[1]
+        preds = teacher_forced_predictions(trained_model, text)
+        # Only steps whose K checks lie inside the text (the last step may run past max_new_tokens).
+        steps = [(p, a) for p, a in zip(spec.draft_positions[i], spec.accepted[i]) if p + K < s]
+        main, heads = preds[0, 0], preds[1:, 0]
+        for p, a in steps:
+            length = 0
+            while length < K and heads[length, p] == main[p + length + 1]:
+                length += 1
+            assert length == a, f"sample {i} position {p}: teacher-forced accepts {length}, decoding {a}"
+            checked += 1
+        select = torch.zeros(1, s)
+        select[0, [p for p, _ in steps]] = 1
+        acc, base = acceptance_counts(preds, select=select)
+        acc_sel, base_sel = acc_sel + acc, base_sel + base
+        acc, base = acceptance_counts(preds)
+        acc_all, base_all = acc_all + acc, base_all + base
+    assert checked >= 20
+    decoded = [a for acc in spec.accepted for a in acc]
+    tau_steps = acceptance_metrics(acc_sel, base_sel)["tau"]
+    tau_all = acceptance_metrics(acc_all, base_all)["tau"]
+    # At the drafted positions the teacher-forced tau is the decoder's tokens/step (up to the steps dropped
+    # at the end of each sample).
+    kept = [a for i in range(len(prompts)) for p, a in zip(spec.draft_positions[i], spec.accepted[i])
+            if p + K < len(prompts[i]) + len(spec.tokens[i])]
+    assert tau_steps == pytest.approx(1 + sum(kept) / len(kept), abs=1e-9)
+    assert spec.tokens_per_step == pytest.approx(1 + sum(decoded) / len(decoded))
+    # Over all positions: same model, same text, different weighting of positions -> close, not equal.
+    assert abs(tau_all - spec.tokens_per_step) < 0.5, (tau_all, spec.tokens_per_step)
+
+
+def test_moe_qk_norm_speculative_equals_greedy(world):
+    """Routed + shared experts in every layer (MTP layers included) and QK-norm: still exactly greedy."""
+    from mtpd_megatron.config import config_from_dict
+    from mtpd_megatron.inference import generate
+    from mtpd_megatron.model.builder import build_model
+    from mtpd_megatron.parallel.launch import set_seed
+
+    cfg = config_from_dict({
+        "model": {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
+                  "num_query_groups": 2, "attention_backend": "sdpa", "qk_layernorm": True,
+                  "moe": {"num_experts": 4, "router_topk": 2, "shared_expert_hidden_size": 32}},
+        "mtp": {"num_heads": 3},
+    })
+    set_seed(3)
+    model = build_model(cfg, vocab_size=V).eval()
+    prompts = [[1, 2, 3], [5], [9, 8, 7, 6, 5, 4]]
+    ref = [_naive_greedy(model, p, 10) for p in prompts]
+    for k in (0, 1, 3):
+        assert generate(model, prompts, 10, k=k).tokens == ref, f"k={k}"
+
+
+def test_errors(random_model, world):
+    from mtpd_megatron.inference import SpeculativeDecoder
+
+    with pytest.raises(ValueError, match="k=5 drafted tokens but the model has 4 MTP heads"):
+        SpeculativeDecoder(random_model, k=5)
+    no_heads = _build(num_heads=0)
+    with pytest.raises(ValueError, match="has 0 MTP heads"):
+        SpeculativeDecoder(no_heads, k=1)
+    assert SpeculativeDecoder(no_heads, k=0, max_length=8).generate([[1, 2]], 3).tokens[0] == _naive_greedy(no_heads, [1, 2], 3)
+    dec = SpeculativeDecoder(random_model, k=2, max_length=10)
+    with pytest.raises(ValueError, match="exceeds max_length=10"):
+        dec.generate([[1, 2, 3]], 8)
+    with pytest.raises(ValueError, match="at least one token"):
+        dec.generate([[]], 2)
+
+
+def test_speculative_demo(trained_model):
+    from mtpd_megatron.inference import speculative_demo
+
+    class ByteTokenizer:  # ids are characters' code points modulo V
+        vocab_size = V
+
+        def tokenize(self, text):
+            return [ord(c) % V for c in text]
+
+        def detokenize(self, ids):
+            return "".join(chr(i) for i in ids)
+
+    out = speculative_demo(trained_model, ByteTokenizer(), "ABC", k=3, max_new_tokens=20)
+    assert out["identical_to_greedy"] and out["new_tokens"] == 20 and len(out["text"]) == 20
+    assert out["tokens_per_step"] >= 1.0 and len(out["per_position_acceptance"]) == 3
+
+
+# ------------------------------------------------------------------------------------------------------
+# Command-line tools on a checkpoint in the trainer's format
+# ------------------------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run_tool(script, *args):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", script), *map(str, args)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cli_checkpoint(world, tmp_path_factory):
+    """A text corpus, its BPE tokenizer and indexed dataset, and a (randomly initialised) model saved the way
+    the checkpoint manager saves it."""
+    import json
+    import random
+
+    from megatron.core import dist_checkpointing
+
+    from mtpd_megatron.checkpoint import layout
+    from mtpd_megatron.checkpoint.manager import _sharded_metadata
+    from mtpd_megatron.config.load import config_to_dict
+    from mtpd_megatron.data.indexed import preprocess
+    from mtpd_megatron.data.tokenizer import load_tokenizer, train_tokenizer
+    from mtpd_megatron.inference.loading import LoadedModel
+    from mtpd_megatron.model.builder import build_model, padded_vocab_size
+    from mtpd_megatron.parallel.launch import set_seed
+
+    root = tmp_path_factory.mktemp("inference_cli")
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghik") for _ in range(rng.randint(2, 5))) for _ in range(60)]
+    corpus = root / "corpus.jsonl"
+    with open(corpus, "w") as f:
+        for _ in range(60):
+            f.write(json.dumps({"text": " ".join(rng.choice(words) for _ in range(40))}) + "\n")
+    tok_path = train_tokenizer([corpus], root / "tok", vocab_size=300, min_frequency=1)
+    prefix = root / "corpus_text_document"
+    preprocess([corpus], tok_path, prefix, append_eod=True, progress=False)
+    tok = load_tokenizer(tok_path)
+    cfg = _config()
+    cfg.data.tokenizer, cfg.data.paths, cfg.data.split, cfg.data.seq_length = str(tok_path), [str(prefix)], "70,30,0", 32
+    padded = padded_vocab_size(tok.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
+    set_seed(21)
+    model = build_model(cfg, vocab_size=padded).eval()
+    # The model part of what CheckpointManager.save writes, published the same way (layout.py).
+    meta = {"iteration": 3, "vocab_size": tok.vocab_size, "padded_vocab_size": padded, "config": config_to_dict(cfg)}
+    tmp = layout.prepare_tmp(root / "ckpt", 3)
+    dist_checkpointing.save({"model": model.sharded_state_dict(metadata=_sharded_metadata())}, str(tmp))
+    path = layout.publish(root / "ckpt", 3, meta, keep_last=0)
+    loaded = LoadedModel(model, cfg, meta, path, tok.vocab_size, padded, torch.device("cpu"))
+    return root, corpus, loaded, tok
+
+
+def test_eval_acceptance_cli(cli_checkpoint):
+    import json
+
+    from mtpd_megatron.inference import evaluate_acceptance
+    from mtpd_megatron.inference.loading import split_samples
+
+    root, _, loaded, tok = cli_checkpoint
+    out, png = root / "acc.json", root / "acc.png"
+    proc = _run_tool("eval_acceptance.py", "--ckpt", root / "ckpt", "--ckpt", loaded.path, "--label", "A",
+                     "--label", "B", "--split", "valid", "--num-samples", 6, "--batch-size", 4, "--out", out,
+                     "--plot", png)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    a, b = result["checkpoints"]
+    assert (a["label"], b["label"]) == ("A", "B") and a["acc_counts"] == b["acc_counts"]
+    assert a["positions"] == 6 * 32 and result["data"]["sequences"] == 6 and len(a["car"]) == HEADS
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    samples = split_samples(loaded, tok, "valid", 6, 32)
+    batch = {"tokens": torch.stack([s["tokens"] for s in samples]),
+             "loss_mask": torch.stack([s["loss_mask"] for s in samples])}
+    ref = evaluate_acceptance(loaded.model, [batch], vocab_limit=loaded.vocab_size)
+    assert a["acc_counts"] == ref["acc_counts"] and a["base_counts"] == ref["base_counts"]
+    assert a["tau"] == pytest.approx(ref["tau"])
+
+
+def test_bench_decode_cli_and_errors(cli_checkpoint):
+    import json
+
+    root, corpus, loaded, _ = cli_checkpoint
+    out = root / "bench.json"
+    proc = _run_tool("bench_decode.py", "--ckpt", loaded.path, "--jsonl", corpus, "--num-prompts", 2,
+                     "--prompt-len", 8, "--new-tokens", 10, "--k", 1, 3, "--repeats", 1, "--out", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["greedy"]["new_tokens"] == 20 and result["prompts"] == 2
+    assert [r["k"] for r in result["speculative"]] == [1, 3]
+    assert all(r["identical_to_greedy"] for r in result["speculative"])
+    missing = _run_tool("eval_acceptance.py", "--ckpt", root / "nope", "--out", root / "x.json")
+    assert missing.returncode == 2 and not (root / "x.json").exists()
+    lines = [line for line in missing.stderr.splitlines() if line.startswith("eval_acceptance: error:")]
+    assert len(lines) == 1 and "nope" in lines[0], missing.stderr[-2000:]
+    too_many = _run_tool("bench_decode.py", "--ckpt", loaded.path, "--jsonl", corpus, "--k", 5, "--out", root / "y.json")
+    assert too_many.returncode == 2 and "the model has 4 MTP heads" in too_many.stderr

@@ -1,0 +1,240 @@
+#!/usr/bin/env python3
+"""Batch-1 decoding benchmark: greedy vs self-speculative (K drafts from the MTP heads) on one model -> JSON.
+
+    python tools/bench_decode.py --ckpt runs/mtpd/ckpt --split valid --k 1 2 4 --out bench.json
+    python tools/bench_decode.py --tiny --device cpu --new-tokens 16 --out smoke.json    # CPU smoke test
+
+Both modes run in the same decoder (mtpd_megatron/inference/decoder.py) with the same optimisations: static
+KV cache, and on CUDA one CUDA graph per decoding step (--no-cuda-graphs to compare eager). For each K it
+reports tokens/s, the measured tokens per step (accepted drafts + 1), per-position acceptance, the step
+cost relative to a greedy step, the wall-clock speedup over greedy and whether the tokens equal greedy's.
+`--hf DIR` also times stock transformers `generate` (greedy) on an HF export of the same model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PROG = "bench_decode"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--ckpt", help="checkpoint iter_N dir or save dir")
+    model.add_argument("--tiny", action="store_true", help="random tiny model (smoke test; heads untrained)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--split", choices=("valid", "test"), default="valid", help="prompts from this held-out split")
+    src.add_argument("--jsonl", help="prompts from this jsonl file ({\"text\": ...} per line)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's data.tokenizer)")
+    p.add_argument("--data-path", action="append", default=None, help="override data.paths of the checkpoint")
+    p.add_argument("--num-prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (prompts are cut to this length)")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--k", type=int, nargs="+", default=None,
+                   help="draft counts (default: 1 2 4, plus 8 and 16 when the model has that many heads)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per prompt (the median is kept)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="capture each decoding step in a CUDA graph (CUDA, TP=1)")
+    p.add_argument("--hf", default=None, help="also time transformers generate on this HF export")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--out", required=True, help="results JSON")
+    args = p.parse_args(argv)
+    if min(args.num_prompts, args.prompt_len, args.new_tokens, args.repeats) < 1:
+        p.error("--num-prompts, --prompt-len, --new-tokens and --repeats must be >= 1")
+    return args
+
+
+def default_ks(heads: int) -> list:
+    return [k for k in (1, 2, 4, 8, 16) if k <= heads]
+
+
+def bench(model, prompts: list, ks: list, new_tokens: int, *, repeats: int = 3, cuda_graphs: bool = True,
+          vocab_limit=None) -> tuple:
+    """Time greedy (k=0) and each k on every prompt at batch 1; return (per-k summary, greedy tokens)."""
+    import torch
+
+    from mtpd_megatron.inference.decoder import SpeculativeDecoder
+
+    cuda = next(model.parameters()).is_cuda
+    length = max(len(p) for p in prompts) + new_tokens
+    out, reference = {}, None
+    for k in [0, *ks]:
+        dec = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit,
+                                 cuda_graphs=cuda_graphs and cuda)
+        dec.generate([prompts[0]], new_tokens)  # warm-up (and CUDA graph capture), not timed
+        seconds, decode_seconds, tokens, steps, accepted = [], [], [], 0, []
+        for p in prompts:
+            runs = [dec.generate([p], new_tokens) for _ in range(repeats)]
+            times = [r.seconds for r in runs]
+            best = runs[times.index(statistics.median_low(times))]
+            seconds.append(best.seconds)
+            decode_seconds.append(best.seconds - best.prefill_seconds)
+            tokens.append(best.tokens[0])
+            steps += best.steps[0]
+            accepted += best.accepted[0]
+        if k == 0:
+            reference = tokens
+        n_tokens = sum(len(t) for t in tokens)
+        car = [sum(a >= j for a in accepted) / len(accepted) for j in range(1, k + 1)] if accepted else []
+        out[k] = {
+            "k": k,
+            "seconds": sum(seconds),
+            "decode_seconds": sum(decode_seconds),
+            "new_tokens": n_tokens,
+            "tokens_per_second": n_tokens / sum(seconds),
+            "decode_tokens_per_second": (n_tokens - len(prompts)) / sum(decode_seconds),
+            "steps": steps,
+            "tokens_per_step": (sum(accepted) + len(accepted)) / len(accepted) if accepted else None,
+            "step_ms": 1000 * sum(decode_seconds) / steps if steps else None,
+            "per_position_acceptance": car,
+            "identical_to_greedy": tokens == reference,
+            "matching_prompts": sum(a == b for a, b in zip(tokens, reference)),
+        }
+        del dec
+        if cuda:
+            torch.cuda.empty_cache()
+    greedy = out[0]
+    for k in ks:
+        r = out[k]
+        r["speedup"] = greedy["seconds"] / r["seconds"]
+        r["decode_speedup"] = greedy["decode_seconds"] / r["decode_seconds"]
+        r["step_cost_vs_greedy"] = r["step_ms"] / greedy["step_ms"] if r["step_ms"] and greedy["step_ms"] else None
+    return {"greedy": greedy, "speculative": [out[k] for k in ks]}, reference
+
+
+def bench_hf(path: str, prompts: list, new_tokens: int, reference: list, repeats: int, device: str) -> dict:
+    """Stock transformers greedy `generate` (dynamic cache, eager), batch 1, same prompts."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run(p):
+        ids = torch.tensor([p], device=device)
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        sync()
+        return time.perf_counter() - t0, out[0, len(p):].tolist()
+
+    run(prompts[0])
+    seconds, tokens = [], []
+    for p in prompts:
+        runs = [run(p) for _ in range(repeats)]
+        times = [t for t, _ in runs]
+        i = times.index(statistics.median_low(times))
+        seconds.append(runs[i][0])
+        tokens.append(runs[i][1])
+    n = sum(len(t) for t in tokens)
+    return {"seconds": sum(seconds), "new_tokens": n, "tokens_per_second": n / sum(seconds),
+            "matching_prompts": sum(a == b for a, b in zip(tokens, reference))}
+
+
+def tiny_model(device: str):
+    """A random 2-layer model with 4 heads on a world of one (CPU smoke test of this tool)."""
+    import torch
+
+    from mtpd_megatron.config import config_from_dict
+    from mtpd_megatron.inference.loading import ensure_distributed
+    from mtpd_megatron.model.builder import build_model
+
+    cfg = config_from_dict({"model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                                      "num_query_groups": 2, "attention_backend": "sdpa"},
+                            "mtp": {"num_heads": 4}, "training": {"device": device}})
+    dev = ensure_distributed(cfg)
+    model = build_model(cfg, vocab_size=256).to(dev).eval()
+    if dev.type == "cuda":
+        model = model.to(torch.bfloat16)
+    return model, dev
+
+
+def prompts_for(args, loaded) -> list:
+    from mtpd_megatron.inference.loading import jsonl_texts, load_tokenizer_for, split_samples
+
+    tokenizer = load_tokenizer_for(loaded, args.tokenizer)
+    if args.jsonl:
+        prompts = [list(tokenizer.tokenize(t))[: args.prompt_len] for t in jsonl_texts(args.jsonl)]
+        prompts = [p for p in prompts if p][: args.num_prompts]
+    else:
+        samples = split_samples(loaded, tokenizer, args.split, args.num_prompts, args.prompt_len, args.data_path)
+        prompts = [s["tokens"].tolist() for s in samples]
+    if not prompts:
+        raise ValueError("no prompts")
+    return prompts
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from mtpd_megatron.checkpoint.layout import CheckpointError
+    from mtpd_megatron.config.load import ConfigError
+    from mtpd_megatron.data import DataError
+    from mtpd_megatron.inference.acceptance import num_heads
+    from mtpd_megatron.parallel.launch import shutdown
+
+    try:
+        if args.tiny:
+            model, dev = tiny_model(args.device)
+            g = torch.Generator().manual_seed(0)
+            prompts = torch.randint(0, 256, (args.num_prompts, args.prompt_len), generator=g).tolist()
+            vocab_limit, source = None, {"tiny": True}
+        else:
+            from mtpd_megatron.inference.loading import load_for_inference
+
+            dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+            loaded = load_for_inference(args.ckpt, device=args.device, dtype=dtype)
+            model, dev, vocab_limit = loaded.model, loaded.device, loaded.vocab_size
+            prompts = prompts_for(args, loaded)
+            source = {"ckpt": str(loaded.path), "jsonl": args.jsonl} if args.jsonl else \
+                {"ckpt": str(loaded.path), "split": args.split}
+        heads = num_heads(model)
+        ks = args.k if args.k is not None else default_ks(heads)
+        if any(k > heads or k < 1 for k in ks):
+            raise ValueError(f"--k {ks}: every K must be in 1..{heads} (the model has {heads} MTP heads)")
+        result, greedy_tokens = bench(model, prompts, ks, args.new_tokens, repeats=args.repeats, cuda_graphs=args.cuda_graphs,
+                       vocab_limit=vocab_limit)
+        if args.hf:
+            result["hf_generate"] = bench_hf(args.hf, prompts, args.new_tokens, greedy_tokens, args.repeats, str(dev))
+        result.update({
+            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "dtype": str(next(model.parameters()).dtype), "cuda_graphs": bool(args.cuda_graphs and dev.type == "cuda"),
+            "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "num_heads": heads, "source": source,
+        })
+        text = json.dumps(result, indent=1)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, out)
+        g = result["greedy"]
+        print(f"greedy: {g['tokens_per_second']:.1f} tok/s ({g['step_ms']:.2f} ms/step)")
+        for r in result["speculative"]:
+            print(f"k={r['k']}: {r['tokens_per_second']:.1f} tok/s, {r['tokens_per_step']:.2f} tok/step, "
+                  f"speedup {r['speedup']:.2f}x, identical={r['identical_to_greedy']}")
+    except (CheckpointError, ConfigError, DataError, ValueError, OSError) as e:
+        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
