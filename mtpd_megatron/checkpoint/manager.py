@@ -33,9 +33,9 @@ from megatron.core.utils import unwrap_model
 
 from mtpd_megatron.checkpoint import layout
 from mtpd_megatron.checkpoint.layout import CheckpointError
+from mtpd_megatron.checkpoint.optimizer_state import load_optimizer_state, prime_adam_state
 from mtpd_megatron.config.load import config_to_dict
 from mtpd_megatron.config.schema import Config
-from mtpd_megatron.optim import load_optimizer_state, prime_adam_state
 from mtpd_megatron.parallel import cpu_compat
 from mtpd_megatron.parallel.cpu_compat import installed_megatron_version
 
