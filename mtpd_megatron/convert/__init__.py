@@ -1,0 +1,110 @@
+"""Checkpoint conversion between megatron torch_dist checkpoints and Hugging Face model directories.
+
+    to_hf.py          torch_dist (any TP/EP/PP) -> safetensors + config.json for a stock transformers class
+    from_hf.py        the reverse, to a checkpoint the CheckpointManager's layout and metadata describe
+    mapping.py        which HF class expresses a config exactly, parameter names and tensor transforms
+    hf_mtp_decoder.py self-speculative greedy decoding with the exported MTP heads on the HF side
+
+This module holds the plumbing both directions share: the one-line error type (CLIs exit 2 on it), the
+output directory that appears only when complete, and a one-process megatron "world" (gloo, TP=EP=PP=1)
+that megatron's model construction needs even when no collective ever runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+
+class ConvertError(ValueError):
+    """A user error (bad input, inexpressible config): one line naming the file/field and the fix."""
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh `OUT.tmp-XXXX` next to `out`; rename it to `out` only when the block succeeds.
+
+    On any exception (or Ctrl-C) the temporary directory is removed, so no partial output is ever left.
+    """
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise ConvertError(f"--out {out} already exists (remove it or pass --overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():  # --overwrite: move the old one out of the way first, delete it after the rename
+            old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def megatron_world() -> Iterator[None]:
+    """A gloo world of one process with megatron's parallel state at TP=EP=PP=1.
+
+    Reuses an existing world of size 1 (tests call the converters inside a spawned rank); everything this
+    context created is torn down on exit so that it can be entered again in the same process.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from mtpd_megatron.parallel import cpu_compat
+
+    if not torch.cuda.is_available():
+        cpu_compat.enable()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    created_pg = created_ps = False
+    if not dist.is_initialized():
+        from mtpd_megatron.testing.distributed import free_port
+
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        created_pg = True
+    elif dist.get_world_size() != 1:
+        raise ConvertError("conversion runs in one process; call it outside a multi-rank job")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel()
+        created_ps = True
+    try:
+        model_parallel_cuda_manual_seed(1234)
+        yield
+    finally:
+        if created_ps:
+            parallel_state.destroy_model_parallel()
+        if created_pg:
+            dist.destroy_process_group()
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
+    """Run a converter's main: ConvertError (and the config/checkpoint errors) -> one line on stderr, exit 2."""
+    import warnings
+
+    # megatron-core announces at import time that TE/Apex are absent; a converter's stderr is for its own line
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed", category=UserWarning)
+    from mtpd_megatron.checkpoint.layout import CheckpointError
+    from mtpd_megatron.config.load import ConfigError
+
+    try:
+        return main(argv)
+    except (ConvertError, ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (no output written)", file=sys.stderr)
+        return 130
+
+
+__all__ = ["ConvertError", "atomic_output_dir", "megatron_world", "run_cli"]
