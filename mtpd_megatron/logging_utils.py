@@ -16,15 +16,53 @@ metrics.jsonl keeps every logged number at full precision (one JSON object per l
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
+import warnings
 from typing import Optional
 
 import torch
 
 from mtpd_megatron.config.params import count_parameters
 from mtpd_megatron.config.schema import Config
+
+# Messages megatron-core 0.19.2 / torch 2.13 print on every start-up that say nothing about this run.
+_NOISE_WARNINGS = (
+    "Transformer Engine and Apex are not installed",  # we use the torch-native spec on purpose (model/specs.py)
+    "Apex is not installed",
+    "MimoModelConfig is experimental",  # imported by megatron's optimizer package; unused
+    "full scope is deprecated",  # TransformerConfig's cuda-graph default; we capture no graphs
+    "The .grad attribute of a Tensor that is not a leaf Tensor",  # megatron's optimizer probing main_grad
+    "When using async grad allreduce it is recommended",
+)
+_NOISE_LOGS = {
+    # megatron's own DDP asks callers to pre-compute a layout it computes itself equally well.
+    "megatron.core.distributed.distributed_data_parallel": "DistributedDataParallel: full_param_layout not provided",
+    # torch_dist's synchronous save runs through the "mcore" async writer and warns about it.
+    "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",
+}
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_known_noise() -> None:
+    """Silence the start-up warnings listed above so that real warnings and errors stand out."""
+    for text in _NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=text)
+    warnings.filterwarnings("ignore", category=FutureWarning, message="`torch.distributed")
+    warnings.filterwarnings("ignore", category=FutureWarning, message="Please use DTensor instead")
+    for name, prefix in _NOISE_LOGS.items():
+        logging.getLogger(name).addFilter(_DropPrefix(prefix))
+
 
 # Dense (non-sparse) bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = (

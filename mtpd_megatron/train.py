@@ -39,20 +39,22 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    from mtpd_megatron.logging_utils import quiet_known_noise
+
+    quiet_known_noise()
     from mtpd_megatron.checkpoint.layout import CheckpointError
-    from mtpd_megatron.data import DataError
+    from mtpd_megatron.config.validate import validate
+    from mtpd_megatron.data import DataError, load_tokenizer
+    from mtpd_megatron.parallel import launch
 
     try:  # 1. Everything a user can get wrong is checked before any process group exists.
         cfg = load_config(args.config, args.overrides)
-        from mtpd_megatron.config.validate import validate
-        from mtpd_megatron.data import load_tokenizer
-        from mtpd_megatron.parallel import launch
-
         env = launch.read_env()
-        tokenizer = load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
-        validate(cfg, env.world_size, vocab_size=tokenizer.vocab_size if tokenizer else None)
-        if tokenizer is None:
-            raise ConfigError("data.tokenizer: not set (pass the tokenizer.json the data was preprocessed with)")
+        validate(cfg, env.world_size)
+        if not cfg.data.tokenizer:
+            raise ConfigError("data.tokenizer: not set (give the tokenizer.json the data was preprocessed with)")
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        validate(cfg, env.world_size, vocab_size=tokenizer.vocab_size)
         device = launch.resolve_device(cfg.training.device)
     except (ConfigError, DataError, ValueError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)

@@ -192,8 +192,16 @@ class Trainer:
         report = torch.stack([total.detach().clone(), tokens.detach().clone()])
         return total, tokens.to(torch.int), {"lm loss": report}
 
-    def _agree(self, outputs: list) -> tuple[float, bool, bool]:
-        """One all-reduce over the world: the global loss, any non-finite loss, any preemption signal."""
+    def _grads_finite(self) -> bool:
+        """No inf/NaN in this rank's gradient buffers (a finite loss can still give non-finite gradients)."""
+        for chunk in self.model:
+            for buffer in [*chunk.buffers, *chunk.expert_parallel_buffers]:
+                if buffer.grad_data is not None and not torch.isfinite(buffer.grad_data).all():
+                    return False
+        return True
+
+    def _agree(self, outputs: list, check_grads: bool = False) -> tuple[float, bool, bool]:
+        """One all-reduce over the world: the global loss, any non-finite loss/grad, any preemption signal."""
         vec = torch.zeros(3, dtype=torch.float64, device=self.device)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and outputs:
             reports = torch.stack([o["lm loss"].double() for o in outputs])
@@ -201,6 +209,8 @@ class Trainer:
             if parallel_state.get_tensor_model_parallel_rank() == 0:
                 vec[0] = local / self.dp_size
             vec[1] = float(not torch.isfinite(local).item())
+        if check_grads and not self._grads_finite():
+            vec[1] = 1.0
         vec[2] = float(self.preemption.requested)
         dist.all_reduce(vec)
         return vec[0].item(), bool(vec[1].item() > 0), bool(vec[2].item() > 0)
@@ -219,7 +229,7 @@ class Trainer:
                 forward_step_func=self._forward_step, data_iterator=self.train_iter, model=self.model,
                 num_microbatches=self.num_micro, seq_length=self.cfg.data.seq_length,
                 micro_batch_size=t.micro_batch_size, forward_only=False)
-        loss, nonfinite, stop = self._agree(outputs)
+        loss, nonfinite, stop = self._agree(outputs, check_grads=True)
         if nonfinite:  # skip the update: the grads of this step are dropped
             for chunk in self.model:
                 chunk.zero_grad_buffer()
@@ -344,7 +354,7 @@ class Trainer:
             self._log_interval(result, time.perf_counter() - start)
             nan_run = nan_run + 1 if result.nonfinite else 0
             if nan_run >= t.max_consecutive_nan_steps:
-                self._error(f"training.max_consecutive_nan_steps: {nan_run} non-finite losses in a row at step "
+                self._error(f"training.max_consecutive_nan_steps: {nan_run} steps in a row with a non-finite loss or gradient, at step "
                             f"{self.state.iteration}; stopping without saving (lower training.lr, raise "
                             f"training.lr_warmup_iters or check the data)")
                 self.close()

@@ -93,11 +93,36 @@ def _env(rank: int, world: int, port: int) -> dict:
     return env
 
 
-def start(args: list[str], world: int = 1, prelude: Optional[str] = None) -> list[subprocess.Popen]:
+class Rank:
+    """One rank process, in its own process group (as srun starts tasks), output captured in files."""
+
+    def __init__(self, cmd: list[str], env: dict, out_dir: Path, rank: int):
+        self.out_path, self.err_path = out_dir / f"rank{rank}.out", out_dir / f"rank{rank}.err"
+        with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
+
+    def signal_group(self, sig: int) -> None:
+        """Signal every process of the rank (Slurm signals all processes of a job step)."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def finish(self, timeout: float) -> tuple[int, str, str]:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        finally:
+            self.signal_group(signal.SIGKILL)  # helpers a killed rank leaves behind (as Slurm's cleanup would)
+        return rc, self.out_path.read_text(), self.err_path.read_text()
+
+
+def start(args: list[str], world: int = 1, prelude: Optional[str] = None) -> list[Rank]:
     """Start `python -m mtpd_megatron.train ARGS` as `world` rank processes (srun style).
 
     `prelude` is Python run before the trainer's main() in each process (used to kill a rank mid-save).
     """
+    import tempfile
+
     from mtpd_megatron.testing.distributed import free_port
 
     port = free_port()
@@ -106,22 +131,19 @@ def start(args: list[str], world: int = 1, prelude: Optional[str] = None) -> lis
     else:
         code = prelude + "\nimport sys\nfrom mtpd_megatron.train import main\nsys.exit(main(sys.argv[1:]))\n"
         cmd = [PYTHON, "-c", code, *args]
-    return [subprocess.Popen(cmd, cwd=ROOT, env=_env(r, world, port), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for r in range(world)]
+    out_dir = Path(tempfile.mkdtemp(prefix="mtpd-ranks-"))
+    return [Rank(cmd, _env(r, world, port), out_dir, r) for r in range(world)]
 
 
-def wait(procs: list[subprocess.Popen], timeout: float = 240) -> list[tuple[int, str, str]]:
-    out = []
+def wait(ranks: list[Rank], timeout: float = 240) -> list[tuple[int, str, str]]:
+    """[(returncode, stdout, stderr)] per rank; every rank is killed if one overruns."""
     deadline = time.time() + timeout
-    for p in procs:
-        try:
-            o, e = p.communicate(timeout=max(1.0, deadline - time.time()))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        out.append((p.returncode, o, e))
-    return out
+    try:
+        return [r.finish(max(1.0, deadline - time.time())) for r in ranks]
+    except subprocess.TimeoutExpired:
+        for r in ranks:
+            r.signal_group(signal.SIGKILL)
+        raise
 
 
 def run(args: list[str], world: int = 1, timeout: float = 240, prelude: Optional[str] = None):
@@ -129,20 +151,18 @@ def run(args: list[str], world: int = 1, timeout: float = 240, prelude: Optional
     return wait(start(args, world, prelude), timeout)
 
 
-def signal_when(procs: list[subprocess.Popen], marker: str, sig: int = signal.SIGTERM, timeout: float = 120):
-    """Read rank 0's stdout until a line contains `marker`, then send `sig` to every rank; return lines read."""
-    lines = []
+def signal_when(ranks: list[Rank], marker: str, sig: int = signal.SIGTERM, timeout: float = 120) -> None:
+    """Once rank 0's output shows `marker`, send `sig` to every process of every rank."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        line = procs[0].stdout.readline()
-        if not line:
+        if marker in ranks[0].out_path.read_text():
+            for r in ranks:
+                r.signal_group(sig)
+            return
+        if ranks[0].proc.poll() is not None:
             break
-        lines.append(line)
-        if marker in line:
-            for p in procs:
-                p.send_signal(sig)
-            return lines
-    raise AssertionError(f"never saw {marker!r} in rank 0's output:\n{''.join(lines)}")
+        time.sleep(0.05)
+    raise AssertionError(f"never saw {marker!r} in rank 0's output:\n{ranks[0].out_path.read_text()}")
 
 
 def read_metrics(log_dir: Path, kind: str = "train") -> dict[int, dict]:

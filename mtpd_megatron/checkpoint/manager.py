@@ -128,6 +128,25 @@ def _sharded_metadata() -> dict:
     }
 
 
+def _results_queue_without_server(async_save: bool) -> None:
+    """Hand megatron's torch_dist writer a results queue that needs no helper process.
+
+    By default the writer's results queue lives in a `multiprocessing.Manager` server process
+    (strategies/filesystem_async.py:53-66), created at the first save. Slurm signals every process of a job
+    step on preemption, so that server dies with SIGTERM and the save we are about to make fails. A sync
+    save writes in this process (a thread-safe queue.Queue is enough); an async save writes in a forked
+    child (a fork-inherited multiprocessing queue carries the results back).
+    """
+    import multiprocessing
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = (multiprocessing.get_context("fork").Queue() if async_save
+                                           else queue.Queue())
+
+
 class CheckpointManager:
     """Saves to `cfg.checkpoint.save`; loads what `resolve_resume` picked. Collective: call on every rank."""
 
@@ -140,6 +159,7 @@ class CheckpointManager:
         self.stage = stage
         self.log = log
         self._async_queue: Optional[AsyncCallsQueue] = AsyncCallsQueue() if cfg.checkpoint.async_save else None
+        _results_queue_without_server(cfg.checkpoint.async_save)
         if self.save_root is not None and dist.get_rank() == 0:
             layout.remove_leftovers(self.save_root)
 
