@@ -57,7 +57,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         validate(cfg, env.world_size, vocab_size=tokenizer.vocab_size)
         device = launch.resolve_device(cfg.training.device)
     except (ConfigError, DataError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        if launch.read_env().rank == 0:  # every rank finds the same problem; one of them says it
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
 
     from mtpd_megatron.trainer import Preemption, Trainer

@@ -160,7 +160,8 @@ class Trainer:
 
     def _build_model(self) -> DistributedDataParallel:
         cfg = self.cfg
-        model = build_model(cfg, self.padded_vocab, params_dtype=self.dtype)
+        with cpu_compat.optimizer_scope():  # PP: language_module.py:307 moves the shared embedding with .cuda()
+            model = build_model(cfg, self.padded_vocab, params_dtype=self.dtype)
         if cfg.mtp.num_heads:  # MTP-D, or plain MTP (beta = 0) with the same per-head metrics
             mtpd_hook.attach(model.config, cfg.mtp)
         if self.device.type == "cuda":

@@ -2,7 +2,7 @@
 
 A single process trains tiny dense and tiny MoE models (MoE aux loss coefficient 0: the aux loss is computed
 per rank and is not layout-invariant) for 2 steps, saves, and records the losses of 3 more steps. Two gloo
-ranks then load each checkpoint into TP2, TP2+SP, DP2 (dense) and EP2, TP2+EP2+SP (MoE) layouts and must
+ranks then load each checkpoint into TP2, TP2+SP, DP2, PP2 (dense) and EP2, TP2+EP2+SP (MoE) layouts and must
 reproduce those 3 losses to 1e-5 — weights, AdamW moments, LR schedule and data position all resharded by
 torch_dist through the Trainer's own checkpoint manager.
 """
@@ -25,6 +25,7 @@ LAYOUTS = {
         {"tensor_model_parallel_size": 2},
         {"tensor_model_parallel_size": 2, "sequence_parallel": True},
         {},  # world 2 at TP1: DP2 (the global batch is split over two ranks)
+        {"pipeline_model_parallel_size": 2},  # 1F1B schedule, MTP heads on the last stage
     ],
     "moe": [
         {"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1},
