@@ -59,6 +59,11 @@ mtpd_exec_task() {
     local per_node
     read -r -a per_node <<<"$(mtpd_expand_tasks_per_node "${SLURM_STEP_TASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}")"
     export LOCAL_WORLD_SIZE=${per_node[$NODE_RANK]:-${per_node[0]}}
+    # One line per rank: where it landed (a wrong layout shows up here before any rendezvous hangs).
+    if [[ ${MTPD_RANK_BANNER:-1} == 1 ]]; then
+        mtpd_log "rank $RANK/$WORLD_SIZE on node ${SLURMD_NODENAME:-$(hostname)} (node rank $NODE_RANK," \
+            "local rank $LOCAL_RANK/$LOCAL_WORLD_SIZE), master ${MASTER_ADDR:-?}:${MASTER_PORT:-?}"
+    fi
     exec "$@"
 }
 

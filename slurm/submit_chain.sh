@@ -2,11 +2,13 @@
 # Submit the looped MTP-head extension as a chain of Slurm jobs, one per stage, each starting only after
 # the previous one succeeded (--dependency=afterok). Stages that are already complete are skipped, so
 # re-running this after a failure resubmits only what is left, and after completion submits nothing.
+# A stage is an index into the config's looped.stages (0 = the first stage); checkpoints of stage I go to
+# <checkpoint.save or looped.root>/stage_<I>_heads_<m>/.
 #
-#   slurm/submit_chain.sh CONFIG.yaml [--stages 1,2,4,8,16] [--after JOBID]
+#   slurm/submit_chain.sh CONFIG.yaml [--stages 0,1,...] [--after JOBID]
 #       [--convert-to OUT_DIR --convert-from CKPT_DIR] [--dry-run] [sbatch args ...] [-- key=value ...]
 #
-#   --stages LIST      comma-separated head counts, in order (default 1,2,4,8,16)
+#   --stages LIST      comma-separated stage indices, in order (default: every stage of looped.stages)
 #   --after JOBID      the first submitted stage also waits for JOBID (e.g. the pretraining job)
 #   --convert-to DIR   also submit slurm/convert_hf.sbatch --ckpt CKPT_DIR --out DIR after the last stage
 #   --convert-from DIR the checkpoint directory to convert (required with --convert-to)
@@ -15,7 +17,7 @@
 #                      --ntasks-per-node=8 --gpus-per-node=8 -p PART -t 12:00:00)
 #   -- key=value ...   config overrides, passed to every stage and to the status check
 #
-# Prints one line per submitted job on stdout: "stage <heads> job <id>" and "convert job <id>".
+# Prints one line per submitted job on stdout: "stage <I> job <id>" and "convert job <id>".
 # A stage counts as complete when `$MTPD_PYTHON -m $MTPD_LOOPED_MODULE status --config CONFIG --stage I
 # [overrides]` exits 0 (1 = not complete; anything else aborts). Knobs: slurm/README.md.
 set -euo pipefail
@@ -26,7 +28,7 @@ export MTPD_ROOT
 source "$MTPD_ROOT/slurm/common.sh"
 
 usage() {
-    sed -n '2,22s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
+    sed -n '2,24s/^# \{0,1\}//p' "${BASH_SOURCE[0]}" >&2
     exit 2
 }
 
@@ -36,7 +38,7 @@ shift
 [[ -f $config ]] || mtpd_die "config not found: $config"
 config=$(cd "$(dirname "$config")" && pwd)/$(basename "$config")
 
-stages=1,2,4,8,16
+stages=
 after=
 convert_to=
 convert_from=
@@ -62,10 +64,6 @@ done
 if [[ -n $convert_to && -z $convert_from ]]; then
     mtpd_die "--convert-to needs --convert-from CKPT_DIR (the checkpoint directory of the last stage)"
 fi
-IFS=, read -r -a stage_list <<<"$stages"
-for s in "${stage_list[@]}"; do
-    [[ $s =~ ^[0-9]+$ ]] || mtpd_die "--stages must be comma-separated numbers, got '$stages'"
-done
 
 # Environment for the status checks only; the jobs set up their own (a subshell keeps it from leaking
 # into the sbatch environment).
@@ -88,6 +86,27 @@ stage_complete() {
     "$MTPD_PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)' \
         "$MTPD_LOOPED_MODULE"
 ) || mtpd_die "cannot import MTPD_LOOPED_MODULE=${MTPD_LOOPED_MODULE:-mtpd_megatron.looped} with ${MTPD_PYTHON:-the default python}"
+
+if [[ -z $stages ]]; then
+    # Every stage of the config (with the overrides): 0..N-1. A config error is reported in one line.
+    count=$(
+        mtpd_init
+        "$MTPD_PYTHON" -c '
+import sys
+from mtpd_megatron.config.load import ConfigError, load_config
+from mtpd_megatron.looped.stages import stages_of
+try:
+    print(len(stages_of(load_config(sys.argv[1], sys.argv[2:]))))
+except ConfigError as e:
+    sys.exit(f"error: {e}")
+' "$config" "${overrides[@]}"
+    ) || mtpd_die "cannot read looped.stages from $config (see above)"
+    stages=$(seq -s, 0 $((count - 1)))
+fi
+IFS=, read -r -a stage_list <<<"$stages"
+for s in "${stage_list[@]}"; do
+    [[ $s =~ ^[0-9]+$ ]] || mtpd_die "--stages must be comma-separated stage indices (0, 1, ...), got '$stages'"
+done
 
 log_dir=${MTPD_LOG_DIR:-$MTPD_ROOT/runs/slurm-logs}
 submit() {
