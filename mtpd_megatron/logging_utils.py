@@ -128,10 +128,14 @@ class RunLogger:
             return
         if log_dir:
             os.makedirs(log_dir, exist_ok=True)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(log_dir=log_dir)
             self.jsonl = open(os.path.join(log_dir, "metrics.jsonl"), "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                self.print(f"[logging] tensorboard is not installed: no event files (metrics.jsonl in {log_dir} "
+                           "has every number; pip install tensorboard)")
+            else:
+                self.tb = SummaryWriter(log_dir=log_dir)
         if cfg.logging.wandb_project:
             try:
                 import wandb

@@ -44,6 +44,7 @@ from mtpd_megatron.logging_utils import RunLogger, flops_per_token, peak_tflops
 from mtpd_megatron.model.builder import build_model, padded_vocab_size
 from mtpd_megatron.mtpd import hook as mtpd_hook
 from mtpd_megatron.mtpd.metrics import FIELDS as MTPD_FIELDS
+from mtpd_megatron.mtpd.metrics import summarize as summarize_mtpd
 from mtpd_megatron.optim import build_optimizer, build_scheduler, current_lr, optimizer_step
 from mtpd_megatron.parallel import cpu_compat
 
@@ -95,8 +96,12 @@ def params_dtype_for(cfg: Config, device: torch.device) -> torch.dtype:
 
 class Trainer:
     def __init__(self, cfg: Config, tokenizer, device: torch.device, *, resume: str = "auto",
-                 preemption: Optional[Preemption] = None, stage: str = "pretrain"):
+                 preemption: Optional[Preemption] = None, stage: str = "pretrain",
+                 prepare_model: Optional[Callable] = None, trained_heads: Optional[tuple] = None):
+        """`prepare_model(gpt_model)` runs on the bare model before DDP wraps it (looped extension: load the
+        previous stage, initialise new heads, freeze); `trained_heads` marks heads without a loss (frozen)."""
         self.cfg, self.device, self.stage = cfg, device, stage
+        self.prepare_model, self.trained_heads = prepare_model, trained_heads
         self.preemption = preemption or Preemption()
         self.rank = dist.get_rank()
         t = cfg.training
@@ -163,7 +168,9 @@ class Trainer:
         with cpu_compat.optimizer_scope():  # PP: language_module.py:307 moves the shared embedding with .cuda()
             model = build_model(cfg, self.padded_vocab, params_dtype=self.dtype)
         if cfg.mtp.num_heads:  # MTP-D, or plain MTP (beta = 0) with the same per-head metrics
-            mtpd_hook.attach(model.config, cfg.mtp)
+            mtpd_hook.attach(model.config, cfg.mtp, trained=self.trained_heads)
+        if self.prepare_model is not None:
+            self.prepare_model(model)
         if self.device.type == "cuda":
             model.cuda(torch.cuda.current_device())
         if self.dtype == torch.bfloat16:
@@ -253,7 +260,10 @@ class Trainer:
         if not self.cfg.mtp.num_heads:
             return {}
         tracker = mtpd_hook.metrics(self.config)
-        summary = tracker.summary(group=parallel_state.get_data_parallel_group())
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            summary = tracker.summary(group=parallel_state.get_data_parallel_group())
+        else:  # no heads on this stage; same keys, values come from the last stage below
+            summary = summarize_mtpd(torch.zeros(self.cfg.mtp.num_heads, len(MTPD_FIELDS), dtype=torch.float64))
         tracker.reset()
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # the heads live on the last stage
             keys = sorted(summary)
@@ -345,7 +355,7 @@ class Trainer:
     def fit(self) -> int:
         t, c = self.cfg.training, self.cfg.checkpoint
         self._last_saved = self.state.iteration if self.resume_path is not None else None
-        nan_run = 0
+        nan_run, last_eval = 0, self.state.iteration
         if self.state.iteration >= t.train_iters:
             self.log(f"[{self.cfg.name}] already at iteration {self.state.iteration} >= training.train_iters="
                      f"{t.train_iters}: nothing to do (raise training.train_iters to train further)")
@@ -362,15 +372,20 @@ class Trainer:
                 return EXIT_NONFINITE
             self.ckpt.finalize(blocking=False)
             if result.stop:
-                self.log(f"[{self.cfg.name}] signal {self.preemption.signal or 'on another rank'}: saving at step "
-                         f"{self.state.iteration} and exiting with {EXIT_PREEMPTED} (resume with --resume auto)")
+                where = (f"saving at step {self.state.iteration}" if c.save
+                         else "checkpoint.save is null, so nothing is saved")
+                self.log(f"[{self.cfg.name}] signal {self.preemption.signal or 'on another rank'}: {where}; exiting "
+                         f"with {EXIT_PREEMPTED} (resume with --resume auto)")
                 self.save()
                 self.close()
                 return EXIT_PREEMPTED
             if t.eval_interval and self.state.iteration % t.eval_interval == 0:
                 self.evaluate()
+                last_eval = self.state.iteration
             if c.save_interval and self.state.iteration % c.save_interval == 0:
                 self.save()
+        if t.eval_interval and last_eval != self.state.iteration:  # always end with a validation
+            self.evaluate()
         if c.save and self._last_saved != self.state.iteration:
             self.save()
         self.close()

@@ -8,9 +8,11 @@ TP2 alike (make_vocab_size_divisible_by=128), so checkpoints move between the tw
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +134,7 @@ def start(args: list[str], world: int = 1, prelude: Optional[str] = None) -> lis
         code = prelude + "\nimport sys\nfrom mtpd_megatron.train import main\nsys.exit(main(sys.argv[1:]))\n"
         cmd = [PYTHON, "-c", code, *args]
     out_dir = Path(tempfile.mkdtemp(prefix="mtpd-ranks-"))
+    atexit.register(shutil.rmtree, out_dir, True)
     return [Rank(cmd, _env(r, world, port), out_dir, r) for r in range(world)]
 
 

@@ -94,6 +94,7 @@ def init_distributed(cfg: Config, env: DistEnv, timeout_minutes: int = 30) -> to
         dist.init_process_group(
             backend, init_method=f"tcp://{env.master_addr}:{port}", rank=env.rank, world_size=env.world_size,
             timeout=timedelta(minutes=timeout_minutes),
+            device_id=torch.device("cuda", env.local_rank) if backend == "nccl" else None,  # NCCL: no guessing
         )
     from megatron.core import parallel_state
 
