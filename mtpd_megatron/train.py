@@ -39,6 +39,29 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        _say_once(e)
+        return 2
+    return run(cfg, resume=args.resume or cfg.checkpoint.resume)
+
+
+def _say_once(error: Exception) -> None:
+    from mtpd_megatron.parallel import launch
+
+    if launch.read_env().rank == 0:  # every rank finds the same problem; one of them says it
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+
+
+def run(cfg, *, resume: str = "auto", stage: str = "pretrain", prepare_model=None, trained_heads=None,
+        save_initial: bool = False, keep_process_group: bool = False) -> int:
+    """Validate, start the process group, build the Trainer and train; returns the exit code.
+
+    Shared by this entry point and the looped-extension CLI (`prepare_model`, `trained_heads`: see Trainer;
+    `save_initial` writes an iteration-0 checkpoint before the first step when starting fresh;
+    `keep_process_group` leaves the default group up for the next stage of a chain).
+    """
     from mtpd_megatron.logging_utils import quiet_known_noise
 
     quiet_known_noise()
@@ -48,7 +71,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from mtpd_megatron.parallel import launch
 
     try:  # 1. Everything a user can get wrong is checked before any process group exists.
-        cfg = load_config(args.config, args.overrides)
         env = launch.read_env()
         validate(cfg, env.world_size)
         if not cfg.data.tokenizer:
@@ -57,8 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         validate(cfg, env.world_size, vocab_size=tokenizer.vocab_size)
         device = launch.resolve_device(cfg.training.device)
     except (ConfigError, DataError, ValueError) as e:
-        if launch.read_env().rank == 0:  # every rank finds the same problem; one of them says it
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        _say_once(e)
         return 2
 
     from mtpd_megatron.trainer import Preemption, Trainer
@@ -66,14 +87,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     preemption = Preemption().install()  # before the (slow) set-up: a signal then stops after step one
     launch.init_distributed(cfg, env)
     try:  # 2. Build (data and checkpoint errors are still user errors), then train.
-        trainer = Trainer(cfg, tokenizer, device, resume=args.resume or cfg.checkpoint.resume, preemption=preemption)
+        trainer = Trainer(cfg, tokenizer, device, resume=resume, preemption=preemption, stage=stage,
+                          prepare_model=prepare_model, trained_heads=trained_heads)
+        if save_initial and trainer.resume_path is None:
+            from mtpd_megatron.checkpoint.optimizer_state import prime_adam_state
+
+            prime_adam_state(trainer.optimizer)  # Adam's initial state (step 0, zero moments), savable
+            trainer.save()
         return trainer.fit()
     except (ConfigError, DataError, CheckpointError) as e:
         if env.rank == 0:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     finally:
-        launch.shutdown()
+        if keep_process_group:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+        else:
+            launch.shutdown()
 
 
 if __name__ == "__main__":
