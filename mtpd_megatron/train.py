@@ -42,26 +42,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
-        _say_once(e)
-        return 2
+        return _user_error(e)
     return run(cfg, resume=args.resume or cfg.checkpoint.resume)
 
 
-def _say_once(error: Exception) -> None:
-    from mtpd_megatron.parallel import launch
+def _user_error(error: Exception) -> int:
+    from mtpd_megatron.parallel.launch import read_env
 
-    if launch.read_env().rank == 0:  # every rank finds the same problem; one of them says it
+    if read_env().rank == 0:  # every rank finds the same problem; one of them says it
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    return 2
 
 
 def run(cfg, *, resume: str = "auto", stage: str = "pretrain", prepare_model=None, trained_heads=None,
         save_initial: bool = False, keep_process_group: bool = False) -> int:
-    """Validate, start the process group, build the Trainer and train; returns the exit code.
-
-    Shared by this entry point and the looped-extension CLI (`prepare_model`, `trained_heads`: see Trainer;
-    `save_initial` writes an iteration-0 checkpoint before the first step when starting fresh;
-    `keep_process_group` leaves the default group up for the next stage of a chain).
-    """
+    """Validate, join the process group, build the Trainer, train; the exit code. Also used by looped/:
+    `prepare_model`/`trained_heads` (see Trainer), `save_initial` (iteration-0 checkpoint when fresh),
+    `keep_process_group` (the next stage of a chain runs in this process)."""
     from mtpd_megatron.logging_utils import quiet_known_noise
 
     quiet_known_noise()
@@ -79,8 +76,7 @@ def run(cfg, *, resume: str = "auto", stage: str = "pretrain", prepare_model=Non
         validate(cfg, env.world_size, vocab_size=tokenizer.vocab_size)
         device = launch.resolve_device(cfg.training.device)
     except (ConfigError, DataError, ValueError) as e:
-        _say_once(e)
-        return 2
+        return _user_error(e)
 
     from mtpd_megatron.trainer import Preemption, Trainer
 
@@ -89,23 +85,13 @@ def run(cfg, *, resume: str = "auto", stage: str = "pretrain", prepare_model=Non
     try:  # 2. Build (data and checkpoint errors are still user errors), then train.
         trainer = Trainer(cfg, tokenizer, device, resume=resume, preemption=preemption, stage=stage,
                           prepare_model=prepare_model, trained_heads=trained_heads)
-        if save_initial and trainer.resume_path is None:
-            from mtpd_megatron.checkpoint.optimizer_state import prime_adam_state
-
-            prime_adam_state(trainer.optimizer)  # Adam's initial state (step 0, zero moments), savable
-            trainer.save()
+        if save_initial:
+            trainer.save_initial()
         return trainer.fit()
     except (ConfigError, DataError, CheckpointError) as e:
-        if env.rank == 0:
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return _user_error(e)
     finally:
-        if keep_process_group:
-            from megatron.core import parallel_state
-
-            parallel_state.destroy_model_parallel()
-        else:
-            launch.shutdown()
+        launch.shutdown(keep_process_group)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from mtpd_megatron.checkpoint import CheckpointManager, TrainState
+from mtpd_megatron.checkpoint.optimizer_state import prime_adam_state
 from mtpd_megatron.config.schema import Config
 from mtpd_megatron.data import build_dataloader, build_datasets
 from mtpd_megatron.logging_utils import RunLogger, flops_per_token, peak_tflops
@@ -351,6 +352,12 @@ class Trainer:
     def save(self) -> None:
         self.ckpt.save(self.state, self.model, self.optimizer, self.scheduler)
         self._last_saved = self.state.iteration
+
+    def save_initial(self) -> None:
+        """An iteration-0 checkpoint of a fresh run (looped extension: the stage's starting point)."""
+        if self.resume_path is None:
+            prime_adam_state(self.optimizer)  # Adam's initial state (step 0, zero moments) is savable
+            self.save()
 
     def fit(self) -> int:
         t, c = self.cfg.training, self.cfg.checkpoint

@@ -129,11 +129,12 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def shutdown() -> None:
-    """Tear down megatron's groups and the process group (safe to call twice)."""
+def shutdown(keep_process_group: bool = False) -> None:
+    """Tear down megatron's groups and (unless kept for a next run in this process) the process group."""
     if not dist.is_initialized():
         return
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    if not keep_process_group:
+        dist.destroy_process_group()
