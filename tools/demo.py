@@ -7,10 +7,15 @@
     pretrain    runs/demo/checkpoints/iter_N       configs/tiny_dense.yaml: 2 layers, 4 MTP heads with MTP-D,
                                                    TP=2 on 2 ranks via torchrun
     report      per-head acceptance a_k, CAR_k and tau of the last validation, from metrics.jsonl
+    acceptance  runs/demo/eval/acceptance.{json,png}   teacher-forced a_k, CAR_k, tau on held-out documents
+                                                   (tools/eval_acceptance.py; TP=2 checkpoint read at TP=1)
+    export      runs/demo/hf/                      Hugging Face safetensors + config (Qwen3 class, MTP heads in
+                                                   the DeepSeek-V3 layout) (tools/convert_to_hf.py)
+    decode      a prompt decoded self-speculatively with 4 drafted tokens per step: tokens/step, and a check
+                that the output equals greedy decoding (tools/speculative_decode.py)
 
 Each stage is skipped when its output exists, so a second run only reports (and an interrupted pretraining
-resumes from its last checkpoint). About 3-4 minutes on a 2-core CPU. Later stages (acceptance evaluation,
-speculative decoding, HF export) are added by appending to STAGES.
+resumes from its last checkpoint). About 4-5 minutes on a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ def paths(a: argparse.Namespace) -> dict[str, Path]:
         "tokens": out / "data" / "tokens" / "corpus",
         "ckpt": out / "checkpoints",
         "metrics": out / "checkpoints" / "tensorboard" / "metrics.jsonl",
+        "eval": out / "eval",
+        "hf": out / "hf",
     }
 
 
@@ -111,12 +118,31 @@ def report(a):
     print(f"  checkpoint: {paths(a)['ckpt']} (TensorBoard: {paths(a)['metrics'].parent})")
 
 
+def acceptance(a):
+    e = paths(a)["eval"]
+    e.mkdir(parents=True, exist_ok=True)
+    sh([PY, "tools/eval_acceptance.py", "--ckpt", paths(a)["ckpt"], "--split", "valid", "--num-samples", 32,
+        "--out", e / "acceptance.json", "--plot", e / "acceptance.png"])
+
+
+def export(a):
+    sh([PY, "tools/convert_to_hf.py", "--ckpt", paths(a)["ckpt"], "--out", paths(a)["hf"]])
+
+
+def decode(a):
+    sh([PY, "tools/speculative_decode.py", "--ckpt", paths(a)["ckpt"], "--prompt", a.prompt, "--k", 4,
+        "--new-tokens", 64])
+
+
 STAGES = [
     Stage("corpus", lambda a: paths(a)["corpus"].is_file(), fetch_corpus),
     Stage("tokenizer", lambda a: paths(a)["tokenizer"].is_file(), train_tokenizer),
     Stage("preprocess", lambda a: paths(a)["tokens"].with_suffix(".idx").is_file(), preprocess),
     Stage("pretrain", pretrained, pretrain),
     Stage("report", lambda a: False, report),
+    Stage("acceptance", lambda a: (paths(a)["eval"] / "acceptance.json").is_file(), acceptance),
+    Stage("export", lambda a: (paths(a)["hf"] / "config.json").is_file(), export),
+    Stage("decode", lambda a: False, decode),
 ]
 
 
@@ -129,6 +155,8 @@ def main(argv=None) -> int:
     p.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--max-bytes", type=int, default=1_000_000, help="corpus size")
+    p.add_argument("--prompt", default="Fellow-Citizens of the Senate and of the House of Representatives:",
+                   help="prompt of the speculative decoding stage")
     a = p.parse_args(argv)
     os.chdir(ROOT)
     start = time.time()
