@@ -164,7 +164,7 @@ def _reload(root: str, tokens) -> dict:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mtpd_megatron.checkpoint import layout
-    from mtpd_megatron.checkpoint.manager import _sharded_metadata
+    from mtpd_megatron.checkpoint.manager import sharded_metadata
     from mtpd_megatron.config import config_from_dict
     from mtpd_megatron.convert.from_hf import checkpoint_meta, save_model_checkpoint
     from mtpd_megatron.model.builder import build_model
@@ -189,7 +189,7 @@ def _reload(root: str, tokens) -> dict:
         # through language_module.py:307 `weight.data.cuda()`, which cpu_compat does not patch otherwise.
         with cpu_compat.optimizer_scope():
             model = build_model(cfg, vocab_size=meta["padded_vocab_size"])
-        sd = {"model": model.sharded_state_dict(metadata=_sharded_metadata())}
+        sd = {"model": model.sharded_state_dict(metadata=sharded_metadata())}
         model.load_state_dict(dist_checkpointing.load(sd, str(ckpt))["model"], strict=True)
         if name == "moe":
             model.eval()

@@ -454,7 +454,7 @@ def cli_checkpoint(world, tmp_path_factory):
     from megatron.core import dist_checkpointing
 
     from mtpd_megatron.checkpoint import layout
-    from mtpd_megatron.checkpoint.manager import _sharded_metadata
+    from mtpd_megatron.checkpoint.manager import sharded_metadata
     from mtpd_megatron.config.load import config_to_dict
     from mtpd_megatron.data.indexed import preprocess
     from mtpd_megatron.data.tokenizer import load_tokenizer, train_tokenizer
@@ -481,7 +481,7 @@ def cli_checkpoint(world, tmp_path_factory):
     # The model part of what CheckpointManager.save writes, published the same way (layout.py).
     meta = {"iteration": 3, "vocab_size": tok.vocab_size, "padded_vocab_size": padded, "config": config_to_dict(cfg)}
     tmp = layout.prepare_tmp(root / "ckpt", 3)
-    dist_checkpointing.save({"model": model.sharded_state_dict(metadata=_sharded_metadata())}, str(tmp))
+    dist_checkpointing.save({"model": model.sharded_state_dict(metadata=sharded_metadata())}, str(tmp))
     path = layout.publish(root / "ckpt", 3, meta, keep_last=0)
     loaded = LoadedModel(model, cfg, meta, path, tok.vocab_size, padded, torch.device("cpu"))
     return root, corpus, loaded, tok

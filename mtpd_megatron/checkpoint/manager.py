@@ -118,7 +118,7 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_metadata() -> dict:
+def sharded_metadata() -> dict:
     """What Megatron-LM passes to sharded_state_dict (fully reshardable DistributedOptimizer state)."""
     return {
         "distrib_optim_sharding_type": "fully_reshardable",
@@ -169,7 +169,7 @@ class CheckpointManager:
                     with_rng: bool) -> dict:
         if len(model) != 1:
             raise NotImplementedError("virtual pipeline stages (several model chunks) are not supported yet")
-        md = _sharded_metadata()
+        md = sharded_metadata()
         model_sd = unwrap_model(model[0]).sharded_state_dict(metadata=md)  # GPTModel keys, as Megatron-LM
         with cpu_compat.optimizer_scope():  # the optimizer gathers its state with device='cuda' literals
             optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=md)

@@ -205,7 +205,7 @@ def save_model_checkpoint(model, root: Path, meta: dict) -> Path:
     from megatron.core import dist_checkpointing
 
     from mtpd_megatron.checkpoint import layout
-    from mtpd_megatron.checkpoint.manager import FORMAT_VERSION, _sharded_metadata
+    from mtpd_megatron.checkpoint.manager import FORMAT_VERSION, sharded_metadata
 
     root = Path(root)
     it = meta["iteration"]
@@ -213,7 +213,7 @@ def save_model_checkpoint(model, root: Path, meta: dict) -> Path:
         layout.prepare_tmp(root, it)
     dist.barrier()
     tmp = root / (layout.iter_dir_name(it) + ".tmp")
-    sd = {"model": model.sharded_state_dict(metadata=_sharded_metadata())}
+    sd = {"model": model.sharded_state_dict(metadata=sharded_metadata())}
     dist_checkpointing.save(sd, str(tmp), content_metadata={"mtpd_format": FORMAT_VERSION})
     dist.barrier()
     if dist.get_rank() == 0:

@@ -130,9 +130,9 @@ class _BoxPlanner:
 def _sharded_metadata_candidates() -> list:
     cands = []
     try:
-        from mtpd_megatron.checkpoint.manager import _sharded_metadata
+        from mtpd_megatron.checkpoint.manager import sharded_metadata
 
-        cands.append(_sharded_metadata())
+        cands.append(sharded_metadata())
     except ImportError:
         pass
     return cands + [None, {"singleton_local_shards": True}, {"non_homogeneous_layers": True},

@@ -107,9 +107,9 @@ def load_for_inference(spec: str, *, tp: int = 1, ep: int = 1, device: str = "au
         raise CheckpointError(f"checkpoint {path}: padded vocabulary {padded} is not divisible by --tp {tp}")
     model = build_model(cfg, vocab_size=padded, params_dtype=torch.float32)
     # The model part of the state dict only; same sharding metadata the trainer saved with.
-    from mtpd_megatron.checkpoint.manager import _sharded_metadata
+    from mtpd_megatron.checkpoint.manager import sharded_metadata
 
-    sharded = {"model": model.sharded_state_dict(metadata=_sharded_metadata())}
+    sharded = {"model": model.sharded_state_dict(metadata=sharded_metadata())}
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
     except Exception as e:  # CheckpointingException, shape mismatches from torch DCP, ...

@@ -17,7 +17,7 @@ import torch
 from megatron.core import dist_checkpointing
 
 from mtpd_megatron.checkpoint.layout import CheckpointError
-from mtpd_megatron.checkpoint.manager import _sharded_metadata
+from mtpd_megatron.checkpoint.manager import sharded_metadata
 
 _HEAD_KEY = re.compile(r"^mtp\.layers\.(\d+)\.")
 
@@ -30,7 +30,7 @@ def head_of(key: str):
 
 def load_previous_weights(model, checkpoint: Path, prev_heads: int) -> None:
     """Load the main model and heads 0..prev_heads-1 from `checkpoint` (a previous stage's, any layout)."""
-    sharded = model.sharded_state_dict(metadata=_sharded_metadata())
+    sharded = model.sharded_state_dict(metadata=sharded_metadata())
     keep = {k: v for k, v in sharded.items() if (head_of(k) is None or head_of(k) < prev_heads)}
     try:
         loaded = dist_checkpointing.load({"model": keep}, str(checkpoint))

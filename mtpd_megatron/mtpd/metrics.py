@@ -41,7 +41,11 @@ class MTPDMetrics:
 
     def raw(self, group: Optional[dist.ProcessGroup] = None) -> Tensor:
         """[num_heads, len(FIELDS)] sums, all-reduced over `group` (e.g. the data-parallel group)."""
-        sums = self._sums.clone() if self._sums is not None else torch.zeros(self.num_heads, len(FIELDS), dtype=torch.float64)
+        if self._sums is not None:
+            sums = self._sums.clone()
+        else:  # nothing added on this rank (e.g. a pipeline stage without the heads): zeros on the comm device
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+            sums = torch.zeros(self.num_heads, len(FIELDS), dtype=torch.float64, device=device)
         if group is not None and dist.is_initialized() and dist.get_world_size(group) > 1:
             dist.all_reduce(sums, group=group)
         return sums
