@@ -38,6 +38,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from mtpd_megatron.checkpoint import CheckpointManager, TrainState
+from mtpd_megatron.checkpoint.weights import HF_IMPORT_STAGE, load_model_weights
 from mtpd_megatron.checkpoint.optimizer_state import prime_adam_state
 from mtpd_megatron.config.schema import Config
 from mtpd_megatron.data import build_dataloader, build_datasets
@@ -125,8 +126,11 @@ class Trainer:
         self.ckpt = CheckpointManager(cfg, vocab_size=self.vocab_size, padded_vocab_size=self.padded_vocab,
                                       stage=stage, log=self.log)
         self.resume_path = self.ckpt.resolve_resume(resume)
+        self.init_weights_from = None
         if self.resume_path is not None:
-            self.ckpt.read_and_check(self.resume_path)
+            meta = self.ckpt.read_and_check(self.resume_path)
+            if meta.get("stage") == HF_IMPORT_STAGE:  # weights only (tools/convert_from_hf.py): a fresh run
+                self.init_weights_from, self.resume_path = self.resume_path, None
 
         # 3. Model, DDP, optimizer, schedule.
         self.model = [self._build_model()]
@@ -172,6 +176,10 @@ class Trainer:
             mtpd_hook.attach(model.config, cfg.mtp, trained=self.trained_heads)
         if self.prepare_model is not None:
             self.prepare_model(model)
+        if self.init_weights_from is not None:
+            load_model_weights(model, self.init_weights_from)
+            self.log(f"[checkpoint] initialised the weights from {self.init_weights_from} (imported; fresh "
+                     "optimizer and schedule)")
         if self.device.type == "cuda":
             model.cuda(torch.cuda.current_device())
         if self.dtype == torch.bfloat16:

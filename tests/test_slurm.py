@@ -133,7 +133,7 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster
     first, _, second = log.partition("restart 1:")
     assert second, "--open-mode=append keeps both runs' output\n" + log
     assert "forwarding SIGUSR1 to the step" in first, first
-    saved = re.search(r"saving at step (\d+) and exiting with 75", first)
+    saved = re.search(r"saving at step (\d+); exiting with 75", first)
     assert saved, first
     at = int(saved.group(1))
     assert 3 <= at < iters, first
@@ -162,7 +162,7 @@ def test_scancel_saves_but_is_not_undone_by_a_requeue(slurm_cluster: SlurmCluste
     log = read(out)
     assert (info.state, info.restarts) == ("CANCELLED", 0), slurm_cluster.diagnostics(job)
     assert "step exited with 75 (after SIGTERM)" in log, log
-    saved = re.search(r"saving at step (\d+) and exiting with 75", log)
+    saved = re.search(r"saving at step (\d+); exiting with 75", log)
     assert saved, "the trainer still checkpoints on SIGTERM\n" + log
     assert_final_checkpoint(save, int(saved.group(1)))
 

@@ -30,11 +30,11 @@ import torch
 from mtpd_megatron.config.load import config_from_dict, config_to_dict, load_config
 from mtpd_megatron.config.schema import Config
 from mtpd_megatron.convert import ConvertError, atomic_output_dir, megatron_world, run_cli
+from mtpd_megatron.checkpoint.weights import HF_IMPORT_STAGE as STAGE
 from mtpd_megatron.convert import mapping
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-STAGE = "hf_import"
 MTP_SHARED_COPIES = ("shared_head.head.weight", "embed_tokens.weight")  # DeepSeek files may duplicate these
 
 

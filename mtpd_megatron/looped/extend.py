@@ -14,10 +14,7 @@ from typing import Iterable
 
 import torch
 
-from megatron.core import dist_checkpointing
-
-from mtpd_megatron.checkpoint.layout import CheckpointError
-from mtpd_megatron.checkpoint.manager import sharded_metadata
+from mtpd_megatron.checkpoint.weights import load_model_weights
 
 _HEAD_KEY = re.compile(r"^mtp\.layers\.(\d+)\.")
 
@@ -30,17 +27,7 @@ def head_of(key: str):
 
 def load_previous_weights(model, checkpoint: Path, prev_heads: int) -> None:
     """Load the main model and heads 0..prev_heads-1 from `checkpoint` (a previous stage's, any layout)."""
-    sharded = model.sharded_state_dict(metadata=sharded_metadata())
-    keep = {k: v for k, v in sharded.items() if (head_of(k) is None or head_of(k) < prev_heads)}
-    try:
-        loaded = dist_checkpointing.load({"model": keep}, str(checkpoint))
-    except Exception as e:  # shape mismatches, missing keys
-        msg = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"previous stage checkpoint {checkpoint} does not fit this model: {msg}") from None
-    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
-    not_new = [k for k in missing if (head_of(k) is None or head_of(k) < prev_heads) and not k.endswith("_extra_state")]
-    if not_new or unexpected:
-        raise CheckpointError(f"previous stage checkpoint {checkpoint}: missing {not_new[:3]}, unexpected {unexpected[:3]}")
+    load_model_weights(model, checkpoint, keep=lambda key: head_of(key) is None or head_of(key) < prev_heads)
 
 
 @torch.no_grad()

@@ -1,0 +1,34 @@
+"""Load only the model weights of a torch_dist checkpoint into a bare GPTModel (any saved TP/EP/PP).
+
+Used where training starts from weights without the optimizer state: a checkpoint imported from Hugging Face
+(tools/convert_from_hf.py, stage "hf_import") and the previous stage of a looped extension. It runs before
+DDP and the optimizer exist, so nothing else has to be refreshed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+from megatron.core import dist_checkpointing
+
+from mtpd_megatron.checkpoint.layout import CheckpointError
+from mtpd_megatron.checkpoint.manager import sharded_metadata
+
+HF_IMPORT_STAGE = "hf_import"  # checkpoints written by tools/convert_from_hf.py: weights, no optimizer state
+
+
+def load_model_weights(model, checkpoint: Path, keep: Optional[Callable[[str], bool]] = None) -> list[str]:
+    """Load the keys accepted by `keep` (all by default); returns the model keys left as they were."""
+    sharded = model.sharded_state_dict(metadata=sharded_metadata())
+    wanted = {k: v for k, v in sharded.items() if keep is None or keep(k)}
+    try:
+        loaded = dist_checkpointing.load({"model": wanted}, str(checkpoint))
+    except Exception as e:  # shape mismatches, missing keys
+        msg = " ".join(str(e).split())[:300]
+        raise CheckpointError(f"checkpoint {checkpoint}: weights do not fit this model: {msg}") from None
+    missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
+    wrong = [k for k in missing if (keep is None or keep(k)) and not k.endswith("_extra_state")]
+    if wrong or unexpected:
+        raise CheckpointError(f"checkpoint {checkpoint}: missing {wrong[:3]}, unexpected {unexpected[:3]}")
+    return [k for k in missing if not k.endswith("_extra_state")]
