@@ -106,6 +106,18 @@ def test_chain_copy_init_freeze_and_no_rerun(tmp_path, data_dir):
     opt = [k for k in _optimizer_keys(final1) if "exp_avg" in k or "param" in k]
     assert opt and all(_head(k) == 1 for k in opt), opt[:5]
 
+    # The training-free extension (iteration 0) evaluates next to the trained stage.
+    report = tmp_path / "acceptance.json"
+    done = subprocess.run([th.PYTHON, "tools/eval_acceptance.py", "--ckpt", str(init1), "--ckpt", str(final1),
+                           "--split", "valid", "--num-samples", "8", "--out", str(report)],
+                          cwd=th.ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    import json
+
+    evaluated = json.loads(report.read_text())["checkpoints"]
+    assert [e["iteration"] for e in evaluated] == [0, STAGE_ITERS]
+    assert all(len(e["a"]) == 2 for e in evaluated)
+
     # Re-running the chain does nothing.
     before = sorted(p.name for p in stage1.iterdir()), sorted(p.name for p in stage0.iterdir())
     again = _run(["run-chain", "--config", str(cfg)])[0][1]
