@@ -108,8 +108,8 @@ def test_metrics_hand_made_example():
     assert summary["mtp1/topn_mass"] == pytest.approx(1.0)
 
 
-def _model_metrics(tp: int, sp: bool, moe: bool):
-    """Build the tiny model at (tp, sp), run one forward/backward, return main loss and MTP-D metrics."""
+def _model_metrics(tp: int, sp: bool, moe: bool, ep: int = 1, dispatcher: str = "alltoall"):
+    """Build the tiny model at (tp, sp, ep), run one forward/backward, return main loss and MTP-D metrics."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -117,13 +117,14 @@ def _model_metrics(tp: int, sp: bool, moe: bool):
     from mtpd_megatron.parallel import cpu_compat
 
     cpu_compat.enable()
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_tensor_parallel_size=1 if moe else None)
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
+                                 expert_tensor_parallel_size=1 if moe else None)
     model_parallel_cuda_manual_seed(7)
     cfg = config_from_dict({
         "model": {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
                   "num_query_groups": 2, "moe": {"num_experts": 4 if moe else 0, "aux_loss_coeff": 0.0,
-                                                 "router_topk": 2}},
-        "parallel": {"tensor_model_parallel_size": tp, "sequence_parallel": sp,
+                                                 "router_topk": 2, "token_dispatcher": dispatcher}},
+        "parallel": {"tensor_model_parallel_size": tp, "sequence_parallel": sp, "expert_model_parallel_size": ep,
                      "expert_tensor_parallel_size": 1 if moe else None},
         "mtp": {"num_heads": 3, "mtpd": {"topn": 20, "beta": 1.0}},
     })
@@ -148,3 +149,13 @@ def test_tp_and_sequence_parallel_give_the_same_loss(moe):
             assert loss == pytest.approx(ref_loss, rel=1e-5)
             for key, value in ref_metrics.items():
                 assert metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, tp, sp)
+
+
+def test_moe_token_dispatchers_agree_under_expert_parallelism():
+    """EP = 2 on the CPU layer with both of megatron's dispatchers: the same loss and metrics."""
+    results = {d: run_distributed(_model_metrics, 2, 1, False, True, 2, d) for d in ("alltoall", "allgather")}
+    for (loss_a, metrics_a, grad_a), (loss_b, metrics_b, grad_b) in zip(results["alltoall"], results["allgather"]):
+        assert loss_a == pytest.approx(loss_b, rel=1e-5)
+        assert grad_a == pytest.approx(grad_b, rel=1e-4)
+        for key, value in metrics_a.items():
+            assert metrics_b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
