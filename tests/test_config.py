@@ -200,6 +200,7 @@ PRESET_WORLDS = {
     "moe_a1b": [8, 64, 256],
     "tiny_dense": [1, 2, 4],
     "tiny_moe": [2, 4, 8],
+    "gpu_small": [1, 2],
 }
 
 
@@ -213,8 +214,9 @@ def test_presets_validate(name):
     assert smallest_world_size(cfg) == PRESET_WORLDS[name][0]
     for world in PRESET_WORLDS[name]:
         validate(cfg, world, vocab_size=None if cfg.model.vocab_size else 1000)
-    assert cfg.data.paths and all(p.startswith("runs/data/") for p in cfg.data.paths)
-    assert cfg.data.tokenizer.startswith("runs/data/")
+    data_root = "runs/gpu_data/" if name == "gpu_small" else "runs/data/"  # gpu_small: the full corpus
+    assert cfg.data.paths and all(p.startswith(data_root) for p in cfg.data.paths)
+    assert cfg.data.tokenizer.startswith(data_root)
 
 
 def test_presets_pass_the_checker(tmp_path):
