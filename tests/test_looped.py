@@ -30,14 +30,7 @@ def _config(tmp: Path, data: Path, **overrides) -> Path:
 
 def _start(args: list[str], world: int = 1) -> list:
     """`python -m mtpd_megatron.looped ARGS` as `world` rank processes (srun style, as the trainer tests)."""
-    import tempfile
-
-    from mtpd_megatron.testing.distributed import free_port
-
-    port = free_port()
-    out_dir = Path(tempfile.mkdtemp(prefix="mtpd-looped-"))
-    cmd = [th.PYTHON, "-m", "mtpd_megatron.looped", *args]
-    return [th.Rank(cmd, th._env(r, world, port), out_dir, r) for r in range(world)]
+    return th.start(args, world, module="mtpd_megatron.looped")
 
 
 def _run(args: list[str], world: int = 1):

@@ -118,10 +118,11 @@ class Rank:
         return rc, self.out_path.read_text(), self.err_path.read_text()
 
 
-def start(args: list[str], world: int = 1, prelude: Optional[str] = None) -> list[Rank]:
-    """Start `python -m mtpd_megatron.train ARGS` as `world` rank processes (srun style).
+def start(args: list[str], world: int = 1, prelude: Optional[str] = None,
+          module: str = "mtpd_megatron.train") -> list[Rank]:
+    """Start `python -m MODULE ARGS` (the trainer by default) as `world` rank processes (srun style).
 
-    `prelude` is Python run before the trainer's main() in each process (used to kill a rank mid-save).
+    `prelude` is Python run before the module's main() in each process (used to kill a rank mid-save).
     """
     import tempfile
 
@@ -129,9 +130,9 @@ def start(args: list[str], world: int = 1, prelude: Optional[str] = None) -> lis
 
     port = free_port()
     if prelude is None:
-        cmd = [PYTHON, "-m", "mtpd_megatron.train", *args]
+        cmd = [PYTHON, "-m", module, *args]
     else:
-        code = prelude + "\nimport sys\nfrom mtpd_megatron.train import main\nsys.exit(main(sys.argv[1:]))\n"
+        code = prelude + f"\nimport sys\nfrom {module} import main\nsys.exit(main(sys.argv[1:]))\n"
         cmd = [PYTHON, "-c", code, *args]
     out_dir = Path(tempfile.mkdtemp(prefix="mtpd-ranks-"))
     atexit.register(shutil.rmtree, out_dir, True)

@@ -34,7 +34,7 @@ from megatron.core.transformer import multi_token_prediction as _mtp
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, roll_tensor
 
 from mtpd_megatron.mtpd.collectives import global_argmax, tp_size
-from mtpd_megatron.mtpd.kl import DistillSpec, head_loss, teacher_stats
+from mtpd_megatron.mtpd.kl import DistillSpec, head_loss, teacher_stats, vocab_shard
 from mtpd_megatron.mtpd.metrics import MTPDMetrics
 
 _ORIGINAL = _mtp.process_mtp_loss
@@ -126,7 +126,7 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
         teacher = logits_of(chunks[0].detach(), None if output_weight is None else output_weight.detach())
     seq, batch, v_local = teacher.shape
     vocab_size = v_local * tp_size(tp_group)
-    vocab_start = (0 if tp_size(tp_group) == 1 else torch.distributed.get_rank(tp_group)) * v_local
+    vocab_start, _ = vocab_shard(vocab_size, tp_group)
     teacher = teacher.reshape(seq * batch, v_local)
     spec = settings.spec
     stats = teacher_stats(teacher, spec, vocab_size, vocab_start, tp_group)
