@@ -2,6 +2,7 @@
 """Batch-1 decoding benchmark: greedy vs self-speculative (K drafts from the MTP heads) on one model -> JSON.
 
     python tools/bench_decode.py --ckpt runs/mtpd/ckpt --split valid --k 1 2 4 --out bench.json
+    python tools/bench_decode.py --config configs/dense_2b.yaml --k 1 2 4 --out cost.json  # random weights
     python tools/bench_decode.py --tiny --device cpu --new-tokens 16 --out smoke.json    # CPU smoke test
 
 Both modes run in the same decoder (mtpd_megatron/inference/decoder.py) with the same optimisations: static
@@ -9,6 +10,8 @@ KV cache, and on CUDA one CUDA graph per decoding step (--no-cuda-graphs to comp
 reports tokens/s, the measured tokens per step (accepted drafts + 1), per-position acceptance, the step
 cost relative to a greedy step, the wall-clock speedup over greedy and whether the tokens equal greedy's.
 `--hf DIR` also times stock transformers `generate` (greedy) on an HF export of the same model.
+`--config` builds a model with random weights from a config: its heads accept next to nothing, so it measures
+the cost side only (step time of greedy vs K drafts) at a size no checkpoint of ours has been trained at.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--ckpt", help="checkpoint iter_N dir or save dir")
+    model.add_argument("--config", help="random weights from this config (cost side only: heads untrained)")
     model.add_argument("--tiny", action="store_true", help="random tiny model (smoke test; heads untrained)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--split", choices=("valid", "test"), default="valid", help="prompts from this held-out split")
     src.add_argument("--jsonl", help="prompts from this jsonl file ({\"text\": ...} per line)")
+    p.add_argument("--vocab-size", type=int, default=None, help="with --config: vocabulary of the random model")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's data.tokenizer)")
     p.add_argument("--data-path", action="append", default=None, help="override data.paths of the checkpoint")
     p.add_argument("--num-prompts", type=int, default=8)
@@ -46,12 +51,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="capture each decoding step in a CUDA graph (CUDA, TP=1)")
     p.add_argument("--hf", default=None, help="also time transformers generate on this HF export")
+    p.add_argument("--hf-repeats", type=int, default=1, help="timed runs per prompt of transformers generate")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--out", required=True, help="results JSON")
     args = p.parse_args(argv)
-    if min(args.num_prompts, args.prompt_len, args.new_tokens, args.repeats) < 1:
-        p.error("--num-prompts, --prompt-len, --new-tokens and --repeats must be >= 1")
+    if min(args.num_prompts, args.prompt_len, args.new_tokens, args.repeats, args.hf_repeats) < 1:
+        p.error("--num-prompts, --prompt-len, --new-tokens, --repeats and --hf-repeats must be >= 1")
     return args
 
 
@@ -101,6 +107,8 @@ def bench(model, prompts: list, ks: list, new_tokens: int, *, repeats: int = 3, 
             "identical_to_greedy": tokens == reference,
             "matching_prompts": sum(a == b for a, b in zip(tokens, reference)),
         }
+        if cuda and cuda_graphs:
+            out[k].update(phase_times(dec, prompts[0], new_tokens))
         del dec
         if cuda:
             torch.cuda.empty_cache()
@@ -111,6 +119,39 @@ def bench(model, prompts: list, ks: list, new_tokens: int, *, repeats: int = 3, 
         r["decode_speedup"] = greedy["decode_seconds"] / r["decode_seconds"]
         r["step_cost_vs_greedy"] = r["step_ms"] / greedy["step_ms"] if r["step_ms"] and greedy["step_ms"] else None
     return {"greedy": greedy, "speculative": [out[k] for k in ks]}, reference
+
+
+def phase_times(decoder, prompt: list, new_tokens: int, iters: int = 200) -> dict:
+    """Milliseconds of each half of a decoding step (verify, draft), each captured in its own CUDA graph.
+
+    Runs after a finished generation (state frozen, see SpeculativeDecoder.step_phases); the graphs are
+    replayed `iters` times back to back and timed with CUDA events.
+    """
+    import torch
+
+    from mtpd_megatron.inference.kv_cache import cached_attention
+
+    decoder.generate([prompt], new_tokens)
+    out = {}
+    with torch.no_grad(), cached_attention(decoder.model, decoder.state):
+        for name, fn in decoder.step_phases().items():
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn(), fn()  # warm-up on the capture stream, as torch.cuda.graph asks
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                fn()
+            graph.replay()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            out[f"{name}_ms"] = start.elapsed_time(end) / iters
+    return out
 
 
 def bench_hf(path: str, prompts: list, new_tokens: int, reference: list, repeats: int, device: str) -> dict:
@@ -145,22 +186,26 @@ def bench_hf(path: str, prompts: list, new_tokens: int, reference: list, repeats
             "matching_prompts": sum(a == b for a, b in zip(tokens, reference))}
 
 
-def tiny_model(device: str):
-    """A random 2-layer model with 4 heads on a world of one (CPU smoke test of this tool)."""
+TINY = {"model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
+                  "vocab_size": 256, "attention_backend": "sdpa"}, "mtp": {"num_heads": 4}}
+
+
+def random_model(cfg, device: str, dtype):
+    """The config's model with megatron's random init on a world of one, at TP = 1 without SP."""
     import torch
 
-    from mtpd_megatron.config import config_from_dict
     from mtpd_megatron.inference.loading import ensure_distributed
     from mtpd_megatron.model.builder import build_model
 
-    cfg = config_from_dict({"model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-                                      "num_query_groups": 2, "attention_backend": "sdpa"},
-                            "mtp": {"num_heads": 4}, "training": {"device": device}})
+    cfg.training.device = device
+    cfg.parallel.tensor_model_parallel_size = cfg.parallel.expert_model_parallel_size = 1
+    cfg.parallel.pipeline_model_parallel_size = cfg.parallel.context_parallel_size = 1
+    cfg.parallel.sequence_parallel = False
     dev = ensure_distributed(cfg)
-    model = build_model(cfg, vocab_size=256).to(dev).eval()
-    if dev.type == "cuda":
-        model = model.to(torch.bfloat16)
-    return model, dev
+    vocab = cfg.model.vocab_size
+    model = build_model(cfg, vocab_size=vocab).to(dev).eval()
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    return model.to(dtype), dev, vocab
 
 
 def prompts_for(args, loaded) -> list:
@@ -189,15 +234,21 @@ def main(argv=None) -> int:
     from mtpd_megatron.parallel.launch import shutdown
 
     try:
-        if args.tiny:
-            model, dev = tiny_model(args.device)
+        dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+        if args.tiny or args.config:
+            from mtpd_megatron.config import config_from_dict, load_config
+
+            cfg = load_config(args.config) if args.config else config_from_dict(TINY)
+            cfg.model.vocab_size = args.vocab_size or cfg.model.vocab_size
+            if not cfg.model.vocab_size:
+                raise ValueError(f"{args.config} has no model.vocab_size (it reads it from a tokenizer): give --vocab-size")
+            model, dev, vocab = random_model(cfg, args.device, dtype)
             g = torch.Generator().manual_seed(0)
-            prompts = torch.randint(0, 256, (args.num_prompts, args.prompt_len), generator=g).tolist()
-            vocab_limit, source = None, {"tiny": True}
+            prompts = torch.randint(0, vocab, (args.num_prompts, args.prompt_len), generator=g).tolist()
+            vocab_limit, source = None, {"random_weights": args.config or "tiny"}
         else:
             from mtpd_megatron.inference.loading import load_for_inference
 
-            dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
             loaded = load_for_inference(args.ckpt, device=args.device, dtype=dtype)
             model, dev, vocab_limit = loaded.model, loaded.device, loaded.vocab_size
             prompts = prompts_for(args, loaded)
@@ -210,7 +261,7 @@ def main(argv=None) -> int:
         result, greedy_tokens = bench(model, prompts, ks, args.new_tokens, repeats=args.repeats, cuda_graphs=args.cuda_graphs,
                        vocab_limit=vocab_limit)
         if args.hf:
-            result["hf_generate"] = bench_hf(args.hf, prompts, args.new_tokens, greedy_tokens, args.repeats, str(dev))
+            result["hf_generate"] = bench_hf(args.hf, prompts, args.new_tokens, greedy_tokens, args.hf_repeats, str(dev))
         result.update({
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             "dtype": str(next(model.parameters()).dtype), "cuda_graphs": bool(args.cuda_graphs and dev.type == "cuda"),
@@ -224,10 +275,12 @@ def main(argv=None) -> int:
         tmp.write_text(text + "\n")
         os.replace(tmp, out)
         g = result["greedy"]
-        print(f"greedy: {g['tokens_per_second']:.1f} tok/s ({g['step_ms']:.2f} ms/step)")
+        phases = lambda r: "".join(f", {n[:-3]} {r[n]:.2f} ms" for n in ("verify_ms", "draft_ms") if n in r)
+        print(f"greedy: {g['tokens_per_second']:.1f} tok/s ({g['step_ms']:.2f} ms/step{phases(g)})")
         for r in result["speculative"]:
             print(f"k={r['k']}: {r['tokens_per_second']:.1f} tok/s, {r['tokens_per_step']:.2f} tok/step, "
-                  f"speedup {r['speedup']:.2f}x, identical={r['identical_to_greedy']}")
+                  f"step cost {r['step_cost_vs_greedy']:.2f}x, speedup {r['speedup']:.2f}x, "
+                  f"identical to greedy on {r['matching_prompts']}/{len(prompts)} prompts{phases(r)}")
     except (CheckpointError, ConfigError, DataError, ValueError, OSError) as e:
         print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -234,7 +234,23 @@ class SpeculativeDecoder:
     def _step(self) -> None:
         self._verify()
         if self.k:
-            self._draft([self.k + d for d in range(1, self.k + 1)])
+            self._draft(self._widths())
+
+    def _widths(self) -> list:
+        return [self.k + d for d in range(1, self.k + 1)]
+
+    def step_phases(self) -> dict:
+        """The two halves of a decoding step as callables, for benchmarks that time them apart.
+
+        {"verify": main model over K+1 positions + acceptance, "draft": the K heads (absent for k=0)}. Valid
+        inside `cached_attention(model, decoder.state)` after a `generate` call; once every sample has reached
+        its limit, calling them leaves the lengths unchanged, so they can be replayed any number of times.
+        """
+        phases = {"verify": self._verify}
+        if self.k:
+            widths = self._widths()
+            phases["draft"] = lambda: self._draft(widths)
+        return phases
 
     def _prefill(self, prompts: list) -> None:
         b = len(prompts)
