@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per prompt (the median is kept)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="capture each decoding step in a CUDA graph (CUDA, TP=1)")
+    p.add_argument("--fp32-logits", action="store_true",
+                   help="take the argmax over fp32 logits (bf16 model): fewer bf16 rounding ties between verify and greedy")
     p.add_argument("--hf", default=None, help="also time transformers generate on this HF export")
     p.add_argument("--hf-repeats", type=int, default=1, help="timed runs per prompt of transformers generate")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -65,8 +67,13 @@ def default_ks(heads: int) -> list:
     return [k for k in (1, 2, 4, 8, 16) if k <= heads]
 
 
+def first_difference(a: list, b: list):
+    """Index of the first token where two generations differ (None when equal)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
 def bench(model, prompts: list, ks: list, new_tokens: int, *, repeats: int = 3, cuda_graphs: bool = True,
-          vocab_limit=None) -> tuple:
+          vocab_limit=None, fp32_logits: bool = False) -> tuple:
     """Time greedy (k=0) and each k on every prompt at batch 1; return (per-k summary, greedy tokens)."""
     import torch
 
@@ -77,7 +84,7 @@ def bench(model, prompts: list, ks: list, new_tokens: int, *, repeats: int = 3, 
     out, reference = {}, None
     for k in [0, *ks]:
         dec = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit,
-                                 cuda_graphs=cuda_graphs and cuda)
+                                 cuda_graphs=cuda_graphs and cuda, fp32_logits=fp32_logits)
         dec.generate([prompts[0]], new_tokens)  # warm-up (and CUDA graph capture), not timed
         seconds, decode_seconds, tokens, steps, accepted = [], [], [], 0, []
         for p in prompts:
@@ -106,6 +113,7 @@ def bench(model, prompts: list, ks: list, new_tokens: int, *, repeats: int = 3, 
             "per_position_acceptance": car,
             "identical_to_greedy": tokens == reference,
             "matching_prompts": sum(a == b for a, b in zip(tokens, reference)),
+            "first_difference": [first_difference(a, b) for a, b in zip(tokens, reference)],
         }
         if cuda and cuda_graphs:
             out[k].update(phase_times(dec, prompts[0], new_tokens))
@@ -258,13 +266,13 @@ def main(argv=None) -> int:
         ks = args.k if args.k is not None else default_ks(heads)
         if any(k > heads or k < 1 for k in ks):
             raise ValueError(f"--k {ks}: every K must be in 1..{heads} (the model has {heads} MTP heads)")
-        result, greedy_tokens = bench(model, prompts, ks, args.new_tokens, repeats=args.repeats, cuda_graphs=args.cuda_graphs,
-                       vocab_limit=vocab_limit)
+        result, greedy_tokens = bench(model, prompts, ks, args.new_tokens, repeats=args.repeats,
+                                      cuda_graphs=args.cuda_graphs, vocab_limit=vocab_limit, fp32_logits=args.fp32_logits)
         if args.hf:
             result["hf_generate"] = bench_hf(args.hf, prompts, args.new_tokens, greedy_tokens, args.hf_repeats, str(dev))
         result.update({
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "dtype": str(next(model.parameters()).dtype), "cuda_graphs": bool(args.cuda_graphs and dev.type == "cuda"),
+            "dtype": str(next(model.parameters()).dtype), "fp32_logits": args.fp32_logits, "cuda_graphs": bool(args.cuda_graphs and dev.type == "cuda"),
             "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": args.new_tokens,
             "repeats": args.repeats, "num_heads": heads, "source": source,
         })

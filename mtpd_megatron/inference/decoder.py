@@ -38,7 +38,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from mtpd_megatron.inference.acceptance import greedy_tokens, num_heads, tp_group_of
+import torch.nn.functional as F
+
+from mtpd_megatron.inference.acceptance import greedy_tokens, num_heads, output_weight_of, tp_group_of, vocab_parallel_argmax
 from mtpd_megatron.inference.kv_cache import AttendState, KVCache, cached_attention
 
 
@@ -87,7 +89,7 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, model, *, k: int = 0, max_length: int = 1024, vocab_limit: Optional[int] = None,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, fp32_logits: bool = False):
         cfg = model.config
         heads = num_heads(model)
         if k < 0:
@@ -109,6 +111,16 @@ class SpeculativeDecoder:
         self.use_graphs = bool(cuda_graphs)
         if self.use_graphs and (self.device.type != "cuda" or tp_group_of(model) is not None):
             raise ValueError("cuda_graphs=True needs the model on a CUDA device at TP=1")
+        # fp32_logits: the argmax is taken over fp32 logits (bf16 weights, fp32 accumulate and output) instead of
+        # megatron's bf16 ones, whose rounding ties top-2 logits often enough that the verify forward and a
+        # greedy step can break a tie differently. With mm(out_dtype=fp32) (CUDA) it costs no extra weight read.
+        self.fp32_logits = bool(fp32_logits) and self.dtype != torch.float32
+        if self.fp32_logits:
+            weight = output_weight_of(model)
+            self._out_weight = weight if weight is not None else model.output_layer.weight
+            self._mm_fp32_out = self._mm_out_dtype_works()
+            if not self._mm_fp32_out:
+                self._out_weight = self._out_weight.float()  # one fp32 copy, made once
         # Token buffer, caches and hidden buffers cover drafts and window padding past the last position.
         self.capacity = self.max_length + 3 * k + 2
         self._batch = None
@@ -180,8 +192,24 @@ class SpeculativeDecoder:
         self.state.kv = None
         return out
 
+    def _mm_out_dtype_works(self) -> bool:
+        probe = torch.ones(2, 2, dtype=self.dtype, device=self.device)
+        try:
+            return torch.mm(probe, probe, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            return False
+
     def _greedy(self, hidden: Tensor) -> Tensor:
-        return greedy_tokens(self.model, hidden, vocab_limit=self.vocab_limit)
+        if not self.fp32_logits:
+            return greedy_tokens(self.model, hidden, vocab_limit=self.vocab_limit)
+        s, b, h = hidden.shape
+        flat = hidden.reshape(s * b, h)
+        if self._mm_fp32_out:
+            logits = torch.mm(flat, self._out_weight.t(), out_dtype=torch.float32)
+        else:
+            logits = F.linear(flat.float(), self._out_weight)
+        logits = self.model._scale_logits(logits.view(s, b, -1))
+        return vocab_parallel_argmax(logits, vocab_limit=self.vocab_limit, group=tp_group_of(self.model))
 
     @staticmethod
     def _gather_rows(buf: Tensor, index: Tensor) -> Tensor:
