@@ -283,6 +283,17 @@ def test_speculative_equals_greedy_random_heads(random_model, k):
     assert single.tokens == greedy.tokens[2:]
 
 
+def test_fp32_logits_argmax(world):
+    """bf16 model, fp32_logits=True: the decoder's argmax is the one of exact (float64) logits of its hidden."""
+    from mtpd_megatron.inference.decoder import SpeculativeDecoder
+
+    model = _build(seed=3).to(torch.bfloat16)
+    hidden = torch.randn(5, 2, model.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    exact = (hidden.double() @ model.output_layer.weight.double().t()).argmax(-1)
+    assert torch.equal(SpeculativeDecoder(model, k=2, fp32_logits=True)._greedy(hidden), exact)
+    assert not SpeculativeDecoder(model.float(), k=2, fp32_logits=True).fp32_logits  # fp32 model: nothing to do
+
+
 def _trained_prompts():
     g = torch.Generator().manual_seed(5)
     cyc = _cyclic(g, 3, 6)
@@ -524,6 +535,12 @@ def test_bench_decode_cli_and_errors(cli_checkpoint):
     assert result["greedy"]["new_tokens"] == 20 and result["prompts"] == 2
     assert [r["k"] for r in result["speculative"]] == [1, 3]
     assert all(r["identical_to_greedy"] for r in result["speculative"])
+    assert all(r["first_difference"] == [None, None] for r in result["speculative"])
+    cost = _run_tool("bench_decode.py", "--config", os.path.join(ROOT, "configs", "tiny_dense.yaml"), "--vocab-size", 128,
+                     "--device", "cpu", "--num-prompts", 1, "--prompt-len", 4, "--new-tokens", 4, "--k", 2,
+                     "--repeats", 1, "--out", root / "cost.json")
+    assert cost.returncode == 0, cost.stderr[-3000:]
+    assert json.loads((root / "cost.json").read_text())["source"]["random_weights"].endswith("tiny_dense.yaml")
     missing = _run_tool("eval_acceptance.py", "--ckpt", root / "nope", "--out", root / "x.json")
     assert missing.returncode == 2 and not (root / "x.json").exists()
     lines = [line for line in missing.stderr.splitlines() if line.startswith("eval_acceptance: error:")]
