@@ -30,8 +30,9 @@ PROG = "bench_decode"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from mtpd_megatron.cli import cli_parser
+
+    p = cli_parser(PROG, __doc__.split("\n\n")[0])
     model = p.add_mutually_exclusive_group(required=True)
     model.add_argument("--ckpt", help="checkpoint iter_N dir or save dir")
     model.add_argument("--config", help="random weights from this config (cost side only: heads untrained)")
@@ -231,70 +232,66 @@ def prompts_for(args, loaded) -> list:
     return prompts
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from mtpd_megatron.checkpoint.layout import CheckpointError
-    from mtpd_megatron.config.load import ConfigError
-    from mtpd_megatron.data import DataError
     from mtpd_megatron.inference.acceptance import num_heads
-    from mtpd_megatron.parallel.launch import shutdown
 
-    try:
-        dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-        if args.tiny or args.config:
-            from mtpd_megatron.config import config_from_dict, load_config
+    dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    if args.tiny or args.config:
+        from mtpd_megatron.config import config_from_dict, load_config
 
-            cfg = load_config(args.config) if args.config else config_from_dict(TINY)
-            cfg.model.vocab_size = args.vocab_size or cfg.model.vocab_size
-            if not cfg.model.vocab_size:
-                raise ValueError(f"{args.config} has no model.vocab_size (it reads it from a tokenizer): give --vocab-size")
-            model, dev, vocab = random_model(cfg, args.device, dtype)
-            g = torch.Generator().manual_seed(0)
-            prompts = torch.randint(0, vocab, (args.num_prompts, args.prompt_len), generator=g).tolist()
-            vocab_limit, source = None, {"random_weights": args.config or "tiny"}
-        else:
-            from mtpd_megatron.inference.loading import load_for_inference
+        cfg = load_config(args.config) if args.config else config_from_dict(TINY)
+        cfg.model.vocab_size = args.vocab_size or cfg.model.vocab_size
+        if not cfg.model.vocab_size:
+            raise ValueError(f"{args.config} has no model.vocab_size (it reads it from a tokenizer): give --vocab-size")
+        model, dev, vocab = random_model(cfg, args.device, dtype)
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(0, vocab, (args.num_prompts, args.prompt_len), generator=g).tolist()
+        vocab_limit, source = None, {"random_weights": args.config or "tiny"}
+    else:
+        from mtpd_megatron.inference.loading import load_for_inference
 
-            loaded = load_for_inference(args.ckpt, device=args.device, dtype=dtype)
-            model, dev, vocab_limit = loaded.model, loaded.device, loaded.vocab_size
-            prompts = prompts_for(args, loaded)
-            source = {"ckpt": str(loaded.path), "jsonl": args.jsonl} if args.jsonl else \
-                {"ckpt": str(loaded.path), "split": args.split}
-        heads = num_heads(model)
-        ks = args.k if args.k is not None else default_ks(heads)
-        if any(k > heads or k < 1 for k in ks):
-            raise ValueError(f"--k {ks}: every K must be in 1..{heads} (the model has {heads} MTP heads)")
-        result, greedy_tokens = bench(model, prompts, ks, args.new_tokens, repeats=args.repeats,
-                                      cuda_graphs=args.cuda_graphs, vocab_limit=vocab_limit, fp32_logits=args.fp32_logits)
-        if args.hf:
-            result["hf_generate"] = bench_hf(args.hf, prompts, args.new_tokens, greedy_tokens, args.hf_repeats, str(dev))
-        result.update({
-            "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            "dtype": str(next(model.parameters()).dtype), "fp32_logits": args.fp32_logits, "cuda_graphs": bool(args.cuda_graphs and dev.type == "cuda"),
-            "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "num_heads": heads, "source": source,
-        })
-        text = json.dumps(result, indent=1)
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_text(text + "\n")
-        os.replace(tmp, out)
-        g = result["greedy"]
-        phases = lambda r: "".join(f", {n[:-3]} {r[n]:.2f} ms" for n in ("verify_ms", "draft_ms") if n in r)
-        print(f"greedy: {g['tokens_per_second']:.1f} tok/s ({g['step_ms']:.2f} ms/step{phases(g)})")
-        for r in result["speculative"]:
-            print(f"k={r['k']}: {r['tokens_per_second']:.1f} tok/s, {r['tokens_per_step']:.2f} tok/step, "
-                  f"step cost {r['step_cost_vs_greedy']:.2f}x, speedup {r['speedup']:.2f}x, "
-                  f"identical to greedy on {r['matching_prompts']}/{len(prompts)} prompts{phases(r)}")
-    except (CheckpointError, ConfigError, DataError, ValueError, OSError) as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
+        loaded = load_for_inference(args.ckpt, device=args.device, dtype=dtype)
+        model, dev, vocab_limit = loaded.model, loaded.device, loaded.vocab_size
+        prompts = prompts_for(args, loaded)
+        source = {"ckpt": str(loaded.path), "jsonl": args.jsonl} if args.jsonl else \
+            {"ckpt": str(loaded.path), "split": args.split}
+    heads = num_heads(model)
+    ks = args.k if args.k is not None else default_ks(heads)
+    if any(k > heads or k < 1 for k in ks):
+        raise ValueError(f"--k {ks}: every K must be in 1..{heads} (the model has {heads} MTP heads)")
+    result, greedy_tokens = bench(model, prompts, ks, args.new_tokens, repeats=args.repeats,
+                                  cuda_graphs=args.cuda_graphs, vocab_limit=vocab_limit, fp32_logits=args.fp32_logits)
+    if args.hf:
+        result["hf_generate"] = bench_hf(args.hf, prompts, args.new_tokens, greedy_tokens, args.hf_repeats, str(dev))
+    result.update({
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": str(next(model.parameters()).dtype), "fp32_logits": args.fp32_logits, "cuda_graphs": bool(args.cuda_graphs and dev.type == "cuda"),
+        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": args.new_tokens,
+        "repeats": args.repeats, "num_heads": heads, "source": source,
+    })
+    text = json.dumps(result, indent=1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, out)
+    g = result["greedy"]
+    phases = lambda r: "".join(f", {n[:-3]} {r[n]:.2f} ms" for n in ("verify_ms", "draft_ms") if n in r)
+    print(f"greedy: {g['tokens_per_second']:.1f} tok/s ({g['step_ms']:.2f} ms/step{phases(g)})")
+    for r in result["speculative"]:
+        print(f"k={r['k']}: {r['tokens_per_second']:.1f} tok/s, {r['tokens_per_step']:.2f} tok/step, "
+              f"step cost {r['step_cost_vs_greedy']:.2f}x, speedup {r['speedup']:.2f}x, "
+              f"identical to greedy on {r['matching_prompts']}/{len(prompts)} prompts{phases(r)}")
     return 0
+
+
+def main(argv=None) -> int:
+    from mtpd_megatron.cli import run_cli, shutdown_distributed
+
+    return run_cli(PROG, _main, argv, cleanup=shutdown_distributed)
 
 
 if __name__ == "__main__":

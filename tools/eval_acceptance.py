@@ -26,8 +26,9 @@ PROG = "eval_acceptance"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from mtpd_megatron.cli import cli_parser
+
+    p = cli_parser(PROG, __doc__.split("\n\n")[0])
     p.add_argument("--ckpt", action="append", required=True, help="checkpoint iter_N dir or save dir (repeatable)")
     p.add_argument("--label", action="append", default=None, help="legend label per --ckpt (default: MTP / MTP-D)")
     src = p.add_mutually_exclusive_group()
@@ -155,36 +156,31 @@ def _atomic(path: str, write) -> None:
             tmp.unlink()
 
 
-def main(argv=None) -> int:
+def _main(argv=None) -> int:
     args = parse_args(argv)
-    from mtpd_megatron.checkpoint.layout import CheckpointError
-    from mtpd_megatron.config.load import ConfigError
-    from mtpd_megatron.data import DataError
-    from mtpd_megatron.parallel.launch import shutdown
+    result = evaluate(args)
+    import torch.distributed as dist
 
-    try:
-        result = evaluate(args)
-        import torch.distributed as dist
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        text = json.dumps(result, indent=1)
 
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            text = json.dumps(result, indent=1)
+        def write_json(tmp):
+            with open(tmp, "w") as f:
+                f.write(text + "\n")
 
-            def write_json(tmp):
-                with open(tmp, "w") as f:
-                    f.write(text + "\n")
-
-            _atomic(args.out, write_json)
-            if args.plot:
-                plot(result, args.plot)
-            for r in result["checkpoints"]:
-                a = " ".join(f"{x:.3f}" for x in r["a"])
-                print(f"{r['label']}: tau={r['tau']:.3f} a_k=[{a}] ({r['positions']} positions)")
-    except (CheckpointError, ConfigError, DataError, ValueError, OSError) as e:
-        print(f"{PROG}: error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    finally:
-        shutdown()
+        _atomic(args.out, write_json)
+        if args.plot:
+            plot(result, args.plot)
+        for r in result["checkpoints"]:
+            a = " ".join(f"{x:.3f}" for x in r["a"])
+            print(f"{r['label']}: tau={r['tau']:.3f} a_k=[{a}] ({r['positions']} positions)")
     return 0
+
+
+def main(argv=None) -> int:
+    from mtpd_megatron.cli import run_cli, shutdown_distributed
+
+    return run_cli(PROG, _main, argv, cleanup=shutdown_distributed)
 
 
 if __name__ == "__main__":

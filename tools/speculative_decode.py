@@ -11,13 +11,17 @@ Exit codes: 0 ok, 1 speculative output differs from greedy, 2 bad input (one lin
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+PROG = "speculative_decode"
+
+
+def _main(argv=None) -> int:
+    from mtpd_megatron.cli import cli_parser
+
+    p = cli_parser(PROG, __doc__.split("\n")[0])
     p.add_argument("--ckpt", required=True, help="checkpoint iter_N directory or save directory")
     p.add_argument("--prompt", required=True)
     p.add_argument("--k", type=int, default=4, help="drafted tokens per step (<= MTP heads)")
@@ -26,21 +30,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="also write the result as JSON here")
     a = p.parse_args(argv)
 
-    from mtpd_megatron.checkpoint.layout import CheckpointError
-    from mtpd_megatron.data import DataError
     from mtpd_megatron.inference.decoder import speculative_demo
     from mtpd_megatron.inference.loading import load_for_inference, load_tokenizer_for
-    from mtpd_megatron.logging_utils import quiet_known_noise
 
-    quiet_known_noise()
-    try:
-        loaded = load_for_inference(a.ckpt, device=a.device)
-        tokenizer = load_tokenizer_for(loaded)
-        result = speculative_demo(loaded.model, tokenizer, a.prompt, a.k, a.new_tokens,
-                                  vocab_limit=loaded.vocab_size)
-    except (CheckpointError, DataError, ValueError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    loaded = load_for_inference(a.ckpt, device=a.device)
+    tokenizer = load_tokenizer_for(loaded)
+    result = speculative_demo(loaded.model, tokenizer, a.prompt, a.k, a.new_tokens, vocab_limit=loaded.vocab_size)
     accept = " ".join(f"{x:.2f}" for x in result["per_position_acceptance"])
     print(f"prompt: {a.prompt!r}")
     print(f"continuation: {result['text']!r}")
@@ -51,6 +46,12 @@ def main(argv=None) -> int:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2, default=float)
     return 0 if result["identical_to_greedy"] else 1
+
+
+def main(argv=None) -> int:
+    from mtpd_megatron.cli import run_cli, shutdown_distributed
+
+    return run_cli(PROG, _main, argv, cleanup=shutdown_distributed)
 
 
 if __name__ == "__main__":

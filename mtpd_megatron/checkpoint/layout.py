@@ -118,8 +118,12 @@ def newest_valid(root: Path, log=print) -> Optional[Path]:
     return None
 
 
-def resolve(spec: str, root: Optional[str], log=print) -> Optional[Path]:
-    """`auto` -> newest valid under root (or None); `none` -> None; a path -> that checkpoint (or newest in it)."""
+def resolve(spec: str, root: Optional[str], log=print, flag: str = "--resume") -> Optional[Path]:
+    """`auto` -> newest valid under root (or None); `none` -> None; a path -> that checkpoint (or newest in it).
+
+    `flag` is the option the user gave `spec` with, for the error messages (--resume, or --ckpt in the tools).
+    """
+    hint = "pass auto, none or an iter_XXXXXXX directory" if flag == "--resume" else "pass a save directory or an iter_XXXXXXX directory"
     if spec == "none":
         return None
     if spec == "auto":
@@ -128,13 +132,14 @@ def resolve(spec: str, root: Optional[str], log=print) -> Optional[Path]:
     if iteration_of(path) is None and path.is_dir() and complete_checkpoints(path):
         found = newest_valid(path, log)
         if found is None:
-            raise CheckpointError(f"--resume {spec}: no complete checkpoint inside (every iter_* failed verification)")
+            raise CheckpointError(f"{flag} {spec}: no complete checkpoint inside (every iter_* failed verification)")
         return found
     if not path.is_dir():
-        raise CheckpointError(f"--resume {spec}: no such checkpoint directory (pass auto, none or an iter_XXXXXXX directory)")
+        raise CheckpointError(f"{flag} {spec}: no such checkpoint directory ({hint})")
     problem = verify(path)
     if problem:
-        raise CheckpointError(f"--resume {spec}: not a complete checkpoint ({problem}); pick another or use --resume auto")
+        raise CheckpointError(f"{flag} {spec}: not a complete checkpoint ({problem}); pick another"
+                              + (" or use --resume auto" if flag == "--resume" else ""))
     return path
 
 

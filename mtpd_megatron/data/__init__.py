@@ -13,13 +13,15 @@ Every user error is a :class:`DataError`: one line naming the file and the fix; 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
+
+from mtpd_megatron.cli import cli_parser
+from mtpd_megatron.cli import run_cli as _run_cli
 
 
 class DataError(ValueError):
@@ -86,30 +88,6 @@ def __getattr__(name: str) -> Any:
 # ----------------------------------------------------------------------------------------------------------
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but a usage error is a single line (the contract of every CLI here) and exits with 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def cli_parser(prog: str, description: Optional[str]) -> argparse.ArgumentParser:
-    """An ArgumentParser whose usage errors print one line and exit with code 2."""
-    return _OneLineParser(
-        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-
-
 def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
-    """Run a CLI ``main``; turn DataError/OSError into one ``prog: error: ...`` line and exit code 2.
-
-    Ctrl-C exits with 130 without a traceback; the stages clean their temporary files themselves.
-    """
-    try:
-        return main(argv)
-    except (DataError, OSError) as err:
-        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+    """mtpd_megatron.cli.run_cli for the data stages: DataError/OSError -> one line, exit code 2."""
+    return _run_cli(prog, main, argv, errors=(DataError, OSError), quiet=False)

@@ -44,7 +44,7 @@ class LoadedModel:
 
 def resolve_checkpoint(spec: str) -> Path:
     """An `iter_N` directory, or a save directory (-> its newest complete checkpoint)."""
-    path = layout.resolve(str(spec), None, log=lambda *_: None)
+    path = layout.resolve(str(spec), None, log=lambda *_: None, flag="--ckpt")
     if path is None:
         raise CheckpointError(f"--ckpt {spec}: no checkpoint found")
     return path
