@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -100,6 +99,7 @@ def bench(model, prompts: list, ks: list, new_tokens: int, *, repeats: int = 3, 
         if k == 0:
             reference = tokens
         n_tokens = sum(len(t) for t in tokens)
+        differences = [first_difference(a, b) for a, b in zip(tokens, reference)]
         car = [sum(a >= j for a in accepted) / len(accepted) for j in range(1, k + 1)] if accepted else []
         out[k] = {
             "k": k,
@@ -112,12 +112,12 @@ def bench(model, prompts: list, ks: list, new_tokens: int, *, repeats: int = 3, 
             "tokens_per_step": (sum(accepted) + len(accepted)) / len(accepted) if accepted else None,
             "step_ms": 1000 * sum(decode_seconds) / steps if steps else None,
             "per_position_acceptance": car,
-            "identical_to_greedy": tokens == reference,
-            "matching_prompts": sum(a == b for a, b in zip(tokens, reference)),
-            "first_difference": [first_difference(a, b) for a, b in zip(tokens, reference)],
+            "first_difference": differences,
+            "identical_to_greedy": all(d is None for d in differences),
+            "matching_prompts": sum(d is None for d in differences),
         }
-        if cuda and cuda_graphs:
-            out[k].update(phase_times(dec, prompts[0], new_tokens))
+        if cuda and cuda_graphs:  # the decoder has just finished a generation: its state is frozen
+            out[k].update(phase_times(dec))
         del dec
         if cuda:
             torch.cuda.empty_cache()
@@ -130,17 +130,16 @@ def bench(model, prompts: list, ks: list, new_tokens: int, *, repeats: int = 3, 
     return {"greedy": greedy, "speculative": [out[k] for k in ks]}, reference
 
 
-def phase_times(decoder, prompt: list, new_tokens: int, iters: int = 200) -> dict:
+def phase_times(decoder, iters: int = 200) -> dict:
     """Milliseconds of each half of a decoding step (verify, draft), each captured in its own CUDA graph.
 
-    Runs after a finished generation (state frozen, see SpeculativeDecoder.step_phases); the graphs are
+    Call after a finished generation (state frozen, see SpeculativeDecoder.step_phases); the graphs are
     replayed `iters` times back to back and timed with CUDA events.
     """
     import torch
 
     from mtpd_megatron.inference.kv_cache import cached_attention
 
-    decoder.generate([prompt], new_tokens)
     out = {}
     with torch.no_grad(), cached_attention(decoder.model, decoder.state):
         for name, fn in decoder.step_phases().items():
@@ -211,10 +210,9 @@ def random_model(cfg, device: str, dtype):
     cfg.parallel.pipeline_model_parallel_size = cfg.parallel.context_parallel_size = 1
     cfg.parallel.sequence_parallel = False
     dev = ensure_distributed(cfg)
-    vocab = cfg.model.vocab_size
-    model = build_model(cfg, vocab_size=vocab).to(dev).eval()
+    model = build_model(cfg, vocab_size=cfg.model.vocab_size).to(dev).eval()
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    return model.to(dtype), dev, vocab
+    return model.to(dtype), dev
 
 
 def prompts_for(args, loaded) -> list:
@@ -236,6 +234,7 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
+    from mtpd_megatron.checkpoint.layout import write_atomic
     from mtpd_megatron.inference.acceptance import num_heads
 
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -246,9 +245,9 @@ def _main(argv=None) -> int:
         cfg.model.vocab_size = args.vocab_size or cfg.model.vocab_size
         if not cfg.model.vocab_size:
             raise ValueError(f"{args.config} has no model.vocab_size (it reads it from a tokenizer): give --vocab-size")
-        model, dev, vocab = random_model(cfg, args.device, dtype)
+        model, dev = random_model(cfg, args.device, dtype)
         g = torch.Generator().manual_seed(0)
-        prompts = torch.randint(0, vocab, (args.num_prompts, args.prompt_len), generator=g).tolist()
+        prompts = torch.randint(0, cfg.model.vocab_size, (args.num_prompts, args.prompt_len), generator=g).tolist()
         vocab_limit, source = None, {"random_weights": args.config or "tiny"}
     else:
         from mtpd_megatron.inference.loading import load_for_inference
@@ -272,12 +271,9 @@ def _main(argv=None) -> int:
         "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": args.new_tokens,
         "repeats": args.repeats, "num_heads": heads, "source": source,
     })
-    text = json.dumps(result, indent=1)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(result, indent=1) + "\n")
     g = result["greedy"]
     phases = lambda r: "".join(f", {n[:-3]} {r[n]:.2f} ms" for n in ("verify_ms", "draft_ms") if n in r)
     print(f"greedy: {g['tokens_per_second']:.1f} tok/s ({g['step_ms']:.2f} ms/step{phases(g)})")

@@ -76,6 +76,11 @@ def output_weight_of(model) -> Optional[Tensor]:
 def greedy_tokens(model, hidden: Tensor, *, vocab_limit: Optional[int] = None) -> Tensor:
     """Shared output layer + vocab-parallel argmax: [s, b, h] hidden -> [s, b] token ids."""
     logits, _ = model.output_layer(hidden, weight=output_weight_of(model))
+    return logits_argmax(model, logits, vocab_limit=vocab_limit)
+
+
+def logits_argmax(model, logits: Tensor, *, vocab_limit: Optional[int] = None) -> Tensor:
+    """[s, b, V/tp] logits of the shared output layer -> [s, b] global greedy token ids."""
     logits = model._scale_logits(logits)  # megatron's MuP output scaling (identity otherwise)
     return vocab_parallel_argmax(logits, vocab_limit=vocab_limit, group=tp_group_of(model))
 

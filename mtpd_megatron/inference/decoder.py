@@ -36,11 +36,10 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-import torch.nn.functional as F
-
-from mtpd_megatron.inference.acceptance import greedy_tokens, num_heads, output_weight_of, tp_group_of, vocab_parallel_argmax
+from mtpd_megatron.inference.acceptance import greedy_tokens, logits_argmax, num_heads, output_weight_of, tp_group_of
 from mtpd_megatron.inference.kv_cache import AttendState, KVCache, cached_attention
 
 
@@ -208,8 +207,7 @@ class SpeculativeDecoder:
             logits = torch.mm(flat, self._out_weight.t(), out_dtype=torch.float32)
         else:
             logits = F.linear(flat.float(), self._out_weight)
-        logits = self.model._scale_logits(logits.view(s, b, -1))
-        return vocab_parallel_argmax(logits, vocab_limit=self.vocab_limit, group=tp_group_of(self.model))
+        return logits_argmax(self.model, logits.view(s, b, -1), vocab_limit=self.vocab_limit)
 
     @staticmethod
     def _gather_rows(buf: Tensor, index: Tensor) -> Tensor:
