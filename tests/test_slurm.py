@@ -62,6 +62,15 @@ def submit_pretrain(cluster: SlurmCluster, env: dict, tmp_path: Path, cfg: Path,
     return job, out
 
 
+def pretrain_running(cluster: SlurmCluster, env: dict, data, tmp_path: Path, save: Path, iters: int,
+                     steps: int) -> tuple[str, Path]:
+    """Submit the pretraining job on a fresh config and wait until its log shows `steps` training steps."""
+    cfg = config(tmp_path / "cfg.yaml", data, save, train_iters=iters)
+    job, out = submit_pretrain(cluster, env, tmp_path, cfg)
+    cluster.wait_until(lambda: last_step(read(out), iters) >= steps, 120, f"{steps} training steps in the log")
+    return job, out
+
+
 def read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
@@ -116,11 +125,8 @@ def test_pretrain_two_nodes(slurm_cluster: SlurmCluster, launch_env, data, tmp_p
 
 
 def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster, launch_env, data, tmp_path: Path):
-    save = tmp_path / "ckpt"
-    iters = 40
-    cfg = config(tmp_path / "cfg.yaml", data, save, train_iters=iters)
-    job, out = submit_pretrain(slurm_cluster, launch_env, tmp_path, cfg)
-    slurm_cluster.wait_until(lambda: last_step(read(out), iters) >= 3, 120, "3 training steps in the log")
+    save, iters = tmp_path / "ckpt", 40
+    job, out = pretrain_running(slurm_cluster, launch_env, data, tmp_path, save, iters, steps=3)
     # What `#SBATCH --signal=B:USR1@120` does near the time limit, at a moment of our choosing.
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", job])
 
@@ -151,11 +157,8 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_cluster: SlurmCluster
 
 def test_scancel_saves_but_is_not_undone_by_a_requeue(slurm_cluster: SlurmCluster, launch_env, data, tmp_path: Path):
     # scancel SIGTERMs the ranks, which save and exit 75 like on preemption; the job must stay cancelled.
-    save = tmp_path / "ckpt"
-    iters = 1000
-    cfg = config(tmp_path / "cfg.yaml", data, save, train_iters=iters)
-    job, out = submit_pretrain(slurm_cluster, launch_env, tmp_path, cfg)
-    slurm_cluster.wait_until(lambda: last_step(read(out), iters) >= 2, 120, "2 training steps in the log")
+    save, iters = tmp_path / "ckpt", 1000
+    job, out = pretrain_running(slurm_cluster, launch_env, data, tmp_path, save, iters, steps=2)
     slurm_cluster.run(["scancel", job])
     slurm_cluster.wait_until(lambda: "not requeueing" in read(out), 60, "the batch script's decision")
     info = slurm_cluster.wait_for_job(job, timeout=30)
