@@ -173,7 +173,7 @@ class Trainer:
         with cpu_compat.optimizer_scope():  # PP: language_module.py:307 moves the shared embedding with .cuda()
             model = build_model(cfg, self.padded_vocab, params_dtype=self.dtype)
         if cfg.mtp.num_heads:  # MTP-D, or plain MTP (beta = 0) with the same per-head metrics
-            mtpd_hook.attach(model.config, cfg.mtp, trained=self.trained_heads)
+            mtpd_hook.attach(model.config, cfg.mtp, trained=self.trained_heads, mtp_block=getattr(model, "mtp", None))
         if self.prepare_model is not None:
             self.prepare_model(model)
         if self.init_weights_from is not None:

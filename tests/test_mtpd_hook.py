@@ -25,10 +25,13 @@ def _fake_config(num_heads, alphas=None, betas=None, scaling=0.3, **mtpd):
     return cfg
 
 
-def _reference_objective(chunks, weight, labels, mask, doc_ids, num_heads, scaling, alphas, betas, spec):
+def _reference_objective(chunks, weight, labels, mask, doc_ids, num_heads, scaling, alphas, betas, spec,
+                         detach_teacher=True):
     """Sum over heads of scale * sum_t mask_k[t] * loss(head_k[t], main[t+k], labels[t+k]) / num_tokens_k."""
     seq = labels.shape[-1]
-    teacher = (chunks[0] @ weight.t()).detach()
+    teacher = chunks[0] @ weight.t()
+    if detach_teacher:
+        teacher = teacher.detach()
     total = 0.0
     for k in range(1, num_heads + 1):
         student = chunks[k] @ weight.t()
@@ -36,14 +39,18 @@ def _reference_objective(chunks, weight, labels, mask, doc_ids, num_heads, scali
         same_doc = doc_ids[t] == doc_ids[t + k]
         mask_k = mask[t + k] * same_doc
         loss, _, _ = reference_head_loss(student[t], teacher[t + k], labels[t + k], alpha=alphas[k - 1],
-                                         beta=betas[k - 1], **spec)
+                                         beta=betas[k - 1], detach_teacher=detach_teacher, **spec)
         total = total + scaling / num_heads * (loss * mask_k).sum() / mask_k.sum().clamp(min=1)
     return total
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("direction,mode", [("forward", "renorm"), ("reverse", "tail")])
-def test_hook_matches_reference_objective(packed, direction, mode):
+@pytest.mark.parametrize("direction,mode,objective,detach", [
+    ("forward", "renorm", "kl", True), ("reverse", "tail", "kl", True),
+    ("forward", "renorm", "kl", False), ("forward", "tail", "lk", True), ("reverse", "renorm", "lk", False)])
+def test_hook_matches_reference_objective(packed, direction, mode, objective, detach):
+    """Hidden-state gradients of the hook == the plain objective's; `detach_teacher=False` (the seesaw
+    ablation) must put the KL's gradient on the main head's hidden states, the default none."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     torch.manual_seed(0)
@@ -56,7 +63,8 @@ def test_hook_matches_reference_objective(packed, direction, mode):
     cu = torch.tensor([0, 9, 15, seq], dtype=torch.int32) if packed else torch.tensor([0, seq], dtype=torch.int32)
     doc_ids = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1])
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu) if packed else None
-    cfg = _fake_config(heads, alphas, betas, direction=direction, mode=mode)
+    cfg = _fake_config(heads, alphas, betas, direction=direction, mode=mode, objective=objective, lk_lambda=0.4,
+                       detach_teacher=detach)
 
     def output_layer(h, weight=None, runtime_gather_output=None):
         return h @ weight_.t(), None
@@ -69,11 +77,16 @@ def test_hook_matches_reference_objective(packed, direction, mode):
 
     hidden.grad = None
     chunks = [c.squeeze(1) for c in torch.chunk(hidden, 1 + heads, dim=0)]
-    spec = dict(topn=MTPD["topn"], direction=direction, mode=mode, temperature=1.0)
-    ref = _reference_objective(chunks, weight, labels[0], mask[0], doc_ids, heads, 0.3, alphas, betas, spec)
+    spec = dict(topn=MTPD["topn"], direction=direction, mode=mode, temperature=1.0, objective=objective,
+                lk_lambda=0.4)
+    ref = _reference_objective(chunks, weight, labels[0], mask[0], doc_ids, heads, 0.3, alphas, betas, spec,
+                               detach_teacher=detach)
     ref.backward()
     torch.testing.assert_close(got, hidden.grad, rtol=1e-9, atol=1e-12)
-    assert got[:seq].abs().sum() == 0, "the main head's hidden states (the teacher) must get no gradient"
+    if detach:
+        assert got[:seq].abs().sum() == 0, "the main head's hidden states (the teacher) must get no gradient"
+    else:
+        assert got[:seq].abs().sum() > 0, "without the stop-gradient the teacher's hidden states get the KL's gradient"
 
 
 def test_metrics_hand_made_example():
@@ -159,3 +172,72 @@ def test_moe_token_dispatchers_agree_under_expert_parallelism():
         assert grad_a == pytest.approx(grad_b, rel=1e-4)
         for key, value in metrics_a.items():
             assert metrics_b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
+
+
+def _trunk_and_head_grads(beta: float, kl_to_trunk: bool, detach_heads: bool = False):
+    """One forward/backward of a tiny real megatron model: gradients of the trunk (decoder, embedding,
+    output layer) and of the MTP heads' own parameters, by name."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    from mtpd_megatron.model.builder import build_model
+    from mtpd_megatron.parallel import cpu_compat
+
+    cpu_compat.enable()
+    ps.initialize_model_parallel(tensor_model_parallel_size=1)
+    model_parallel_cuda_manual_seed(7)
+    torch.manual_seed(7)
+    cfg = config_from_dict({
+        "model": {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4},
+        "mtp": {"num_heads": 2, "loss_scaling_factor": 1.0, "detach_heads": detach_heads,
+                "mtpd": {"topn": 20, "beta": beta, "kl_to_trunk": kl_to_trunk}},
+    })
+    model = build_model(cfg, vocab_size=128)
+    hook.attach(model.config, cfg.mtp, mtp_block=model.mtp)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 128, (2, 16), generator=g)
+    labels = torch.roll(tokens, -1, 1)
+    mask = torch.ones(2, 16)
+    loss = model(tokens, torch.arange(16).unsqueeze(0).expand(2, 16), None, labels=labels, loss_mask=mask)
+    loss.mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    trunk = {n: v for n, v in grads.items() if not n.startswith("mtp.")}
+    heads = {n: v for n, v in grads.items() if n.startswith("mtp.")}
+    return trunk, heads, hook.metrics(model.config).summary()
+
+
+def test_trunk_guard_keeps_the_kl_out_of_the_trunk():
+    """kl_to_trunk=false: the trunk's gradient equals CE-only MTP's (beta = 0), the heads' equals MTP-D's."""
+    (guard_trunk, guard_heads, guard_m), = run_distributed(_trunk_and_head_grads, 1, 1.0, False)
+    (ce_trunk, _, _), = run_distributed(_trunk_and_head_grads, 1, 0.0, True)
+    (mtpd_trunk, mtpd_heads, mtpd_m), = run_distributed(_trunk_and_head_grads, 1, 1.0, True)
+    assert set(guard_trunk) == set(ce_trunk) and set(guard_heads) == set(mtpd_heads)
+    for name, grad in guard_trunk.items():
+        torch.testing.assert_close(grad, ce_trunk[name], rtol=1e-5, atol=1e-7, msg=name)
+    for name, grad in guard_heads.items():
+        torch.testing.assert_close(grad, mtpd_heads[name], rtol=1e-5, atol=1e-7, msg=name)
+    # ...and the KL does move the trunk when it is allowed to (so the comparison above can fail)
+    assert any((mtpd_trunk[n] - ce_trunk[n]).abs().max() > 1e-6 for n in ce_trunk)
+    for key in ("mtp1/kl", "mtp2/kl", "mtp1/ce", "tau"):
+        assert guard_m[key] == pytest.approx(mtpd_m[key], rel=1e-5)
+
+
+def test_detach_heads_sends_no_mtp_gradient_to_the_trunk():
+    """megatron's mtp_detach_heads (mtp.detach_heads): the trunk's gradient is the main loss's alone."""
+    (detached_trunk, detached_heads, _), = run_distributed(_trunk_and_head_grads, 1, 1.0, True, True)
+    assert detached_heads and all(g.abs().sum() > 0 for g in detached_heads.values())
+    plain_trunk, = run_distributed(_no_mtp_trunk_grads, 1)
+    for name, grad in plain_trunk.items():
+        torch.testing.assert_close(detached_trunk[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def _no_mtp_trunk_grads():
+    """The same model's trunk gradient with every MTP loss scaled to zero (the main loss alone)."""
+    from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
+
+    MTPLossAutoScaler.set_loss_scale(torch.tensor(0.0))
+    try:
+        trunk, _, _ = _trunk_and_head_grads(1.0, True)
+    finally:
+        MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    return trunk

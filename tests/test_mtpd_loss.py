@@ -30,50 +30,72 @@ def make_case(seed: int, ties: bool = False):
     return hidden, weight, teacher, labels, upstream
 
 
-def grid(tp: int):
+LK_LAMBDA = 0.3
+VARIANTS = {  # name -> (objective, teacher gradient): the paper's KL, the LK objective, the seesaw ablation
+    "kl": ("kl", False),
+    "lk": ("lk", False),
+    "kl_seesaw": ("kl", True),
+    "lk_seesaw": ("lk", True),
+}
+
+
+def grid(tp: int, variant: str = "kl"):
     shard = V // tp
     topns = sorted({3, shard, shard + 5, 0})  # below, equal to and above V/tp; 0 = full vocabulary
-    return list(itertools.product(topns, ["forward", "reverse"], ["renorm", "tail"], [1.0, 2.0]))
+    temps = [1.0, 2.0] if variant == "kl" else [1.5]
+    return list(itertools.product(topns, ["forward", "reverse"], ["renorm", "tail"], temps))
 
 
-def sharded_run(tp: int, ties: bool, chunk_tokens: int):
-    """On each rank: head loss on the local shard; returns per-case (loss, grad of hidden, grad of its W shard)."""
+def sharded_run(tp: int, ties: bool, chunk_tokens: int, variant: str = "kl"):
+    """On each rank: head loss on the local shard; per case (loss, grads of hidden, of its W shard, of the teacher)."""
     import torch.distributed as dist
 
     group = dist.group.WORLD
+    objective, seesaw = VARIANTS[variant]
     results = []
-    for case_id, (topn, direction, mode, temp) in enumerate(grid(tp)):
+    for case_id, (topn, direction, mode, temp) in enumerate(grid(tp, variant)):
         hidden, weight, teacher, labels, upstream = make_case(case_id, ties)
         start, size = vocab_shard(V, group)
         h = hidden.clone().requires_grad_(True)
         w = weight[start:start + size].clone().requires_grad_(True)
         # The teacher's logits depend on a tensor that requires grad (like the main head's hidden states):
-        # the loss must send it no gradient.
-        t_main = torch.zeros(T, 1, dtype=torch.float64, requires_grad=True)
-        t_logits = t_main + teacher[:, start:start + size]
-        spec = DistillSpec(topn=topn, direction=direction, mode=mode, temperature=temp)
+        # the loss must send it no gradient, except in the seesaw ablation.
+        t_param = teacher[:, start:start + size].clone().requires_grad_(True)
+        t_logits = t_param * 1.0
+        spec = DistillSpec(topn=topn, direction=direction, mode=mode, temperature=temp, objective=objective,
+                           lk_lambda=LK_LAMBDA)
         stats = teacher_stats(t_logits.detach(), spec, V, start, group, chunk_tokens=chunk_tokens)
         logits = h @ w.t()  # column-parallel output layer: [T, V/tp]
         out = head_loss(logits, t_logits, stats, labels, alpha=ALPHA, beta=BETA, spec=spec, vocab_size=V,
-                        vocab_start=start, group=group, chunk_tokens=chunk_tokens, inplace_grad=True)
+                        vocab_start=start, group=group, chunk_tokens=chunk_tokens, inplace_grad=True,
+                        teacher_grad=seesaw)
         (out.loss * upstream).sum().backward()
         grad_h = h.grad.clone()
         dist.all_reduce(grad_h, group=group)  # what ColumnParallelLinear's backward does for its input
         grad_w = [torch.empty_like(w.grad) for _ in range(tp)]
         dist.all_gather(grad_w, w.grad.contiguous(), group=group)
+        grad_t = None
+        if t_param.grad is not None:
+            parts = [torch.empty_like(t_param.grad) for _ in range(tp)]
+            dist.all_gather(parts, t_param.grad.contiguous(), group=group)
+            grad_t = torch.cat(parts, dim=-1)
         results.append(dict(loss=out.loss.detach(), ce=out.ce, kl=out.kl, grad_h=grad_h,
-                            grad_w=torch.cat(grad_w), teacher_grad=t_main.grad, argmax=out.student_argmax))
+                            grad_w=torch.cat(grad_w), teacher_grad=grad_t, argmax=out.student_argmax))
     return results
 
 
-def reference(case_id: int, topn, direction, mode, temp, ties):
+def reference(case_id: int, topn, direction, mode, temp, ties, variant: str = "kl"):
+    objective, seesaw = VARIANTS[variant]
     hidden, weight, teacher, labels, upstream = make_case(case_id, ties)
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
-    loss, ce, kl = reference_head_loss(h @ w.t(), teacher, labels, alpha=ALPHA, beta=BETA, topn=topn,
-                                       direction=direction, mode=mode, temperature=temp)
+    t = teacher.clone().requires_grad_(True)
+    loss, ce, kl = reference_head_loss(h @ w.t(), t, labels, alpha=ALPHA, beta=BETA, topn=topn,
+                                       direction=direction, mode=mode, temperature=temp, objective=objective,
+                                       lk_lambda=LK_LAMBDA, detach_teacher=not seesaw)
     (loss * upstream).sum().backward()
-    return dict(loss=loss.detach(), ce=ce, kl=kl, grad_h=h.grad, grad_w=w.grad, argmax=(hidden @ weight.t()).argmax(-1))
+    return dict(loss=loss.detach(), ce=ce, kl=kl, grad_h=h.grad, grad_w=w.grad, teacher_grad=t.grad,
+                argmax=(hidden @ weight.t()).argmax(-1))
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -87,6 +109,26 @@ def test_loss_and_gradients_match_reference(tp):
                 torch.testing.assert_close(got[key], ref[key], rtol=1e-9, atol=1e-10, msg=f"{key} {params} tp={tp}")
             assert got["teacher_grad"] is None, "the teacher (main head) must receive no gradient"
             assert torch.equal(got["argmax"], ref["argmax"])
+
+
+@pytest.mark.parametrize("variant", ["lk", "kl_seesaw", "lk_seesaw"])
+@pytest.mark.parametrize("tp", [1, 2])
+def test_lk_and_seesaw_gradients_match_reference(tp, variant):
+    """LK (lambda KL + (1 - lambda) TV) and the no-stop-gradient ablation: loss, student and teacher gradients."""
+    per_rank = run_distributed(sharded_run, tp, tp, False, 7, variant)
+    for case_id, params in enumerate(grid(tp, variant)):
+        ref = reference(case_id, *params, ties=False, variant=variant)
+        for rank in range(tp):
+            got = per_rank[rank][case_id]
+            for key in ("loss", "ce", "kl", "grad_h", "grad_w"):
+                torch.testing.assert_close(got[key], ref[key], rtol=1e-9, atol=1e-10,
+                                           msg=f"{key} {params} tp={tp} {variant}")
+            if VARIANTS[variant][1]:
+                assert ref["teacher_grad"].abs().sum() > 0
+                torch.testing.assert_close(got["teacher_grad"], ref["teacher_grad"], rtol=1e-9, atol=1e-10,
+                                           msg=f"teacher grad {params} tp={tp} {variant}")
+            else:
+                assert got["teacher_grad"] is None
 
 
 @pytest.mark.parametrize("tp", [1, 2])

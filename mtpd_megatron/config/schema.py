@@ -71,12 +71,23 @@ class MTPDConfig:
     direction: str = doc("forward = KL(teacher||head) (default), reverse = KL(head||teacher).", "forward")
     mode: str = doc("renorm: both renormalised over the teacher's TopN; tail: TopN + one bucket for the rest.", "renorm")
     temperature: float = doc("Softmax temperature of the KL (the KL is multiplied by T^2).", 1.0)
+    objective: str = doc("kl (the paper), or lk = lk_lambda * KL + (1 - lk_lambda) * total variation "
+                         "(the LK loss of arXiv 2602.23881, aimed at acceptance).", "kl")
+    lk_lambda: float = doc("objective lk: weight of the KL against total variation, in [0, 1].", 0.5)
+    detach_teacher: bool = doc("The paper's stop-gradient on the teacher (main head). false = the seesaw "
+                               "ablation: the KL also pulls the main head towards the heads.", True)
+    kl_to_trunk: bool = doc("The KL's gradient reaches the shared trunk (decoder, embeddings, output layer) "
+                            "through the heads. false = it trains the heads only (CE still flows); costs "
+                            "a second forward/backward of the heads.", True)
 
 
 @dataclass
 class MTPConfig:
     num_heads: int = doc("Cascaded MTP heads (megatron's mtp_num_layers); 0 disables MTP.", 4)
     loss_scaling_factor: float = doc("megatron's mtp_loss_scaling_factor: each head's loss is scaled by this / num_heads.", 0.1)
+    detach_heads: bool = doc("megatron's mtp_detach_heads: no MTP gradient reaches the trunk at all (the "
+                             "heads train on the trunk's features, FastMTP-style); head gradients are clipped "
+                             "as their own group.", False)
     mtpd: MTPDConfig = doc("Self-distillation settings.", factory=MTPDConfig)
 
 

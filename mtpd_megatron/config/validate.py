@@ -22,6 +22,7 @@ LOAD_BALANCING = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
 DISPATCHERS = ("alltoall", "allgather")
 DIRECTIONS = ("forward", "reverse")
 MODES = ("renorm", "tail")
+OBJECTIVES = ("kl", "lk")
 LR_SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -234,6 +235,15 @@ def _check_mtp(cfg: Config, vocab_size: Optional[int]) -> None:
     if not d.temperature > 0:
         _fail("mtp.mtpd.temperature", d.temperature, "must be > 0 (1.0 is the paper's setting)")
     _at_least("mtp.mtpd.topn", d.topn, 0)
+    _one_of("mtp.mtpd.objective", d.objective, OBJECTIVES)
+    if not 0.0 <= d.lk_lambda <= 1.0:
+        _fail("mtp.mtpd.lk_lambda", d.lk_lambda, "must be in [0, 1] (1 = plain KL, 0 = total variation only)")
+    if mtp.detach_heads and not d.detach_teacher:
+        _fail("mtp.mtpd.detach_teacher", d.detach_teacher, "contradicts mtp.detach_heads=true (no MTP gradient "
+              "may reach the main model): drop one of the two")
+    if mtp.detach_heads and not d.kl_to_trunk:
+        _fail("mtp.mtpd.kl_to_trunk", d.kl_to_trunk, "is implied by mtp.detach_heads=true (nothing of the heads "
+              "reaches the trunk): leave it true")
     vocab = cfg.model.vocab_size or vocab_size
     if vocab is not None:
         padded = padded_vocab(vocab, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)

@@ -67,6 +67,7 @@ def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32
         use_cpu_initialization=use_cpu_init,
         mtp_num_layers=cfg.mtp.num_heads or None,
         mtp_loss_scaling_factor=cfg.mtp.loss_scaling_factor,
+        mtp_detach_heads=bool(cfg.mtp.num_heads and cfg.mtp.detach_heads),
     )
     if moe.num_experts:
         kwargs.update(

@@ -19,6 +19,14 @@ For an attached model, per micro-batch:
      mtp_loss_scaling_factor / num_heads like megatron's own MTP loss (docs/design.md, "Loss scaling").
 Context parallelism is refused (one-line error); pipeline parallelism works because this runs on the stage
 holding the MTP block and the output layer (the last).
+
+Two ablation switches change where the KL's gradient goes (docs/design.md, "Where the KL gradient goes"):
+  * `detach_teacher=False` (the paper's seesaw ablation): the teacher logits keep their graph, so the KL
+    also pulls the main head (and the trunk below it) towards the heads.
+  * `kl_to_trunk=False` (trunk guard): the KL trains the heads but nothing they share with the main head.
+    A forward hook on megatron's MTP block runs the block a second time on the detached decoder output with
+    detached embeddings; the KL is computed on that pass (and with the output weight detached), the CE on
+    megatron's own pass. Costs one more forward/backward of the heads.
 """
 
 from __future__ import annotations
@@ -40,6 +48,27 @@ from mtpd_megatron.mtpd.metrics import MTPDMetrics
 _ORIGINAL = _mtp.process_mtp_loss
 
 
+class GuardedPass:
+    """The trunk guard's second pass of the MTP block (on detached trunk inputs), handed from the block's
+    forward hook to the loss of the same micro-batch."""
+
+    def __init__(self) -> None:
+        self.hidden: Optional[torch.Tensor] = None
+
+    def __call__(self, block, args, kwargs, output):
+        if not (block.training and torch.is_grad_enabled()):
+            return None
+        embedding = kwargs["embedding"]
+        detached = dict(kwargs, hidden_states=kwargs["hidden_states"].detach(),
+                        embedding=lambda **kw: embedding(**kw).detach())
+        self.hidden = block.forward(**detached)  # .forward: no hooks, so no recursion
+        return None
+
+    def take(self) -> Optional[torch.Tensor]:
+        hidden, self.hidden = self.hidden, None
+        return hidden
+
+
 @dataclass(frozen=True)
 class MTPDSettings:
     """Per-model MTP-D settings, attached to the model's TransformerConfig."""
@@ -48,6 +77,8 @@ class MTPDSettings:
     alphas: tuple
     betas: tuple
     trained: tuple  # per head: False = frozen (looped extension): no loss, metrics only
+    detach_teacher: bool = True
+    guard: Optional[GuardedPass] = None  # set when the KL must not reach the trunk (kl_to_trunk=False)
 
     @classmethod
     def from_config(cls, mtp_cfg, trained: Optional[tuple] = None) -> "MTPDSettings":
@@ -61,8 +92,11 @@ class MTPDSettings:
             return tuple(float(v) for v in values)
 
         betas = per_head(d.beta, "beta") if d.enabled else (0.0,) * n
-        spec = DistillSpec(topn=d.topn, direction=d.direction, mode=d.mode, temperature=d.temperature)
-        return cls(spec=spec, alphas=per_head(d.alpha, "alpha"), betas=betas, trained=trained or (True,) * n)
+        spec = DistillSpec(topn=d.topn, direction=d.direction, mode=d.mode, temperature=d.temperature,
+                           objective=d.objective, lk_lambda=d.lk_lambda)
+        guard = GuardedPass() if d.enabled and not d.kl_to_trunk and not mtp_cfg.detach_heads else None
+        return cls(spec=spec, alphas=per_head(d.alpha, "alpha"), betas=betas, trained=trained or (True,) * n,
+                   detach_teacher=d.detach_teacher or not d.enabled, guard=guard)
 
 
 def install() -> None:
@@ -75,9 +109,14 @@ def install() -> None:
     _hybrid_model.process_mtp_loss = mtpd_process_mtp_loss
 
 
-def attach(config, mtp_cfg, trained: Optional[tuple] = None) -> MTPDSettings:
-    """Opt the model whose TransformerConfig is `config` into MTP-D (with fresh metrics)."""
+def attach(config, mtp_cfg, trained: Optional[tuple] = None, mtp_block=None) -> MTPDSettings:
+    """Opt the model whose TransformerConfig is `config` into MTP-D (with fresh metrics). `mtp_block` (the
+    model's megatron MultiTokenPredictionBlock) is needed by the trunk guard (`kl_to_trunk=False`)."""
     settings = MTPDSettings.from_config(mtp_cfg, trained)
+    if settings.guard is not None:
+        if mtp_block is None:
+            raise ValueError("mtp.mtpd.kl_to_trunk=false needs the model's MTP block (pass mtp_block=model.mtp)")
+        mtp_block.register_forward_hook(settings.guard, with_kwargs=True)
     config.mtpd_settings = settings
     config.mtpd_metrics = MTPDMetrics(mtp_cfg.num_heads)
     install()
@@ -122,14 +161,21 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
         out, _ = output_layer(h, weight=weight, runtime_gather_output=False)
         return scale_logits_fn(out) if scale_logits_fn is not None else out
 
-    with torch.no_grad():  # the teacher: main head, gradient-detached (no "seesaw" pull on the main head)
-        teacher = logits_of(chunks[0].detach(), None if output_weight is None else output_weight.detach())
+    if settings.detach_teacher:
+        with torch.no_grad():  # the teacher: main head, gradient-detached (no "seesaw" pull on the main head)
+            teacher = logits_of(chunks[0].detach(), None if output_weight is None else output_weight.detach())
+    else:  # seesaw ablation: the KL's gradient reaches the main head through the teacher's logits
+        teacher = logits_of(chunks[0], output_weight)
+    guarded = settings.guard.take() if settings.guard is not None else None
+    if guarded is not None:  # the KL's pass: heads on detached trunk inputs, output weight detached
+        guarded = torch.chunk(guarded, 1 + num_heads, dim=0)
+        kl_weight = (output_weight if output_weight is not None else output_layer.weight).detach()
     seq, batch, v_local = teacher.shape
     vocab_size = v_local * tp_size(tp_group)
     vocab_start, _ = vocab_shard(vocab_size, tp_group)
     teacher = teacher.reshape(seq * batch, v_local)
     spec = settings.spec
-    stats = teacher_stats(teacher, spec, vocab_size, vocab_start, tp_group)
+    stats = teacher_stats(teacher.detach(), spec, vocab_size, vocab_start, tp_group)
     tracker: MTPDMetrics = config.mtpd_metrics
     chain = torch.ones(seq * batch, dtype=torch.bool, device=teacher.device)  # heads < k all accepted
     scale = config.mtp_loss_scaling_factor / num_heads
@@ -147,10 +193,20 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
         lab = mtp_labels.t()[: seq - k].reshape(n)
         mask = loss_mask.t()[: seq - k].reshape(n).to(torch.float64 if teacher.dtype == torch.float64 else torch.float32)
         if settings.trained[head]:
-            out = head_loss(student, teacher[k * batch:], stats[k * batch:], lab, alpha=settings.alphas[head],
-                            beta=settings.betas[head], spec=spec, vocab_size=vocab_size, vocab_start=vocab_start,
-                            group=tp_group, inplace_grad=True)
-            mtp_loss = (out.loss * mask).view(seq - k, batch)
+            common = dict(spec=spec, vocab_size=vocab_size, vocab_start=vocab_start, group=tp_group,
+                          inplace_grad=True, teacher_grad=not settings.detach_teacher)
+            alpha, beta = settings.alphas[head], settings.betas[head]
+            if guarded is None:
+                out = head_loss(student, teacher[k * batch:], stats[k * batch:], lab, alpha=alpha, beta=beta, **common)
+                loss = out.loss
+            else:  # CE on megatron's pass (reaches the trunk), KL on the guarded pass (heads only)
+                kl_student = logits_of(guarded[k], kl_weight)[: seq - k].reshape(n, v_local)
+                out = head_loss(student, teacher[k * batch:], stats[k * batch:], lab, alpha=alpha, beta=0.0, **common)
+                kl_out = head_loss(kl_student, teacher[k * batch:], stats[k * batch:], lab, alpha=0.0, beta=beta,
+                                   **common)
+                loss = out.loss + kl_out.loss
+                out = out._replace(kl=kl_out.kl)
+            mtp_loss = (loss * mask).view(seq - k, batch)
             if config.calculate_per_token_loss:  # as megatron: renormalise to the unrolled token count
                 mtp_loss = scale * mtp_loss * (original_num_tokens / num_tokens.clamp(min=1))
             else:

@@ -13,14 +13,24 @@ Notation (per token, temperature T, teacher logits u, student logits z):
                remaining mass P_t = sum_{i not in S} softmax(z/T)_i (and Q_t likewise).
   forward KL   KL(Q || P) = sum_b Q_b (log Q_b - log P_b)      (teacher first; the default)
   reverse KL   KL(P || Q) = sum_b P_b (log P_b - log Q_b)
-  loss         alpha * CE(z, label) + beta * T^2 * KL          (T^2 keeps gradient scale temperature-free)
+  TV           1/2 sum_b |P_b - Q_b|                            (total variation; 1 - TV is the acceptance
+                                                                 rate of speculative sampling)
+  divergence   D = KL (objective "kl"), or D = lambda KL + (1 - lambda) TV (objective "lk": the LK loss of
+               arXiv 2602.23881, which targets acceptance directly)
+  loss         alpha * CE(z, label) + beta * T^2 * D           (T^2 keeps gradient scale temperature-free)
 
 Gradients w.r.t. z_j (derived in docs/design.md, checked against a float64 autograd reference in tests):
   CE           p_j - 1[j = label]                    with p = softmax(z)
   forward KL   (P_j - R_j) / T,   R_j = Q_j for j in S; R_j = Q_t * p_j / P_t for j in the tail bucket
   reverse KL   P_j (d_b(j) - KL) / T,  d_b = log P_b - log Q_b, P_j the probability of j inside its bucket's
                normalisation (p_j for tail-bucket members)
-The teacher is a constant (gradient-detached): it never receives a gradient.
+  TV           P_j (s_b(j) - E_P[s]) / (2T),  s_b = sign(P_b - Q_b), E_P[s] = sum_b P_b s_b
+The teacher is normally a constant (gradient-detached: the paper's stop-gradient). Only for the seesaw
+ablation (`teacher_grad=True`) does it get the gradient w.r.t. u_j (Q_j = teacher probability of j inside
+its bucket's normalisation, q_j for tail members; the TopN set is piecewise constant in u):
+  forward KL   Q_j (-d_b(j) - KL) / T
+  reverse KL   -(P_b(j) Q_j / Q_b(j) - Q_j) / T         (= -(P_j - Q_j) / T on S)
+  TV           -Q_j (s_b(j) - E_Q[s]) / (2T)
 
 The gradient is computed during the forward pass, chunk by chunk over tokens, and written into a buffer
 (by default the student's own logits storage, as Liger-Kernel and megatron's CE do), so beyond that buffer
@@ -52,6 +62,8 @@ class DistillSpec:
     direction: str = "forward"  # forward = KL(teacher || head), reverse = KL(head || teacher)
     mode: str = "renorm"  # renorm | tail
     temperature: float = 1.0
+    objective: str = "kl"  # kl | lk (lambda KL + (1 - lambda) TV)
+    lk_lambda: float = 0.5
 
     def full_vocab(self, vocab_size: int) -> bool:
         return self.topn <= 0 or self.topn >= vocab_size
@@ -150,9 +162,9 @@ def teacher_stats(
 
 
 class HeadOutputs(NamedTuple):
-    loss: Tensor  # [T] alpha*CE + beta*T^2*KL, differentiable w.r.t. the student logits
+    loss: Tensor  # [T] alpha*CE + beta*T^2*D, differentiable w.r.t. the student logits
     ce: Tensor  # [T] detached
-    kl: Tensor  # [T] detached
+    kl: Tensor  # [T] detached divergence D (the KL; LK's lambda KL + (1 - lambda) TV with objective "lk")
     student_argmax: Tensor  # [T] int64 global argmax of the student
 
 
@@ -212,7 +224,7 @@ def _bucket_logs(z_raw, u_raw, tau, terms, inv_t: float):
     p = torch.where(sel, torch.exp(log_p), zero)  # bucket probabilities of the S members
     q = torch.where(sel, torch.exp(log_q), zero)
     d = torch.where(sel, log_p - log_q, zero)  # log P - log Q on S
-    return z, zt, sel, p, q, d
+    return z, zt, u, sel, p, q, d
 
 
 def _ce_grad(z, terms, local_label, alpha: float):
@@ -234,7 +246,7 @@ def _stage_kl_forward(z_raw, u_raw, tau, terms, local_label, inv_t: float, alpha
     `dest` may be `z_raw` itself (the gradient replaces the logits): every element's gradient depends only
     on its own logit and per-row scalars, so the in-place write is safe even inside one fused kernel.
     """
-    z, zt, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
+    z, zt, _, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
     kl_local = -(q * d).sum(-1)
     if dest is not None:
         g = p - q
@@ -245,23 +257,58 @@ def _stage_kl_forward(z_raw, u_raw, tau, terms, local_label, inv_t: float, alpha
     return kl_local
 
 
-def _stage_kl_reverse(z_raw, u_raw, tau, terms, inv_t: float):
-    z, zt, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
-    return (p * d).sum(-1)
+def _tail_teacher(u, sel, terms):
+    """softmax(u/T)_j for j outside S (the teacher's tail-bucket members), 0 on S (tail mode: terms[2] = log Z_all)."""
+    return torch.where(sel, torch.zeros_like(u), torch.exp(u - terms[2].unsqueeze(-1)))
 
 
-def _stage_grad_reverse(z_raw, u_raw, tau, terms, kl, local_label, inv_t: float, alpha: float, c: float,
-                        tail: bool, dest: Tensor) -> None:
-    z, zt, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
-    g = p * (d - kl.unsqueeze(-1))
+def _stage_div_sums(z_raw, u_raw, tau, terms, inv_t: float, reverse: bool, with_tv: bool):
+    """Local partial sums over S: [KL part, sum |P - Q|, sum s P, sum s Q] (s = sign(P - Q)), to be SUM-reduced."""
+    z, zt, u, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
+    kl_local = (p * d).sum(-1) if reverse else -(q * d).sum(-1)
+    if not with_tv:
+        return torch.stack([kl_local, torch.zeros_like(kl_local), torch.zeros_like(kl_local), torch.zeros_like(kl_local)])
+    s = torch.sign(p - q)
+    return torch.stack([kl_local, (p - q).abs().sum(-1), (s * p).sum(-1), (s * q).sum(-1)])
+
+
+def _stage_div_grad(z_raw, u_raw, tau, terms, scalars, local_label, inv_t: float, alpha: float, c: float,
+                    tail: bool, reverse: bool, w_kl: float, w_tv: float, dest: Optional[Tensor],
+                    teacher_dest: Optional[Tensor]) -> None:
+    """Gradient of alpha*CE + c*T*(w_kl KL + w_tv TV) w.r.t. the student (into `dest`) and, for the seesaw
+    ablation, w.r.t. the teacher (into `teacher_dest`). `scalars` = [KL, E_P[s], E_Q[s], s_t] per row (global)."""
+    z, zt, u, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
+    kl, e_p, e_q, s_t = (x.unsqueeze(-1) for x in scalars)
+    s = torch.sign(p - q)
     if tail:
-        log_pt, log_qt = terms[3], terms[4]
-        g = g + _tail_members(zt, sel, terms) * (log_pt - log_qt - kl).unsqueeze(-1)
-    dest.copy_(_ce_grad(z, terms, local_label, alpha) + c * g)
+        log_pt, log_qt = terms[3].unsqueeze(-1), terms[4].unsqueeze(-1)
+        p_tail, q_tail = _tail_members(zt, sel, terms), _tail_teacher(u, sel, terms)
+    if dest is not None:
+        g = w_kl * (p * (d - kl) if reverse else p - q)
+        if w_tv:
+            g = g + (0.5 * w_tv) * torch.where(sel, p * (s - e_p), torch.zeros_like(p))
+        if tail:
+            pt, qt = torch.exp(log_pt), torch.exp(log_qt)
+            g_t = w_kl * (log_pt - log_qt - kl if reverse else 1.0 - qt / pt.clamp_min(_TINY))
+            if w_tv:
+                g_t = g_t + (0.5 * w_tv) * (s_t - e_p)
+            g = g + p_tail * g_t
+        dest.copy_(_ce_grad(z, terms, local_label, alpha) + c * g)
+    if teacher_dest is not None:
+        h = w_kl * ((q - p) if reverse else q * (-d - kl))
+        if w_tv:
+            h = h - (0.5 * w_tv) * torch.where(sel, q * (s - e_q), torch.zeros_like(q))
+        if tail:
+            pt, qt = torch.exp(log_pt), torch.exp(log_qt)
+            h_t = w_kl * (1.0 - pt / qt.clamp_min(_TINY) if reverse else log_qt - log_pt - kl)
+            if w_tv:
+                h_t = h_t - (0.5 * w_tv) * (s_t - e_q)
+            h = h + q_tail * h_t
+        teacher_dest.copy_(c * h)
 
 
-_STAGES = dict(teacher_max=_teacher_max, teacher_sums=_teacher_sums, maxes=_stage_maxes, sums=_stage_sums, kl_forward=_stage_kl_forward, kl_reverse=_stage_kl_reverse,
-               grad_reverse=_stage_grad_reverse)
+_STAGES = dict(teacher_max=_teacher_max, teacher_sums=_teacher_sums, maxes=_stage_maxes, sums=_stage_sums,
+               kl_forward=_stage_kl_forward, div_sums=_stage_div_sums, div_grad=_stage_div_grad)
 _COMPILED: dict = {}
 
 
@@ -275,8 +322,10 @@ def _stage(name: str, on_cuda: bool):
 
 
 def _head_chunk(z_raw: Tensor, u_raw: Tensor, st: TeacherStats, labels: Tensor, vocab_start: int,
-                alpha: float, beta: float, spec: DistillSpec, full: bool, group, dest: Optional[Tensor]):
-    """One chunk of tokens: returns (ce, kl, global student argmax); writes d(loss)/dz into `dest` if given."""
+                alpha: float, beta: float, spec: DistillSpec, full: bool, group, dest: Optional[Tensor],
+                teacher_dest: Optional[Tensor] = None):
+    """One chunk of tokens: returns (ce, divergence, global student argmax); writes d(loss)/dz into `dest`
+    and, when given, d(loss)/du into `teacher_dest`."""
     inv_t = 1.0 / spec.temperature
     tail = spec.mode == "tail" and not full
     cuda = z_raw.is_cuda
@@ -290,26 +339,38 @@ def _head_chunk(z_raw: Tensor, u_raw: Tensor, st: TeacherStats, labels: Tensor, 
     terms = _row_terms(maxes, sums, st.log_z_sel, st.log_z_all, inv_t, tail)
     ce = terms[0] - sums[4]
     c = beta * spec.temperature  # beta * T^2 * (1/T)
-    if spec.direction == "forward":
+    lk = spec.objective == "lk"
+    if spec.direction == "forward" and not lk and teacher_dest is None:
+        # The common case in one pass: forward KL's gradient needs no global KL value.
         kl = all_reduce(_stage("kl_forward", cuda)(z_raw, u_raw, tau, terms, local_label, inv_t, alpha, c, tail, dest),
                         _SUM, group)
         if tail:  # the tail bucket is one scalar per token, known on every rank: added after the reduction
             kl = kl + terms[5] * (terms[4] - terms[3])
-    else:
-        kl = all_reduce(_stage("kl_reverse", cuda)(z_raw, u_raw, tau, terms, inv_t), _SUM, group)
-        if tail:
-            kl = kl + torch.exp(terms[3]) * (terms[3] - terms[4])
-        if dest is not None:
-            _stage("grad_reverse", cuda)(z_raw, u_raw, tau, terms, kl, local_label, inv_t, alpha, c, tail, dest)
-    return ce, kl, argmax
+        return ce, kl, argmax
+    reverse = spec.direction == "reverse"
+    part = all_reduce(_stage("div_sums", cuda)(z_raw, u_raw, tau, terms, inv_t, reverse, lk), _SUM, group)
+    kl, tv_abs, e_p, e_q = part[0], part[1], part[2], part[3]
+    s_t = torch.zeros_like(kl)
+    if tail:  # the tail bucket's scalars, known on every rank: added after the reduction
+        log_pt, log_qt, q_t = terms[3], terms[4], terms[5]
+        p_t = torch.exp(log_pt)
+        kl = kl + (p_t * (log_pt - log_qt) if reverse else q_t * (log_qt - log_pt))
+        if lk:
+            s_t = torch.sign(p_t - q_t)
+            tv_abs, e_p, e_q = tv_abs + (p_t - q_t).abs(), e_p + s_t * p_t, e_q + s_t * q_t
+    w_kl, w_tv = (spec.lk_lambda, 1.0 - spec.lk_lambda) if lk else (1.0, 0.0)
+    if dest is not None or teacher_dest is not None:
+        _stage("div_grad", cuda)(z_raw, u_raw, tau, terms, torch.stack([kl, e_p, e_q, s_t]), local_label, inv_t,
+                                 alpha, c, tail, reverse, w_kl, w_tv, dest, teacher_dest)
+    return ce, w_kl * kl + w_tv * 0.5 * tv_abs, argmax
 
 
 class _FusedCEKL(torch.autograd.Function):
-    """Per-token alpha*CE + beta*T^2*KL; the gradient is formed in forward and scaled in backward."""
+    """Per-token alpha*CE + beta*T^2*D; the gradients are formed in forward and scaled in backward."""
 
     @staticmethod
     def forward(ctx, student, teacher, stats_tensors, labels, vocab_start, alpha, beta, spec, vocab_size,
-                group, chunk_tokens, inplace_grad, want_grad):
+                group, chunk_tokens, inplace_grad, want_grad, teacher_grad):
         st = TeacherStats(*stats_tensors)
         n_tok = student.shape[0]
         full = spec.full_vocab(vocab_size)
@@ -320,24 +381,30 @@ class _FusedCEKL(torch.autograd.Function):
         grad_buf = None
         if want_grad:
             grad_buf = student if inplace_grad else torch.empty_like(student)
+        teacher_buf = torch.empty_like(teacher) if teacher_grad else None  # the teacher is shared: never in place
         for lo in range(0, n_tok, chunk):
             hi = min(lo + chunk, n_tok)
             z_chunk = student[lo:hi]
             dest = None if grad_buf is None else (z_chunk if inplace_grad else grad_buf[lo:hi])
             ce[lo:hi], kl[lo:hi], argmax[lo:hi] = _head_chunk(
-                z_chunk, teacher[lo:hi], st[lo:hi], labels[lo:hi], vocab_start, alpha, beta, spec, full, group, dest)
-        ctx.save_for_backward(grad_buf if want_grad else None)
+                z_chunk, teacher[lo:hi], st[lo:hi], labels[lo:hi], vocab_start, alpha, beta, spec, full, group, dest,
+                None if teacher_buf is None else teacher_buf[lo:hi])
+        ctx.save_for_backward(grad_buf if want_grad else None, teacher_buf)
         ctx.mark_non_differentiable(ce, kl, argmax)
         loss = alpha * ce + (beta * spec.temperature**2) * kl
         return loss, ce, kl, argmax
 
     @staticmethod
     def backward(ctx, grad_loss, *unused):
-        (grad_buf,) = ctx.saved_tensors
-        if grad_buf is None:
+        grad_buf, teacher_buf = ctx.saved_tensors
+        scale = grad_loss.unsqueeze(-1)
+        grad = None
+        if grad_buf is not None:
+            grad = grad_buf.mul_(scale.to(grad_buf.dtype))
+        elif ctx.needs_input_grad[0]:
             raise RuntimeError("MTP-D loss: backward through a forward run without gradients")
-        grad = grad_buf.mul_(grad_loss.unsqueeze(-1).to(grad_buf.dtype))
-        return (grad,) + (None,) * 12
+        teacher = None if teacher_buf is None else teacher_buf.mul_(scale.to(teacher_buf.dtype))
+        return (grad, teacher) + (None,) * 12
 
 
 def head_loss(
@@ -354,20 +421,27 @@ def head_loss(
     group: Optional[dist.ProcessGroup] = None,
     chunk_tokens: Optional[int] = None,
     inplace_grad: bool = False,
+    teacher_grad: bool = False,
 ) -> HeadOutputs:
     """MTP-D loss of one head on vocab-sharded logits.
 
     student: [T, V/tp] logits of the head (requires grad for training); teacher: [T, V/tp] main-head logits
-    at the aligned positions (treated as a constant); stats: `teacher_stats(teacher)` rows; labels: [T]
-    global token ids. With `inplace_grad` the student's storage is reused for its gradient (the caller must
-    not read the logits afterwards). Returns per-token loss (differentiable) and detached CE, KL, argmax.
+    at the aligned positions; stats: `teacher_stats(teacher)` rows; labels: [T] global token ids. With
+    `inplace_grad` the student's storage is reused for its gradient (the caller must not read the logits
+    afterwards). The teacher is a constant unless `teacher_grad` (the seesaw ablation: the divergence's
+    gradient also flows into the teacher's logits, hence into the main head). Returns per-token loss
+    (differentiable) and detached CE, divergence (the KL, or LK's lambda KL + (1 - lambda) TV) and argmax.
     """
     if not (spec.temperature > 0):
         raise ValueError("temperature must be > 0")
-    want_grad = torch.is_grad_enabled() and student.requires_grad
+    if spec.objective not in ("kl", "lk") or not 0.0 <= spec.lk_lambda <= 1.0:
+        raise ValueError(f"objective {spec.objective!r} / lk_lambda {spec.lk_lambda}: expected kl|lk and 0 <= lambda <= 1")
+    grad_on = torch.is_grad_enabled()
+    want_grad = grad_on and student.requires_grad
+    teacher_grad = bool(teacher_grad and grad_on and teacher.requires_grad and beta != 0.0)
     loss, ce, kl, argmax = _FusedCEKL.apply(
-        student, teacher.detach(), tuple(stats), labels, vocab_start, float(alpha), float(beta), spec,
-        vocab_size, group, chunk_tokens, inplace_grad, want_grad,
+        student, teacher if teacher_grad else teacher.detach(), tuple(stats), labels, vocab_start, float(alpha),
+        float(beta), spec, vocab_size, group, chunk_tokens, inplace_grad, want_grad, teacher_grad,
     )
     return HeadOutputs(loss=loss, ce=ce, kl=kl, student_argmax=argmax)
 

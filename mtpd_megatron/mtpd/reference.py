@@ -20,12 +20,14 @@ def topn_set(teacher: Tensor, topn: int) -> Tensor:
 
 
 def reference_head_loss(student: Tensor, teacher: Tensor, labels: Tensor, *, alpha: float, beta: float,
-                        topn: int, direction: str, mode: str, temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-token (loss, ce, kl) with autograd through `student` only (the teacher is detached)."""
+                        topn: int, direction: str, mode: str, temperature: float, objective: str = "kl",
+                        lk_lambda: float = 0.5, detach_teacher: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token (loss, ce, divergence) with autograd through `student` (and through `teacher` only when
+    `detach_teacher` is False: the seesaw ablation). Divergence = KL, or lambda KL + (1 - lambda) TV ("lk")."""
     z = student.double()
-    u = teacher.detach().double()
+    u = (teacher.detach() if detach_teacher else teacher).double()
+    S = topn_set(u.detach(), topn)
     ce = torch.logsumexp(z, -1) - z.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    S = topn_set(u, topn)
     zt, ut = z / temperature, u / temperature
     neg_inf = torch.tensor(float("-inf"), dtype=torch.float64)
     if mode == "renorm" or S.all():
@@ -34,6 +36,7 @@ def reference_head_loss(student: Tensor, teacher: Tensor, labels: Tensor, *, alp
         P, Q = logP.exp(), logQ.exp()
         dlog = torch.where(S, logP - logQ, torch.zeros_like(logP))
         kl = (Q * -dlog).sum(-1) if direction == "forward" else (P * dlog).sum(-1)
+        tv = 0.5 * torch.where(S, (P - Q).abs(), torch.zeros_like(P)).sum(-1)
     else:  # tail: TopN buckets + one bucket for the remaining mass
         lp, lq = zt.log_softmax(-1), ut.log_softmax(-1)
         P = torch.where(S, lp.exp(), torch.zeros_like(lp))
@@ -45,5 +48,8 @@ def reference_head_loss(student: Tensor, teacher: Tensor, labels: Tensor, *, alp
             kl = (Q * -dlog).sum(-1) + Qt * (Qt.log() - Pt.log())
         else:
             kl = (P * dlog).sum(-1) + Pt * (Pt.log() - Qt.log())
+        tv = 0.5 * ((P - Q).abs().sum(-1) + (Pt - Qt).abs())
+    if objective == "lk":
+        kl = lk_lambda * kl + (1.0 - lk_lambda) * tv
     loss = alpha * ce + beta * temperature**2 * kl
     return loss, ce.detach(), kl.detach()
