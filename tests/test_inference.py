@@ -8,6 +8,7 @@ accept paths (and partial acceptance) run.
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -521,6 +522,25 @@ def test_eval_acceptance_cli(cli_checkpoint):
     ref = evaluate_acceptance(loaded.model, [batch], vocab_limit=loaded.vocab_size)
     assert a["acc_counts"] == ref["acc_counts"] and a["base_counts"] == ref["base_counts"]
     assert a["tau"] == pytest.approx(ref["tau"])
+    # The main-head loss is megatron's own per-token loss (GPTModel.forward with labels) over the same tokens.
+    labels = torch.stack([s["labels"] for s in samples])
+    tokens = batch["tokens"]
+    with torch.no_grad():
+        per_token = loaded.model(tokens, torch.arange(tokens.shape[1]).expand_as(tokens), None, labels=labels)
+    mask = batch["loss_mask"]
+    assert a["main_loss"] == pytest.approx(float((per_token * mask).sum() / mask.sum()), rel=1e-5)
+    assert a["main_ppl"] == pytest.approx(math.exp(a["main_loss"])) and result["warning"] is None
+    assert "main_loss=" in proc.stdout and "tau=" in proc.stdout
+
+
+def test_loss_gap_warning():
+    from mtpd_megatron.inference.evaluation import loss_gap_warning
+
+    same = [{"label": "MTP", "main_loss": 3.90}, {"label": "MTP-D", "main_loss": 3.93}]
+    assert loss_gap_warning(same) is None
+    worse = [{"label": "MTP", "main_loss": 3.90}, {"label": "MTP-D", "main_loss": 4.66}]
+    line = loss_gap_warning(worse)
+    assert line.startswith("warning: main-head losses differ by 19.5%") and "\n" not in line
 
 
 def test_bench_decode_cli_and_errors(cli_checkpoint):

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Teacher-forced acceptance of MTP heads (a_k, CAR_k, tau) for one or more checkpoints -> JSON (+ PNG).
+"""Main-head validation loss and teacher-forced MTP acceptance (a_k, CAR_k, tau) of checkpoints -> JSON (+ PNG).
 
     python tools/eval_acceptance.py --ckpt runs/mtp/ckpt --ckpt runs/mtpd/ckpt --split valid \
         --num-samples 256 --out results.json --plot acceptance.png
@@ -7,8 +7,11 @@
 
 Every checkpoint is rebuilt from its own config at --tp/--ep (default 1: torch_dist reshards) and scored on
 the same samples: the held-out split of the first checkpoint's training data, or windows of a jsonl file.
-Samples are spread over the data-parallel ranks and the counts summed. Definitions:
-mtpd_megatron/inference/acceptance.py. User errors print one line and exit with code 2.
+Samples are spread over the data-parallel ranks and the counts summed. Each checkpoint's main-head loss and
+perplexity come from the same forward as its acceptance (a checkpoint without MTP heads gets the loss only),
+and a one-line warning says when compared checkpoints differ in main-head loss by more than 1%: a weaker
+main head is easier to predict. Definitions: mtpd_megatron/inference/acceptance.py. User errors print one
+line and exit with code 2.
 """
 
 from __future__ import annotations
@@ -17,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,7 +66,7 @@ def evaluate(args) -> dict:
     import torch
     from megatron.core import parallel_state
 
-    from mtpd_megatron.inference.acceptance import evaluate_acceptance, num_heads
+    from mtpd_megatron.inference.evaluation import DEFINITIONS, evaluate_loaded
     from mtpd_megatron.inference.loading import (
         jsonl_samples, load_for_inference, load_tokenizer_for, split_samples,
     )
@@ -85,75 +87,15 @@ def evaluate(args) -> dict:
         elif loaded.vocab_size != tokenizer.vocab_size:
             raise ValueError(f"checkpoint {loaded.path} has vocabulary {loaded.vocab_size}, the first checkpoint "
                              f"{tokenizer.vocab_size}: checkpoints compared must share the tokenizer")
-        dp = parallel_state.get_data_parallel_world_size()
-        rank = parallel_state.get_data_parallel_rank()
-        mine = samples[rank::dp]
-        batches = [
-            {"tokens": torch.stack([s["tokens"] for s in mine[j : j + args.batch_size]]),
-             "loss_mask": torch.stack([s["loss_mask"] for s in mine[j : j + args.batch_size]])}
-            for j in range(0, len(mine), args.batch_size)
-        ]
-        if not batches:
-            raise ValueError(f"{len(samples)} samples for {dp} data-parallel ranks: pass --num-samples >= {dp}")
-        t0 = time.perf_counter()
-        metrics = evaluate_acceptance(loaded.model, batches, vocab_limit=loaded.vocab_size, max_k=args.max_k)
-        label = args.label[i] if args.label else loaded.label
-        results.append({
-            "label": label, "path": str(loaded.path), "iteration": loaded.meta.get("iteration"),
-            "num_heads": num_heads(loaded.model), "mtpd": bool(loaded.cfg.mtp.mtpd.enabled),
-            **metrics, "seconds": time.perf_counter() - t0,
-        })
+        label = args.label[i] if args.label else None
+        results.append(evaluate_loaded(loaded, samples, batch_size=args.batch_size, max_k=args.max_k, label=label))
         del loaded
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return {
-        "definitions": "a_k = P(head k accepted | heads < k accepted), CAR_k = prod a_j, tau = 1 + sum CAR_k; "
-                       "teacher-forced, head k at t vs main greedy at t+k",
-        "data": source, "tp": args.tp, "ep": args.ep,
+        "definitions": DEFINITIONS, "data": source, "tp": args.tp, "ep": args.ep,
         "dp": parallel_state.get_data_parallel_world_size(), "checkpoints": results,
     }
-
-
-def plot(result: dict, path: str) -> None:
-    """Per-head a_k (left) and cumulative CAR_k (right), one series per checkpoint."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for r in result["checkpoints"]:
-        ks = list(range(1, len(r["a"]) + 1))
-        name = f"{r['label']}  (tau={r['tau']:.2f})"
-        left.plot(ks, [100 * x for x in r["a"]], marker="o", label=name)
-        right.plot(ks, [100 * x for x in r["car"]], marker="o", label=name)
-    for ax, title in ((left, "per-head acceptance a_k"), (right, "cumulative acceptance CAR_k")):
-        ax.set_xlabel("head k (predicts token t+k+1)")
-        ax.set_ylabel("%")
-        ax.set_title(title)
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    right.legend(fontsize=8)
-    data = result["data"]
-    fig.suptitle(f"teacher-forced MTP acceptance on {data.get('split') or Path(data.get('jsonl', '')).name} "
-                 f"({data['sequences']} x {data['seq_length']} tokens)")
-    fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
-    plt.close(fig)
-
-
-def _atomic(path: str, write) -> None:
-    """Write through a temporary file in the same directory, then rename: never a half-written output."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _main(argv=None) -> int:
@@ -161,19 +103,19 @@ def _main(argv=None) -> int:
     result = evaluate(args)
     import torch.distributed as dist
 
+    from mtpd_megatron.checkpoint.layout import write_atomic
+    from mtpd_megatron.inference.evaluation import loss_gap_warning, plot_acceptance, summary_lines
+
     if not dist.is_initialized() or dist.get_rank() == 0:
-        text = json.dumps(result, indent=1)
-
-        def write_json(tmp):
-            with open(tmp, "w") as f:
-                f.write(text + "\n")
-
-        _atomic(args.out, write_json)
+        warning = loss_gap_warning(result["checkpoints"])
+        result["warning"] = warning
+        write_atomic(Path(args.out), json.dumps(result, indent=1) + "\n")
         if args.plot:
-            plot(result, args.plot)
-        for r in result["checkpoints"]:
-            a = " ".join(f"{x:.3f}" for x in r["a"])
-            print(f"{r['label']}: tau={r['tau']:.3f} a_k=[{a}] ({r['positions']} positions)")
+            plot_acceptance(result, args.plot)
+        for line in summary_lines(result["checkpoints"]):
+            print(line)
+        if warning:
+            print(warning)
     return 0
 
 

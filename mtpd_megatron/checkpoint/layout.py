@@ -64,13 +64,28 @@ def _fsync_dir(path: Path) -> None:
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a small file so that readers see the old or the new content, never a mix."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    write_atomic_with(path, write)
+
+
+def write_atomic_with(path: Path, write) -> None:
+    """`write(tmp_path)` produces the file's content at a temporary path in the same directory, which is then
+    renamed over `path`: readers (and an interrupted run) see the old file or the new one, never half of it."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
     _fsync_dir(path.parent)
 
 

@@ -1,6 +1,7 @@
 """Inference: teacher-forced MTP acceptance and greedy / self-speculative decoding on megatron models.
 
-* acceptance.py -- a_k, CAR_k, tau of the MTP heads against the main head (teacher forcing), TP/DP aware.
+* acceptance.py -- a_k, CAR_k, tau of the MTP heads against the main head (teacher forcing) beside the main
+                  head's validation loss, TP/DP aware.
 * decoder.py    -- static-KV-cache greedy and speculative decoding (exactly greedy), `speculative_demo`.
 * kv_cache.py   -- the cache that replaces megatron's core attention while decoding.
 """
@@ -10,13 +11,15 @@ from mtpd_megatron.inference.acceptance import (
     acceptance_counts,
     acceptance_metrics,
     evaluate_acceptance,
+    evaluate_model,
+    teacher_forced_outputs,
     teacher_forced_predictions,
     vocab_parallel_argmax,
 )
 from mtpd_megatron.inference.decoder import Generation, SpeculativeDecoder, generate, speculative_demo
 
 __all__ = [
-    "AcceptanceStats", "acceptance_counts", "acceptance_metrics", "evaluate_acceptance",
-    "teacher_forced_predictions", "vocab_parallel_argmax", "Generation", "SpeculativeDecoder", "generate",
+    "AcceptanceStats", "acceptance_counts", "acceptance_metrics", "evaluate_acceptance", "evaluate_model",
+    "teacher_forced_outputs", "teacher_forced_predictions", "vocab_parallel_argmax", "Generation", "SpeculativeDecoder", "generate",
     "speculative_demo",
 ]

@@ -19,6 +19,7 @@ is alive at a time: each one is reduced to an argmax straight away.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
@@ -94,32 +95,57 @@ def num_heads(model) -> int:
     return int(model.config.mtp_num_layers or 0) if getattr(model, "mtp", None) is not None else 0
 
 
-@torch.no_grad()
-def teacher_forced_predictions(model, tokens: Tensor, *, vocab_limit: Optional[int] = None) -> Tensor:
-    """Greedy tokens of the main head and every MTP head: [1 + D, b, s] (row 0 = main, row k = head k).
-
-    Mirrors GPTModel.forward for this case (embedding, RoPE over the sequence, decoder, MTP block with
-    megatron's own rolling of the inputs) but stops before any loss. `tokens` is [b, s] on the model's
-    device; with sequence parallelism s must be a multiple of the TP size (as in training).
-    """
-    if getattr(model, "mtp", None) is None:
-        raise ValueError("the model has no MTP heads (mtp.num_heads = 0): there is nothing to accept")
+def _forward_chunks(model, tokens: Tensor) -> list:
+    """Final hidden states [s, b, h] of the main head and then of every MTP head (megatron's own modules)."""
     b, s = tokens.shape
     position_ids = torch.arange(s, device=tokens.device).unsqueeze(0).expand(b, s)
+    decoder_input = model.embedding(input_ids=tokens, position_ids=position_ids)
+    rotary = model.rotary_pos_emb(s)
+    hidden = model.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary)
+    if getattr(model, "mtp", None) is None:
+        return [hidden]
+    hidden = model.mtp(
+        input_ids=tokens, position_ids=position_ids, hidden_states=hidden, attention_mask=None,
+        rotary_pos_emb=rotary, embedding=model.embedding,
+    )
+    return list(torch.chunk(hidden, 1 + num_heads(model), dim=0))
+
+
+@torch.no_grad()
+def teacher_forced_outputs(model, tokens: Tensor, *, vocab_limit: Optional[int] = None,
+                           labels: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Greedy tokens of the main head and every MTP head, [1 + D, b, s] (row 0 = main, row k = head k), and,
+    when `labels` [b, s] are given, the main head's per-token cross-entropy [b, s] (fp32, vocab-parallel).
+
+    Mirrors GPTModel.forward for this case (embedding, RoPE over the sequence, decoder, MTP block with
+    megatron's own rolling of the inputs) but stops before any loss hook. The cross-entropy is the trainer's
+    (megatron's vocab_parallel_cross_entropy over the padded vocabulary), so it is the validation loss the
+    training log prints. `tokens` is [b, s] on the model's device; with sequence parallelism s must be a
+    multiple of the TP size (as in training).
+    """
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
     was_training = model.training
     model.eval()
     try:
-        decoder_input = model.embedding(input_ids=tokens, position_ids=position_ids)
-        rotary = model.rotary_pos_emb(s)
-        hidden = model.decoder(hidden_states=decoder_input, attention_mask=None, rotary_pos_emb=rotary)
-        hidden = model.mtp(
-            input_ids=tokens, position_ids=position_ids, hidden_states=hidden, attention_mask=None,
-            rotary_pos_emb=rotary, embedding=model.embedding,
-        )
-        chunks = torch.chunk(hidden, 1 + num_heads(model), dim=0)
-        return torch.stack([greedy_tokens(model, c, vocab_limit=vocab_limit) for c in chunks]).transpose(1, 2)
+        chunks = _forward_chunks(model, tokens)
+        logits, _ = model.output_layer(chunks[0], weight=output_weight_of(model))
+        logits = model._scale_logits(logits)
+        ce = None
+        if labels is not None:  # [s, b, V/tp] logits against [s, b] labels, as in GPTModel's loss
+            ce = vocab_parallel_cross_entropy(logits.float(), labels.t().contiguous()).t()
+        main = vocab_parallel_argmax(logits, vocab_limit=vocab_limit, group=tp_group_of(model))
+        heads = [greedy_tokens(model, c, vocab_limit=vocab_limit) for c in chunks[1:]]
+        return torch.stack([main, *heads]).transpose(1, 2), ce
     finally:
         model.train(was_training)
+
+
+def teacher_forced_predictions(model, tokens: Tensor, *, vocab_limit: Optional[int] = None) -> Tensor:
+    """Greedy tokens of the main head and every MTP head: [1 + D, b, s] (row 0 = main, row k = head k)."""
+    if getattr(model, "mtp", None) is None:
+        raise ValueError("the model has no MTP heads (mtp.num_heads = 0): there is nothing to accept")
+    return teacher_forced_outputs(model, tokens, vocab_limit=vocab_limit)[0]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -209,32 +235,65 @@ def acceptance_metrics(acc: Iterable[int], base: Iterable[int], positions: Optio
 
 
 @torch.no_grad()
-def evaluate_acceptance(model, batches: Iterable, *, vocab_limit: Optional[int] = None,
-                        max_k: Optional[int] = None, dp_group=None, reduce: bool = True) -> dict:
-    """Teacher-forced a_k / CAR_k / tau over `batches` of tokens [b, s] or dicts with 'tokens' (+ 'loss_mask').
+def evaluate_model(model, batches: Iterable, *, vocab_limit: Optional[int] = None, max_k: Optional[int] = None,
+                   dp_group=None, reduce: bool = True) -> dict:
+    """Main-head validation loss and perplexity, plus teacher-forced a_k / CAR_k / tau when the model has
+    MTP heads, over `batches` of dicts with 'tokens' (+ 'labels', 'loss_mask') or bare token tensors [b, s].
 
-    Counts are summed over the data-parallel group (each DP rank passes its own share of the data). Every
-    TP rank of a group must see the same batches.
+    Acceptance without the main head's loss beside it is misleading (a weak main head is easy to predict),
+    so both come from the same forward. Without 'labels' the labels are the tokens shifted by one (the last
+    position is not scored). Counts and loss sums are summed over the data-parallel group (each DP rank passes
+    its own share of the data); every TP rank of a group must see the same batches.
     """
     stats = AcceptanceStats()
+    loss_sum, loss_tokens = 0.0, 0.0
     device = next(model.parameters()).device
+    heads = num_heads(model)
     for batch in batches:
-        if isinstance(batch, dict):
-            tokens, mask = batch["tokens"], batch.get("loss_mask")
-        else:
-            tokens, mask = batch, None
-        tokens = tokens.to(device)
+        if not isinstance(batch, dict):
+            batch = {"tokens": batch}
+        tokens = batch["tokens"].to(device)
+        mask = batch.get("loss_mask")
         mask = None if mask is None else mask.to(device)
-        preds = teacher_forced_predictions(model, tokens, vocab_limit=vocab_limit)
-        acc, base = acceptance_counts(preds, mask, max_k=max_k)
-        stats.add(acc.cpu(), base.cpu(), positions=int(tokens.numel() if mask is None else mask.bool().sum()))
-    if not stats.acc:
-        raise ValueError("no batches to evaluate")
+        labels = batch.get("labels")
+        score = torch.ones(tokens.shape, device=device) if mask is None else mask.float().clone()
+        if labels is None:  # the next token, where there is one: the last position is not scored
+            labels = torch.roll(tokens, -1, dims=1)
+            score[:, -1] = 0
+        preds, ce = teacher_forced_outputs(model, tokens, vocab_limit=vocab_limit, labels=labels.to(device))
+        loss_sum += float((ce.double() * score).sum())
+        loss_tokens += float(score.sum())
+        if heads:
+            acc, base = acceptance_counts(preds, mask, max_k=max_k)
+            stats.add(acc.cpu(), base.cpu(), positions=int(tokens.numel() if mask is None else mask.bool().sum()))
+    if not loss_tokens:
+        raise ValueError("no batches (or no scored tokens) to evaluate")
     if reduce:
         if dp_group is None and dist.is_initialized():
             from megatron.core import parallel_state
 
             if parallel_state.model_parallel_is_initialized():
                 dp_group = parallel_state.get_data_parallel_group()
-        stats.all_reduce(dp_group)
-    return stats.metrics()
+        if heads:
+            stats.all_reduce(dp_group)
+        if dist.is_initialized() and dist.get_world_size(dp_group) > 1:
+            t = torch.tensor([loss_sum, loss_tokens], dtype=torch.float64)
+            if dist.get_backend(dp_group) == "nccl":
+                t = t.cuda()
+            dist.all_reduce(t, group=dp_group)
+            loss_sum, loss_tokens = t.tolist()
+    main_loss = loss_sum / loss_tokens
+    out = {"main_loss": main_loss, "main_ppl": math.exp(min(main_loss, 700.0)), "loss_tokens": int(loss_tokens)}
+    if heads:
+        out.update(stats.metrics())
+    return out
+
+
+@torch.no_grad()
+def evaluate_acceptance(model, batches: Iterable, *, vocab_limit: Optional[int] = None,
+                        max_k: Optional[int] = None, dp_group=None, reduce: bool = True) -> dict:
+    """Teacher-forced a_k / CAR_k / tau (and the main head's loss) over `batches`: `evaluate_model` for a
+    model that must have MTP heads."""
+    if num_heads(model) == 0:
+        raise ValueError("the model has no MTP heads (mtp.num_heads = 0): there is nothing to accept")
+    return evaluate_model(model, batches, vocab_limit=vocab_limit, max_k=max_k, dp_group=dp_group, reduce=reduce)

@@ -143,7 +143,7 @@ def load_tokenizer_for(loaded: LoadedModel, path: Optional[str] = None):
 
 def split_samples(loaded: LoadedModel, tokenizer, split: str, num_samples: int, seq_length: Optional[int] = None,
                   data_paths: Optional[list] = None) -> list:
-    """`num_samples` samples ({'tokens', 'loss_mask'} of seq_length) of the valid or test split.
+    """`num_samples` samples ({'tokens', 'labels', 'loss_mask'} of seq_length) of the valid or test split.
 
     The split is the training run's own document split (data.split in the checkpoint's config), so the
     documents were never trained on.
@@ -167,6 +167,7 @@ def split_samples(loaded: LoadedModel, tokenizer, split: str, num_samples: int, 
     for i in range(min(num_samples, len(ds))):
         sample = ds[i]
         out.append({"tokens": torch.as_tensor(sample["tokens"]).long(),
+                    "labels": torch.as_tensor(sample["labels"]).long(),
                     "loss_mask": torch.as_tensor(sample["loss_mask"]).float()})
     return out
 
