@@ -7,6 +7,7 @@ once per session under a temporary directory. The CLIs run as subprocesses with 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -128,6 +129,24 @@ def test_corpus_budget_and_splitting_rules():
     assert len(parts) == 4 and "\n\n".join(parts) == text and all(p.startswith("paragraph") for p in parts)
     with pytest.raises(DataError, match="unknown source 'wiki'"):
         build_corpus("sotu,wiki")
+
+
+def corpus_digest(docs) -> str:
+    digest = hashlib.sha256()
+    for doc in docs:
+        digest.update(json.dumps([doc.id, doc.text]).encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("kwargs, ordered, expected", [
+    ({}, True, "8f80cdd4d6a968ae"),  # the demo's corpus
+    ({"max_bytes": 400_000, "max_doc_bytes": 8_000}, True, "bd8cfaf89a1749e2"),  # the data fixture's
+    ({"max_bytes": 0}, False, "d7a69c57baee1ab6"),  # everything: the same documents
+])
+def test_sotu_shakespeare_corpus_is_pinned(kwargs, ordered, expected):
+    """Digests of the output of the original two-source code: its corpora must not change."""
+    docs = build_corpus("sotu,shakespeare", **kwargs)
+    assert corpus_digest(docs if ordered else sorted(docs, key=lambda d: d.id)) == expected
 
 
 # --------------------------------------------------------------------------------------------- tokenizer
