@@ -126,8 +126,8 @@ def test_corpus_is_deterministic_mixed_and_within_budget(data, tmp_path):
 
 def test_corpus_budget_and_splitting_rules():
     docs = [[Document(f"a/{i}", "x" * 10) for i in range(5)], [Document(f"b/{i}", "y" * 30) for i in range(3)]]
-    mixed = mix_documents(docs, max_bytes=75, seed=0)
-    assert sum(d.nbytes for d in mixed) <= 75 and mixed[0].id.startswith("a/") and mixed[1].id.startswith("b/")
+    mixed = mix_documents(docs, max_bytes=75, seed=0)  # turns a b a a a (then nothing fits), b spread out
+    assert sum(d.nbytes for d in mixed) <= 75 and [d.id[0] for d in mixed] == list("aabaa")
     assert mix_documents(docs, max_bytes=5, seed=0) == []
     assert len(mix_documents(docs, max_bytes=0, seed=0)) == 8
     text = "\n\n".join(f"paragraph {i} " + "w" * 50 for i in range(40))
@@ -135,6 +135,21 @@ def test_corpus_budget_and_splitting_rules():
     assert len(parts) == 4 and "\n\n".join(parts) == text and all(p.startswith("paragraph") for p in parts)
     with pytest.raises(DataError, match="unknown source 'wiki'"):
         build_corpus("sotu,wiki")
+
+
+def test_mix_spreads_every_source_so_megatrons_valid_range_holds_all():
+    sizes = {"a": 1000, "b": 300, "c": 60, "d": 34}
+    mixed = mix_documents([[Document(f"{s}/{i}", "x") for i in range(n)] for s, n in sizes.items()], max_bytes=0,
+                          seed=0)
+    sources = [d.id.split("/")[0] for d in mixed]
+    n = len(mixed)
+    assert sorted(sources) == sorted(s for s, k in sizes.items() for _ in range(k))
+    # megatron-core takes split i as the documents [round(lo * n), round(hi * n)) of the cumulative split
+    assert set(sources[round(0.969 * n):round(0.999 * n)]) == set(sizes)
+    for start in range(0, n - 100, 23):  # every window holds each source in proportion, give or take 2
+        window = sources[start:start + 100]
+        assert all(abs(window.count(s) - 100 * k / n) < 2 for s, k in sizes.items())
+    assert set(sources[-4:]) == {"a", "b"}  # a 4-document tail only has room for the big ones
 
 
 def corpus_digest(docs) -> str:
@@ -147,10 +162,10 @@ def corpus_digest(docs) -> str:
 @pytest.mark.parametrize("kwargs, ordered, expected", [
     ({}, True, "8f80cdd4d6a968ae"),  # the demo's corpus
     ({"max_bytes": 400_000, "max_doc_bytes": 8_000}, True, "bd8cfaf89a1749e2"),  # the data fixture's
-    ({"max_bytes": 0}, False, "d7a69c57baee1ab6"),  # everything: the same documents
+    ({"max_bytes": 0}, False, "d7a69c57baee1ab6"),  # everything: the same documents, now spread out
 ])
 def test_sotu_shakespeare_corpus_is_pinned(kwargs, ordered, expected):
-    """Digests of the output of the original two-source code: its corpora must not change."""
+    """Digests of the original two-source code's output: budgeted corpora are unchanged, the full one reordered."""
     docs = build_corpus("sotu,shakespeare", **kwargs)
     assert corpus_digest(docs if ordered else sorted(docs, key=lambda d: d.id)) == expected
 
