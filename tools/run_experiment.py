@@ -3,6 +3,7 @@
 
     python tools/run_experiment.py configs/experiments/seesaw_gpu_small.yaml [--arms a,b] [--parallel 4]
     python tools/run_experiment.py EXP --report-only        # rebuild results.{json,md} and the plots
+    python tools/run_experiment.py EXP --import docs/results/EXP/results.json --arms x,y   # a later session
 
 Resumable: finished arms (a result.json from the same config) are skipped, trained arms are only
 evaluated, a stopped trainer resumes from its checkpoint. See mtpd_megatron/experiment/ for the file format
@@ -40,6 +41,8 @@ def _main(argv=None) -> int:
     p.add_argument("--train-only", action="store_true", help="train, do not evaluate")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from the arms' result files")
     p.add_argument("--commit", default=None, help="commit recorded in the results (default: git rev-parse)")
+    p.add_argument("--import", dest="import_from", default=None,
+                   help="results.json of an earlier run (e.g. docs/results/<name>/results.json): its arms count as done")
     args = p.parse_args(argv)
     if args.parallel < 1:
         p.error("--parallel must be >= 1")
@@ -52,6 +55,9 @@ def _main(argv=None) -> int:
 
     experiment = load_experiment(args.experiment, args.out)
     names = parse_arm_list(args.arms, experiment)
+    if args.import_from:
+        imported = runner.import_results(experiment, args.import_from)
+        print(f"{PROG}: imported {len(imported)} finished arms from {args.import_from}")
     if args.report_only:
         written = write_report(experiment)
         print("\n".join(str(w) for w in written) if written else f"{PROG}: no finished arms in {experiment.out}")

@@ -38,6 +38,18 @@ def _decode_columns(result: dict, ks: list) -> tuple:
     return steps, f"{best['speedup']:.2f}x", str(best["k"])
 
 
+def _kl_gradient(result: dict) -> str:
+    """'cos +0.04, 0.8x' = cosine of the heads' KL gradient with the main CE's at the trunk's last layer, and
+    the KL gradient's norm relative to the main CE's ('0' when the KL does not reach the trunk)."""
+    g = (result.get("gradients") or {}).get("last_layer") or {}
+    if "head_kl_norm" not in g or not g.get("main_ce_norm"):
+        return ""
+    ratio = g["head_kl_norm"] / g["main_ce_norm"]
+    if ratio == 0.0:
+        return "0 (none reaches the trunk)"
+    return f"cos {g['cos_main_ce_head_kl']:+.3f}, {ratio:.3f}x"
+
+
 def table(experiment: Experiment, results: list) -> str:
     """Markdown: one row per arm."""
     ref = next((r for r in results if r["arm"] == experiment.reference), None)
@@ -45,7 +57,7 @@ def table(experiment: Experiment, results: list) -> str:
     ks = experiment.file.evaluation.decode.k
     head = (["arm", "main loss", "vs " + (experiment.reference or "ref")] + [f"a_{k}" for k in range(1, heads + 1)]
             + [f"CAR_{heads}", "tau"] + [f"K={k} tok/step" for k in ks]
-            + ["best wall-clock", "best K", "cos(main, KL)", "train tok/s", "note"])
+            + ["best wall-clock", "best K", "KL grad vs main (last layer)", "note"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if r.get("extend"):
@@ -56,10 +68,7 @@ def table(experiment: Experiment, results: list) -> str:
         cells += [f"{x:.3f}" for x in a[:heads]] + [""] * (heads - len(a[:heads]))
         cells += [f"{r['car'][heads - 1]:.3f}" if a and len(a) >= heads else "", f"{r['tau']:.3f}" if r["tau"] else ""]
         steps, best, best_k = _decode_columns(r, ks)
-        grad = (r.get("gradients") or {}).get("hidden", {}).get("cos_main_ce_head_kl")
-        tps = (r.get("train") or {}).get("tokens_per_s")
-        cells += steps + [best, best_k, "" if grad is None else f"{grad:+.3f}", "" if tps is None else f"{tps:.3g}",
-                          r.get("note", "")]
+        cells += steps + [best, best_k, _kl_gradient(r), r.get("note", "")]
         lines.append("| " + " | ".join(cells) + " |")
     ext = [r for r in results if r.get("extend")]
     if ext:

@@ -80,6 +80,29 @@ def read_result(arm: Arm) -> Optional[dict]:
     return result
 
 
+def import_results(experiment: Experiment, path: str) -> list:
+    """Seed the experiment directory with arm results of an earlier run (its results.json, e.g. the one
+    committed under docs/results/): a later session then trains and evaluates only the missing arms. An arm
+    whose config changed since is refused (one line naming it)."""
+    try:
+        previous = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--import {path}: not a readable results.json ({e.__class__.__name__})") from None
+    imported = []
+    for result in previous.get("arms", []):
+        arm = experiment.arms.get(result.get("arm"))
+        if arm is None:
+            continue
+        if result.get("config_hash") != arm.config_hash:
+            raise ConfigError(f"--import {path}: arm {arm.name} was run with another config (hash "
+                              f"{result.get('config_hash')} vs {arm.config_hash}); leave it out or rerun it")
+        if not (arm.directory / RESULT).is_file():
+            arm.directory.mkdir(parents=True, exist_ok=True)
+            layout.write_atomic(arm.directory / RESULT, json.dumps(result, indent=1) + "\n")
+            imported.append(arm.name)
+    return imported
+
+
 class _Job:
     def __init__(self, arm: Arm, proc: subprocess.Popen, log):
         self.arm, self.proc, self.log, self.start = arm, proc, log, time.time()
