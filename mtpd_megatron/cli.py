@@ -24,6 +24,15 @@ def cli_parser(prog: str, description: Optional[str]) -> argparse.ArgumentParser
     return _OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
+def check_device(parser: argparse.ArgumentParser, device: str, flag: str = "--device") -> None:
+    """`--device cuda` on a machine without a visible GPU is a usage error, named by its flag."""
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error(f"{flag} cuda: no GPU is visible here (use {flag} auto or cpu)")
+
+
 def user_errors() -> tuple:
     """The exceptions that mean "fix your input": config, data and conversion errors (all ValueError),
     checkpoint errors and file-system errors."""

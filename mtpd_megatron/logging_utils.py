@@ -36,6 +36,9 @@ _NOISE_WARNINGS = (
     "full scope is deprecated",  # TransformerConfig's cuda-graph default; we capture no graphs
     "The .grad attribute of a Tensor that is not a leaf Tensor",  # megatron's optimizer probing main_grad
     "When using async grad allreduce it is recommended",
+    # torch DCP, when megatron's dist_checkpointing loads a checkpoint in a single process (the tools do):
+    "torch.distributed is disabled, unavailable or uninitialized",
+    "The argument order of load has been changed",
 )
 _NOISE_LOGS = {
     # megatron's own DDP asks callers to pre-compute a layout it computes itself equally well.
@@ -96,6 +99,14 @@ def flops_per_token(cfg: Config, vocab_size: int) -> float:
         flops += 2.0 * output_matmul  # the teacher logits (no backward)
     flops += 6.0 * (m.num_layers + heads) * cfg.data.seq_length * d_attn  # causal: half of 12·s·d
     return flops
+
+
+def _duration(seconds: float) -> str:
+    """3h05m, 4m10s or 12s: remaining time at the recent step rate."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _fmt(value: float) -> str:
@@ -193,6 +204,8 @@ class RunLogger:
             fields.append(heads)
         moe = [f"moe {k[4:]} {v:.4g}" for k, v in m.items() if k.startswith("moe/")]
         fields.extend(moe)
+        if m.get("step_time_s") and step < self.total:
+            fields.append(f"ETA {_duration(m['step_time_s'] * (self.total - step))}")
         self.print(" | ".join(fields))
 
     def log_eval(self, step: int, m: dict) -> None:

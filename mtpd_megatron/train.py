@@ -1,7 +1,8 @@
 """Pretraining entry point: `python -m mtpd_megatron.train --config CFG [section.key=value ...] [--resume R]`.
 
-Launch with torchrun (`torchrun --nproc-per-node N -m mtpd_megatron.train ...`) or one srun task per GPU;
-the rank layout comes from the environment (parallel/launch.py). `--resume auto` (the default, also
+On one machine `--nproc-per-node N` starts N ranks itself (checking the config first, so a mistake is one
+line and exit 2 before any rank starts); torchrun (`torchrun --nproc-per-node N -m mtpd_megatron.train ...`)
+and one srun task per GPU work too: the rank layout comes from the environment (parallel/launch.py). `--resume auto` (the default, also
 `checkpoint.resume`) continues from the newest complete checkpoint under checkpoint.load/save, `none`
 starts fresh, a directory resumes from that checkpoint.
 
@@ -33,6 +34,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = _Parser(prog="mtpd-train", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny_dense.yaml")
     p.add_argument("--resume", default=None, help="auto | none | checkpoint directory (default: checkpoint.resume)")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="start this many ranks on this machine (instead of torchrun); the config is checked first")
     p.add_argument("overrides", nargs="*", help="dotted overrides such as training.train_iters=100")
     return p.parse_args(argv)
 
@@ -43,7 +46,42 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         return _user_error(e)
+    if args.nproc_per_node is not None:
+        return _launch(args, cfg)
     return run(cfg, resume=args.resume or cfg.checkpoint.resume)
+
+
+def _launch(args, cfg) -> int:
+    """`--nproc-per-node N`: check everything a user can get wrong once, here, then start the N ranks."""
+    import os
+
+    from mtpd_megatron.parallel import launch
+
+    if args.nproc_per_node < 1:
+        return _user_error(ValueError(f"--nproc-per-node {args.nproc_per_node}: must be >= 1"))
+    if "RANK" in os.environ or "SLURM_PROCID" in os.environ:
+        return _user_error(ValueError("--nproc-per-node starts the ranks itself: drop it under torchrun or srun"))
+    try:
+        _check(cfg, args.nproc_per_node)
+    except (ConfigError, ValueError) as e:
+        return _user_error(e)
+    rank_argv = ["--config", args.config, *(["--resume", args.resume] if args.resume else []), *args.overrides]
+    return launch.spawn_local_ranks(args.nproc_per_node, "mtpd_megatron.train", rank_argv)
+
+
+def _check(cfg, world_size: int):
+    """Everything checkable before a process group exists: the config against the world size, the
+    tokenizer, the device. Returns (tokenizer, device)."""
+    from mtpd_megatron.config.validate import validate
+    from mtpd_megatron.data import load_tokenizer
+    from mtpd_megatron.parallel import launch
+
+    validate(cfg, world_size)
+    if not cfg.data.tokenizer:
+        raise ConfigError("data.tokenizer: not set (give the tokenizer.json the data was preprocessed with)")
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    validate(cfg, world_size, vocab_size=tokenizer.vocab_size)
+    return tokenizer, launch.resolve_device(cfg.training.device)
 
 
 def _user_error(error: Exception) -> int:
@@ -63,18 +101,12 @@ def run(cfg, *, resume: str = "auto", stage: str = "pretrain", prepare_model=Non
 
     quiet_known_noise()
     from mtpd_megatron.checkpoint.layout import CheckpointError
-    from mtpd_megatron.config.validate import validate
-    from mtpd_megatron.data import DataError, load_tokenizer
+    from mtpd_megatron.data import DataError
     from mtpd_megatron.parallel import launch
 
     try:  # 1. Everything a user can get wrong is checked before any process group exists.
         env = launch.read_env()
-        validate(cfg, env.world_size)
-        if not cfg.data.tokenizer:
-            raise ConfigError("data.tokenizer: not set (give the tokenizer.json the data was preprocessed with)")
-        tokenizer = load_tokenizer(cfg.data.tokenizer)
-        validate(cfg, env.world_size, vocab_size=tokenizer.vocab_size)
-        device = launch.resolve_device(cfg.training.device)
+        tokenizer, device = _check(cfg, env.world_size)
     except (ConfigError, DataError, ValueError) as e:
         return _user_error(e)
 

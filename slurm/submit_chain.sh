@@ -6,12 +6,12 @@
 # <checkpoint.save or looped.root>/stage_<I>_heads_<m>/.
 #
 #   slurm/submit_chain.sh CONFIG.yaml [--stages 0,1,...] [--after JOBID]
-#       [--convert-to OUT_DIR --convert-from CKPT_DIR] [--dry-run] [sbatch args ...] [-- key=value ...]
+#       [--convert-to OUT_DIR [--convert-from CKPT_DIR]] [--dry-run] [sbatch args ...] [-- key=value ...]
 #
 #   --stages LIST      comma-separated stage indices, in order (default: every stage of looped.stages)
 #   --after JOBID      the first submitted stage also waits for JOBID (e.g. the pretraining job)
 #   --convert-to DIR   also submit slurm/convert_hf.sbatch --ckpt CKPT_DIR --out DIR after the last stage
-#   --convert-from DIR the checkpoint directory to convert (required with --convert-to)
+#   --convert-from DIR the checkpoint directory to convert (default: the last stage's directory)
 #   --dry-run          print the sbatch commands instead of running them
 #   sbatch args        anything else before `--` goes to every stage's sbatch (e.g. -N 2
 #                      --ntasks-per-node=8 --gpus-per-node=8 -p PART -t 12:00:00)
@@ -61,9 +61,6 @@ while [[ $# -gt 0 ]]; do
         *) sbatch_args+=("$1"); shift ;;
     esac
 done
-if [[ -n $convert_to && -z $convert_from ]]; then
-    mtpd_die "--convert-to needs --convert-from CKPT_DIR (the checkpoint directory of the last stage)"
-fi
 
 # Environment for the status checks only; the jobs set up their own (a subshell keeps it from leaking
 # into the sbatch environment).
@@ -87,22 +84,27 @@ stage_complete() {
         "$MTPD_LOOPED_MODULE"
 ) || mtpd_die "cannot import MTPD_LOOPED_MODULE=${MTPD_LOOPED_MODULE:-mtpd_megatron.looped} with ${MTPD_PYTHON:-the default python}"
 
-if [[ -z $stages ]]; then
-    # Every stage of the config (with the overrides): 0..N-1. A config error is reported in one line.
-    count=$(
-        mtpd_init
-        "$MTPD_PYTHON" -c '
+# The config's stages (with the overrides): their count and the last stage's checkpoint directory (what
+# --convert-to converts unless --convert-from names another). A config error is reported in one line.
+read -r count last_dir < <(
+    mtpd_init
+    "$MTPD_PYTHON" -c '
 import sys
 from mtpd_megatron.config.load import ConfigError, load_config
-from mtpd_megatron.looped.stages import stages_of
+from mtpd_megatron.looped.stages import stage_dir, stages_of
 try:
-    print(len(stages_of(load_config(sys.argv[1], sys.argv[2:]))))
+    cfg = load_config(sys.argv[1], sys.argv[2:])
+    n = len(stages_of(cfg))
+    print(n, stage_dir(cfg, n - 1))
 except ConfigError as e:
     sys.exit(f"error: {e}")
 ' "$config" "${overrides[@]}"
-    ) || mtpd_die "cannot read looped.stages from $config (see above)"
+) || true
+[[ -n ${count:-} ]] || mtpd_die "cannot read looped.stages from $config (see above)"
+if [[ -z $stages ]]; then
     stages=$(seq -s, 0 $((count - 1)))
 fi
+convert_from=${convert_from:-$last_dir}
 IFS=, read -r -a stage_list <<<"$stages"
 for s in "${stage_list[@]}"; do
     [[ $s =~ ^[0-9]+$ ]] || mtpd_die "--stages must be comma-separated stage indices (0, 1, ...), got '$stages'"

@@ -40,7 +40,7 @@ def bad_cases() -> list:
         meta = dict(line[2:].split(": ", 1) for line in header)
         field, phrase = (s.strip() for s in meta["expect"].split("|"))
         cases.append(pytest.param(str(path), shlex.split(meta.get("args", "")), field, phrase, id=path.stem))
-    cases.append(pytest.param(str(BAD / "does_not_exist.yaml"), [], "--config", "no such file", id="missing_file"))
+    cases.append(pytest.param(str(BAD / "does_not_exist.yaml"), [], "does_not_exist.yaml: no such file", "no such file", id="missing_file"))
     return cases
 
 
@@ -214,9 +214,12 @@ def test_presets_validate(name):
     assert smallest_world_size(cfg) == PRESET_WORLDS[name][0]
     for world in PRESET_WORLDS[name]:
         validate(cfg, world, vocab_size=None if cfg.model.vocab_size else 1000)
-    data_root = "runs/gpu_data/" if name == "gpu_small" else "runs/data/"  # gpu_small: the full corpus
+    # gpu_small: the full corpus; the tiny presets: the demo's data (so they train right after the demo)
+    data_root = {"gpu_small": "runs/gpu_data/", "tiny_dense": "runs/demo/data/", "tiny_moe": "runs/demo/data/"}.get(
+        name, "runs/data/")
     assert cfg.data.paths and all(p.startswith(data_root) for p in cfg.data.paths)
     assert cfg.data.tokenizer.startswith(data_root)
+    assert [st["heads"] for st in cfg.looped.stages][-1] >= 4, "every preset ships its looped extension"
 
 
 def test_presets_pass_the_checker(tmp_path):

@@ -58,6 +58,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--out", required=True, help="results JSON")
     args = p.parse_args(argv)
+    from mtpd_megatron.cli import check_device
+
+    check_device(p, args.device)
+    if args.k is not None and min(args.k) < 1:
+        p.error(f"--k {' '.join(map(str, args.k))}: every K must be >= 1 (greedy is always measured)")
     if min(args.num_prompts, args.prompt_len, args.new_tokens, args.repeats, args.hf_repeats) < 1:
         p.error("--num-prompts, --prompt-len, --new-tokens, --repeats and --hf-repeats must be >= 1")
     return args

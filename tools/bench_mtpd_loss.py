@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Benchmark the MTP-D loss against plain megatron MTP cross-entropy and a full-vocabulary-gather KL.
 
 All three run in one process group, on the same bf16 logits, fwd + bwd over every head:

@@ -49,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="results JSON")
     p.add_argument("--plot", default=None, help="PNG with per-head and cumulative acceptance curves")
     args = p.parse_args(argv)
+    from mtpd_megatron.cli import check_device
+
+    check_device(p, args.device)
     if args.label is not None and len(args.label) != len(args.ckpt):
         p.error(f"{len(args.label)} --label for {len(args.ckpt)} --ckpt: give one label per checkpoint or none")
     if args.num_samples < 1 or args.batch_size < 1:

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
 
 
 PROG = "speculative_decode"
@@ -29,6 +32,15 @@ def _main(argv=None) -> int:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--json", default=None, help="also write the result as JSON here")
     a = p.parse_args(argv)
+    if a.k < 1:
+        p.error(f"--k {a.k}: draft at least one token per step (1 <= K <= the model's MTP heads)")
+    if a.new_tokens < 1:
+        p.error(f"--new-tokens {a.new_tokens}: must be >= 1")
+    if not a.prompt.strip():
+        p.error("--prompt is empty: give some text to continue")
+    from mtpd_megatron.cli import check_device
+
+    check_device(p, a.device)
 
     from mtpd_megatron.inference.decoder import speculative_demo
     from mtpd_megatron.inference.loading import load_for_inference, load_tokenizer_for

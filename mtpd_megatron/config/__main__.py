@@ -93,7 +93,7 @@ def summary(cfg: Config, world: int, vocab_size: Optional[int]) -> str:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, flag=None)
         world = args.world_size if args.world_size is not None else smallest_world_size(cfg)
         vocab_size = args.vocab_size if args.vocab_size is not None else tokenizer_vocab_size(cfg)
         validate(cfg, world, vocab_size)

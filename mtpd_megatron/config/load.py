@@ -10,7 +10,7 @@ import dataclasses
 import difflib
 import os
 import typing
-from typing import Any, Iterable, Union
+from typing import Any, Iterable, Optional, Union
 
 import yaml
 
@@ -64,6 +64,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/no/yes as booleans: give back the word's meaning
+            return "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
@@ -119,26 +121,29 @@ def config_from_dict(data: dict, overrides: Iterable[str] = ()) -> Config:
     return _build(Config, data)
 
 
-def read_yaml(path: str) -> dict:
+def read_yaml(path: str, flag: Optional[str] = "--config") -> dict:
+    """The YAML mapping in `path`; errors name the file as the user gave it (`flag path`, or the bare path
+    for a positional argument)."""
+    where = f"{flag} {path}" if flag else str(path)
     if not os.path.isfile(path):
-        raise ConfigError(f"--config {path}: no such file (pass a YAML file such as configs/tiny_dense.yaml)")
+        raise ConfigError(f"{where}: no such file (pass a YAML file such as configs/tiny_dense.yaml)")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"--config {path}: not valid YAML{at} (fix the syntax)") from None
+        raise ConfigError(f"{where}: not valid YAML{at} (fix the syntax)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {path}: top level must be a mapping of sections (model:, parallel:, ...)")
+        raise ConfigError(f"{where}: top level must be a mapping of sections (model:, parallel:, ...)")
     return data
 
 
-def load_config(path: str, overrides: Iterable[str] = ()) -> Config:
+def load_config(path: str, overrides: Iterable[str] = (), flag: Optional[str] = "--config") -> Config:
     """Read, override and type-check a config (validation against a world size happens in validate.py)."""
-    return config_from_dict(read_yaml(path), overrides)
+    return config_from_dict(read_yaml(path, flag), overrides)
 
 
 def config_to_dict(cfg: Config) -> dict:

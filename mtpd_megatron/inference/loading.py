@@ -44,6 +44,11 @@ class LoadedModel:
 
 def resolve_checkpoint(spec: str) -> Path:
     """An `iter_N` directory, or a save directory (-> its newest complete checkpoint)."""
+    folder = Path(spec)
+    if (folder / "config.json").is_file() and any(folder.glob("*.safetensors*")):
+        raise CheckpointError(f"--ckpt {spec}: this is a Hugging Face export, not a training checkpoint; convert "
+                              f"it with tools/convert_from_hf.py --hf {spec} --out CKPT_DIR (or load it with "
+                              "transformers)")
     path = layout.resolve(str(spec), None, log=lambda *_: None, flag="--ckpt")
     if path is None:
         raise CheckpointError(f"--ckpt {spec}: no checkpoint found")

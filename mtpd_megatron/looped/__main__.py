@@ -2,7 +2,7 @@
 
     python -m mtpd_megatron.looped run-stage --config CFG --stage I [overrides]   # train stage I
     python -m mtpd_megatron.looped run-chain --config CFG [overrides]             # every stage, in order
-    python -m mtpd_megatron.looped status    --config CFG --stage I               # exit 0 complete, 1 not
+    python -m mtpd_megatron.looped status    --config CFG [--stage I]             # exit 0 complete, 1 not
 
 A stage that is complete is never re-run ("stage I already complete", exit 0). A stage with a partial
 checkpoint resumes from it; a stage without one starts from the previous stage's final checkpoint: the
@@ -31,8 +31,10 @@ def parse_args(argv):
     for name in ("run-stage", "status", "run-chain"):
         s = sub.add_parser(name)
         s.add_argument("--config", required=True)
-        if name != "run-chain":
+        if name == "run-stage":
             s.add_argument("--stage", type=int, required=True)
+        elif name == "status":
+            s.add_argument("--stage", type=int, default=None, help="one stage (default: every stage)")
         s.add_argument("overrides", nargs="*")
     return p.parse_args(argv)
 
@@ -81,10 +83,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
         count = len(stages.stages_of(cfg))
         if args.command == "status":
-            stages.check_stage_index(cfg, args.stage)
-            done = stages.is_complete(cfg, args.stage)
-            print(f"stage {args.stage}: {'complete' if done else 'not complete'} ({stages.stage_dir(cfg, args.stage)})")
-            return 0 if done else 1
+            which = range(count) if args.stage is None else [args.stage]
+            done = []
+            for index in which:
+                stages.check_stage_index(cfg, index)
+                done.append(stages.is_complete(cfg, index))
+                print(f"stage {index}: {'complete' if done[-1] else 'not complete'} ({stages.stage_dir(cfg, index)})")
+            return 0 if all(done) else 1
         indices = [args.stage] if args.command == "run-stage" else list(range(count))
         for index in indices:
             stages.check_stage_index(cfg, index)

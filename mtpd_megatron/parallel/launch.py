@@ -138,3 +138,29 @@ def shutdown(keep_process_group: bool = False) -> None:
     parallel_state.destroy_model_parallel()
     if not keep_process_group:
         dist.destroy_process_group()
+
+
+def spawn_local_ranks(nproc: int, module: str, argv: list) -> int:
+    """Run `python -m module argv...` as `nproc` ranks on this machine (torchrun's own launcher, in-process)
+    and return the ranks' exit code: 0, or the first failing rank's (2 user error, 3, 75 preempted).
+
+    Why not tell users to type torchrun: when a rank exits with a user error, torchrun wraps its one-line
+    message in a ~40-line ChildFailedError report and exits 1. Here the ranks' own line is all that is
+    printed and their exit code is kept. OMP_NUM_THREADS defaults to the cores per rank (torchrun would set 1
+    and warn about it).
+    """
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    for name in ("torch.distributed.run", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    args = parse_args(["--nproc-per-node", str(nproc), "--standalone", "-m", module, *argv])
+    try:
+        run(args)
+    except ChildFailedError as failed:
+        codes = [f.exitcode for _, f in sorted(failed.failures.items())]
+        return next((c for c in codes if c not in (0, None) and c > 0), 1)
+    return 0
