@@ -343,6 +343,11 @@ class SpeculativeDecoder:
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         longest = max(len(x) for x in prompts) + max_new_tokens
+        context = getattr(self.model, "max_sequence_length", None)
+        if context is not None and longest > context:
+            raise ValueError(f"prompt ({max(len(x) for x in prompts)} tokens) + {max_new_tokens} new tokens exceed the "
+                             f"model's context of {context} tokens (model.max_position_embeddings): shorten the "
+                             "prompt or ask for fewer new tokens")
         if longest > self.max_length:
             raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds max_length={self.max_length}")
         model = self.model
