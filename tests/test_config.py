@@ -274,3 +274,20 @@ def test_checker_reads_the_vocabulary_from_the_tokenizer(tmp_path):
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
     assert "data.tokenizer=" in result.stderr and "not a Hugging Face tokenizer.json" in result.stderr
     assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_help_config_prints_the_schema_docs():
+    """`--help-config [section]` lists every field with type, default and the doc schema.py keeps for it."""
+    import dataclasses
+
+    from mtpd_megatron.config.schema import MTPDConfig
+
+    result = run_checker(["--help-config", "mtp.mtpd"], ROOT)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == len(dataclasses.fields(MTPDConfig))
+    assert any(line.startswith("  mtp.mtpd.topn (int, default 10000): Teacher TopN") for line in lines)
+    everything = run_checker(["--help-config"], ROOT)
+    assert everything.returncode == 0 and "training.lr (float" in everything.stdout
+    bad = run_checker(["--help-config", "mtp.nope"], ROOT)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --help-config mtp.nope: no section 'nope'")

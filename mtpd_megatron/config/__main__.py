@@ -1,4 +1,5 @@
-"""Config checker: `python -m mtpd_megatron.config CFG [section.key=value ...] [--world-size N]`.
+"""Config checker: `python -m mtpd_megatron.config CFG [section.key=value ...] [--world-size N]`;
+field reference: `python -m mtpd_megatron.config --help-config [section]` (e.g. `mtp.mtpd`).
 
 Loads, overrides and validates a config the way the trainer will, without torch, process groups or
 files, and prints the resolved config (valid YAML) followed by the layout and parameter counts as
@@ -9,7 +10,9 @@ config on the login node before it queues anything.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
+import typing
 import os
 import sys
 from typing import NoReturn, Optional, Sequence
@@ -30,13 +33,49 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Load, override and validate a config as the trainer will; print "
                      "it with its parallel layout and parameter counts. Exit code 2 on a bad config.")
-    parser.add_argument("config", help="YAML config file, e.g. configs/tiny_dense.yaml")
+    parser.add_argument("config", nargs="?", help="YAML config file, e.g. configs/tiny_dense.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as model.num_layers=4")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks to check the layout for (default: the smallest the layout allows)")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="tokenizer vocabulary size (default: model.vocab_size, else read data.tokenizer)")
+    parser.add_argument("--help-config", nargs="?", const="", default=None, metavar="SECTION",
+                        help="print every config field (or a section's, e.g. mtp.mtpd) with its type, default and doc")
     return parser
+
+
+def _type_name(tp) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union:
+        name = " | ".join(_type_name(a) for a in args)
+        return name + (" | null" if type(None) in typing.get_args(tp) else "")
+    return getattr(tp, "__name__", str(tp))
+
+
+def config_reference(section: str = "") -> str:
+    """The schema's own docs (schema.py keeps one per field): `section.key (type, default): doc` lines."""
+    cls, prefix = Config, ""
+    for part in [p for p in section.split(".") if p]:
+        hints = typing.get_type_hints(cls)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            sections = [f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])]
+            raise ConfigError(f"--help-config {section}: no section {part!r} (sections here: {', '.join(sections)})")
+        cls, prefix = hints[part], f"{prefix}{part}."
+    lines = []
+
+    def walk(klass, pre: str) -> None:
+        hints = typing.get_type_hints(klass)
+        for f in dataclasses.fields(klass):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                lines.append(f"{pre}{f.name}: {f.metadata.get('doc', '')}")
+                walk(tp, f"{pre}{f.name}.")
+                continue
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {pre}{f.name} ({_type_name(tp)}, default {default!r}): {f.metadata.get('doc', '')}")
+
+    walk(cls, prefix)
+    return "\n".join(lines)
 
 
 def smallest_world_size(cfg: Config) -> int:
@@ -91,7 +130,17 @@ def summary(cfg: Config, world: int, vocab_size: Optional[int]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_intermixed_args(argv)
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)
+    if args.help_config is not None:
+        try:
+            print(config_reference(args.help_config))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        return 0
+    if args.config is None:
+        parser.error("give a config file (or --help-config)")
     try:
         cfg = load_config(args.config, args.overrides, flag=None)
         world = args.world_size if args.world_size is not None else smallest_world_size(cfg)
