@@ -9,8 +9,8 @@
     report      per-head acceptance a_k, CAR_k and tau of the last validation, from metrics.jsonl
     acceptance  runs/demo/eval/acceptance.{json,png}   teacher-forced a_k, CAR_k, tau on held-out documents
                                                    (tools/eval_acceptance.py; TP=2 checkpoint read at TP=1)
-    export      runs/demo/hf/                      Hugging Face safetensors + config (Qwen3 class, MTP heads in
-                                                   the DeepSeek-V3 layout) (tools/convert_to_hf.py)
+    export      runs/demo/hf/                      Hugging Face safetensors + config (stock Qwen3 class; the MTP
+                                                   heads in runs/demo/hf/mtp/, DeepSeek-V3 layout) (tools/convert_to_hf.py)
     decode      a prompt decoded self-speculatively with 4 drafted tokens per step: tokens/step, and a check
                 that the output equals greedy decoding (tools/speculative_decode.py)
 
