@@ -5,7 +5,10 @@ One module-scoped build does the expensive parts once:
      in the presets; 2 here), perturb every weight (expert bias included) identically on replicas, record
      megatron's logits (main + every MTP depth) and save torch_dist checkpoints in the manager's layout;
   2. one process converts: ckpt -> HF, HF -> ckpt (--tp 2 --ep 2), ckpt -> HF again, plus variants.
-The tests then load the HF directories with stock transformers (no remote code) and compare.
+The tests then load the HF directories with stock transformers (no remote code) and compare. The MTP heads go to
+the export's `mtp/` sidecar by default (the main files hold exactly the stock class's keys); drafting with them runs
+transformers' own MTP code through inference/hf_mtp.py, and tools/attach_mtp_heads.py puts them back after a
+transformers fine-tune.
 """
 
 from __future__ import annotations
@@ -49,6 +52,10 @@ VARIANTS = {
                            "moe": {**_SMALL_MOE, "router_topk": 1, "score_function": "sigmoid"}},
                  "mtp": {"num_heads": 1}},
 }
+
+GLM46 = {"model": {**TINY, "vocab_size": 256, "num_layers": 46,
+                   "moe": {**_SMALL_MOE, "score_function": "sigmoid", "layer_freq": [0] + [1] * 45}},
+         "mtp": {"num_heads": 1}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -130,6 +137,8 @@ def _convert_all(root: str) -> dict:
         convert_to_hf(str(r / f"rt_ck_{name}"), str(r / f"rt_hf_{name}"), progress=False)
     convert_to_hf(str(r / "ck_moe"), str(r / "hf_moe_sharded"), max_shard_bytes=200_000, progress=False)
     convert_to_hf(str(r / "ck_dense"), str(r / "hf_dense_bf16"), dtype="bf16", progress=False)
+    convert_to_hf(str(r / "ck_moe"), str(r / "hf_moe_inline"), mtp="inline", progress=False)
+    convert_to_hf(str(r / "ck_dense"), str(r / "hf_dense_none"), mtp="none", progress=False)
     convert_from_hf(str(r / "hf_dense"), str(r / "ck_dense_nomtp"), mtp="none", progress=False)
     convert_from_hf(str(r / "hf_dense"), str(r / "ck_dense_init"), mtp="init", mtp_heads=3, progress=False)
     convert_to_hf(str(r / "ck_dense_init"), str(r / "hf_dense_init"), progress=False)
@@ -222,7 +231,7 @@ def _variants(root: str) -> dict:
             sd = model.state_dict()
             hf = Path(root) / f"hf_{name}"
             hf.mkdir()
-            summary = write_hf(cfg, lambda names: {n: sd[n] for n in names}, hf, vocab_rows=256,
+            summary = write_hf(cfg, lambda names: {n: sd[n] for n in names}, hf, vocab_rows=256, vocab_size=256,
                                dtype=torch.float32, progress=False)
         convert_from_hf(str(hf), str(Path(root) / f"ck_{name}"), progress=False)
         convert_to_hf(str(Path(root) / f"ck_{name}"), str(Path(root) / f"rt_hf_{name}"), progress=False)
@@ -237,12 +246,30 @@ def _variants(root: str) -> dict:
         convert_to_hf(str(Path(root) / f"ck_fresh_{name}"), str(Path(root) / f"rt_fresh_{name}"), progress=False)
         out[name] = {"main": main, "mtp": mtp, "arch": summary["arch"]}
     out["tokens"] = tokens
+    # GLM-4.5-Air's shape (46 layers, one head): the stock class declares layer 46 as its MTP layer -> inline
+    cfg = config_from_dict(GLM46)
+    with megatron_world():
+        model = build_model(cfg, vocab_size=256)
+        _perturb(model)
+        sd = model.state_dict()
+        (Path(root) / "hf_glm46").mkdir()
+        out["glm46"] = write_hf(cfg, lambda names: {n: sd[n] for n in names}, Path(root) / "hf_glm46",
+                                vocab_rows=256, vocab_size=256, dtype=torch.float32, progress=False)
     return out
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Fixtures
 # ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: OpenMP threads only spin against the other test processes (20x slower generate here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +311,16 @@ def _rel(a, b) -> float:
 
 
 def _files(path: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(path.glob("*.safetensors"))}
+    """Every weight file, the MTP sidecar's included (and its manifest)."""
+    found = sorted(path.glob("*.safetensors")) + sorted((path / "mtp").glob("*"))
+    return {str(p.relative_to(path)): p.read_bytes() for p in found}
+
+
+def _keys(path: Path) -> set:
+    """The tensors of a directory's weight files (its index, or its single model.safetensors)."""
+    from mtpd_megatron.inference.hf_mtp import weight_files
+
+    return set(weight_files(path))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,31 +343,34 @@ def test_hf_logits_equal_megatron(built, name, cls):
 
 @pytest.mark.parametrize("name", ["dense", "moe"])
 def test_mtp_heads_equal_megatron(built, name):
-    """The exported DeepSeek-layout heads, run by hf_mtp_decoder, give megatron's per-depth logits."""
-    from mtpd_megatron.convert.hf_mtp_decoder import HFMTPDecoder
+    """The exported heads, run by transformers' own MtpModel (loaded by inference/hf_mtp.py from the sidecar), give
+    megatron's per-depth logits."""
+    from mtpd_megatron.inference.hf_mtp import load_mtp_model, teacher_forced_logits
 
-    dec = HFMTPDecoder.from_pretrained(built["root"] / f"hf_{name}")
-    assert len(dec.heads) == 2
+    model = _load(built["root"] / f"hf_{name}")
+    mtp = load_mtp_model(model, built["root"] / f"hf_{name}")
+    assert len(mtp.layers) == 2
     tokens = built["refs"][0]["tokens"]
-    ours = dec.mtp_logits(tokens)
+    ours = teacher_forced_logits(model, mtp, tokens)
     for k, ref in enumerate(_gathered(built["refs"], name, "mtp")):
         valid = SEQ - (k + 1)  # megatron zero-fills the rolled-in tokens at the end
         assert _rel(ours[k][:, :valid], ref[:, :valid]) <= 1e-4, f"depth {k + 1}"
 
 
 def test_round_trip_bitwise(built):
-    """HF -> megatron (saved for TP2/EP2) -> HF reproduces every byte of the weights, MTP heads included."""
+    """HF -> megatron (saved for TP2/EP2) -> HF reproduces every byte of the weights, MTP heads (sidecar) included."""
     root = built["root"]
     for name in ("dense", "moe"):
         a, b = _files(root / f"hf_{name}"), _files(root / f"rt_hf_{name}")
         assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), name
         config = (root / f"hf_{name}" / "config.json").read_bytes()
         assert config == (root / f"rt_hf_{name}" / "config.json").read_bytes()
-        keys = json.loads((root / f"hf_{name}" / "model.safetensors.index.json").read_text())["weight_map"]
-        assert any(k.startswith("model.layers.3.eh_proj") for k in keys)  # 2 layers + 2 heads
+        assert "mtp/model.safetensors.index.json" in a  # 2 layers + 2 heads: the heads in the sidecar
+        assert any(k.startswith("model.layers.3.eh_proj") for k in _keys(root / f"hf_{name}" / "mtp"))
     meta = json.loads((root / "rt_ck_moe" / "iter_0000000" / "mtpd_checkpoint.json").read_text())
     assert meta["vocab_size"] == built["vocab"] and meta["padded_vocab_size"] == 512
     assert meta["config"]["parallel"]["expert_model_parallel_size"] == 2
+    assert meta["config"]["mtp"]["num_heads"] == 2 and meta["source"]["mtp"] == "copied"
     assert (root / "rt_ck_moe" / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
 
 
@@ -370,7 +409,9 @@ def test_sharded_bf16_and_tokenizer(built):
     index = json.loads((root / "hf_moe_sharded" / "model.safetensors.index.json").read_text())
     files = sorted(set(index["weight_map"].values()))
     assert len(files) > 1 and files[0].endswith(f"-of-{len(files):05d}.safetensors")
-    assert _files(root / "hf_moe_sharded").keys() == set(files)
+    assert {k for k in _files(root / "hf_moe_sharded") if "/" not in k} == set(files)
+    heads = json.loads((root / "hf_moe_sharded" / "mtp" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(heads.values())) > 1  # the sidecar is sharded by the same --max-shard-size
     model = _load(root / "hf_moe_sharded")
     with torch.no_grad():
         assert _rel(model(built["refs"][0]["tokens"]).logits, _gathered(built["refs"], "moe", "main")) <= 1e-4
@@ -395,14 +436,17 @@ def test_mtp_modes(built):
     root = built["root"]
     meta = json.loads((root / "ck_dense_nomtp" / "iter_0000000" / "mtpd_checkpoint.json").read_text())
     assert meta["config"]["mtp"]["num_heads"] == 0
-    init = json.loads((root / "hf_dense_init" / "config.json").read_text())
-    assert init["num_nextn_predict_layers"] == 3
+    manifest = json.loads((root / "hf_dense_init" / "mtp" / "mtp_heads.json").read_text())
+    assert manifest["num_heads"] == 3 and manifest["num_hidden_layers"] == 2
     from safetensors import safe_open
 
     with safe_open(str(root / "hf_dense_init" / "model-00001-of-00001.safetensors"), "pt") as f, \
             safe_open(str(root / "hf_dense" / "model-00001-of-00001.safetensors"), "pt") as g:
-        for name, same in (("model.layers.1.mlp.down_proj.weight", True), ("model.layers.2.eh_proj.weight", False)):
-            assert torch.equal(f.get_tensor(name), g.get_tensor(name)) == same, name
+        assert torch.equal(f.get_tensor("model.layers.1.mlp.down_proj.weight"),
+                           g.get_tensor("model.layers.1.mlp.down_proj.weight"))
+    with safe_open(str(root / "hf_dense_init" / "mtp" / "model-00001-of-00001.safetensors"), "pt") as f, \
+            safe_open(str(root / "hf_dense" / "mtp" / "model-00001-of-00001.safetensors"), "pt") as g:
+        assert not torch.equal(f.get_tensor("model.layers.2.eh_proj.weight"), g.get_tensor("model.layers.2.eh_proj.weight"))
         assert torch.all(f.get_tensor("model.layers.4.enorm.weight") == 1)
 
 
@@ -412,7 +456,7 @@ def test_other_architectures(variants):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from mtpd_megatron.convert.hf_mtp_decoder import HFMTPDecoder, load_heads
+    from mtpd_megatron.inference.hf_mtp import load_mtp_model, teacher_forced_logits
 
     root, res = variants
     for name in VARIANTS:
@@ -426,53 +470,301 @@ def test_other_architectures(variants):
             fresh = {k: f.get_tensor(k) for k in f.keys()}
         index = json.loads((root / f"hf_{name}" / "model.safetensors.index.json").read_text())["weight_map"]
         ours = {}
-        for k, file in index.items():
-            if not k.startswith("model.layers.2."):  # the MTP head (transformers does not know it)
-                with safe_open(str(root / f"hf_{name}" / file), "pt") as f:
-                    ours[k] = tuple(f.get_slice(k).get_shape())
+        for k, file in index.items():  # the main files: exactly what transformers' own save_pretrained writes
+            with safe_open(str(root / f"hf_{name}" / file), "pt") as f:
+                ours[k] = tuple(f.get_slice(k).get_shape())
         assert ours == theirs, name
         assert _files(root / f"hf_{name}") == _files(root / f"rt_hf_{name}"), name
         back = {}
         for file in (root / f"rt_fresh_{name}").glob("*.safetensors"):
             back.update(load_file(str(file)))
         assert back.keys() == fresh.keys() and all(torch.equal(back[k], fresh[k]) for k in fresh), name
-        dec = HFMTPDecoder(model, load_heads(model, root / f"hf_{name}"))
-        assert _rel(dec.mtp_logits(res["tokens"])[0][:, :-1], res[name]["mtp"][0][:, :-1]) <= 1e-4, name
+        mtp = load_mtp_model(model, root / f"hf_{name}")
+        logits = teacher_forced_logits(model, mtp, res["tokens"])[0]
+        assert _rel(logits[:, :-1], res[name]["mtp"][0][:, :-1]) <= 1e-4, name
 
 
 # ----------------------------------------------------------------------------------------------------------
-# HF-side MTP decoding
+# Serving: strict keys, drafting with every head in transformers, heads surviving a fine-tune
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _stock_keys(path: Path, tmp: Path) -> set:
+    """The keys the stock class's own save_pretrained writes for this config (Hub layout: per-expert tensors)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(path)))
+    fresh.save_pretrained(str(tmp))
+    keys = set()
+    for file in tmp.glob("*.safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(str(file), "pt") as f:
+            keys |= set(f.keys())
+    return keys
+
+
+@pytest.mark.parametrize("name,cls", [("dense", "Qwen3ForCausalLM"), ("moe", "Glm4MoeForCausalLM")])
+def test_exports_load_clean_with_stock_keys(built, name, cls, tmp_path, caplog):
+    """The default export's main files hold exactly the stock class's keys (what a strict loader like vLLM's needs):
+    transformers loads it with an empty report (no unexpected, missing or mismatched key, no LOAD REPORT line)."""
+    from transformers import AutoModelForCausalLM
+
+    path = built["root"] / f"hf_{name}"
+    assert _keys(path) == _stock_keys(path, tmp_path / "fresh")
+    if name == "dense":  # no fused experts: the in-memory state dict has the same names as the files
+        assert _keys(path) == set(_load(path).state_dict())
+    with caplog.at_level("WARNING"):
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, output_loading_info=True)
+    assert type(model).__name__ == cls
+    assert not any(info.values()), info
+    assert "LOAD REPORT" not in caplog.text
+    conf = json.loads((path / "config.json").read_text())
+    assert conf.get("num_nextn_predict_layers", 0) == 0 and "num_mtp_layers" not in conf  # the files hold no heads
+    assert (path / "custom_generate" / "generate.py").is_file()
+    # --mtp inline (for vLLM/SGLang GLM MTP): heads in the main files and config.json; --mtp none: no heads at all
+    moe, inline = built["root"] / "hf_moe", built["root"] / "hf_moe_inline"
+    assert _keys(inline) - _keys(moe) == _keys(moe / "mtp") and not (inline / "mtp").exists()
+    assert json.loads((inline / "config.json").read_text())["num_nextn_predict_layers"] == 2
+    none = built["root"] / "hf_dense_none"
+    assert _files(none) == {k: v for k, v in _files(built["root"] / "hf_dense").items() if not k.startswith("mtp/")}
+    assert not (none / "custom_generate").exists()
+
+
+def _cascade_drafts(model, mtp, seq: list, k: int, vocab: int) -> list:
+    """The K drafts for the prefix `seq`, recomputed without any cache (reference for transformers' MTP cache)."""
+    ids = torch.tensor([seq])
+    hidden = model.get_decoder()(input_ids=ids[:, :-1]).last_hidden_state
+    ext, drafts = list(seq), []
+    for depth in range(k):
+        tokens = torch.tensor([ext[depth + 1: len(seq) + depth]])
+        positions = torch.arange(depth + 1, len(seq) + depth)[None]
+        hidden = mtp.forward_layer(depth, hidden, positions, None, input_ids=tokens)
+        logits = mtp._project_to_logits(hidden[:, -1])[0]
+        drafts.append(int(logits[:vocab].argmax()))
+        ext.append(drafts[-1])
+    return drafts
+
+
+def _agreeing_copy(src: Path, dst: Path) -> None:
+    """A copy whose heads agree with the main model (so drafts get accepted): every layer's o_proj/down_proj zero
+    (layers are identities, the model predicts from the current token alone), each head's eh_proj = [I | 0] and
+    shared_head.norm = the final norm, so head k at t predicts what the model predicts at t+k; the last head gets
+    a little noise, for partly accepted steps."""
+    from safetensors.torch import load_file, save_file
+
+    from mtpd_megatron.inference.hf_mtp import head_index, locate_heads
+
+    shutil.copytree(src, dst)
+    L = json.loads((dst / "config.json").read_text())["num_hidden_layers"]
+    K = locate_heads(dst)["num_heads"]
+    files = sorted(dst.glob("model-*.safetensors")) + sorted((dst / "mtp").glob("model-*.safetensors"))
+    norm = next(t["model.norm.weight"] for t in map(load_file, map(str, files)) if "model.norm.weight" in t)
+    for file in files:
+        tensors = load_file(str(file))
+        for n, t in tensors.items():
+            k = head_index(n, L)
+            if n.endswith(("o_proj.weight", "down_proj.weight")):
+                tensors[n] = torch.zeros_like(t)
+            elif k is not None and n.endswith("eh_proj.weight"):
+                h = t.shape[0]
+                tensors[n] = torch.cat([torch.eye(h), torch.zeros(h, h)], 1)
+                if k == K - 1:
+                    tensors[n] += 0.05 * torch.randn(h, 2 * h, generator=torch.Generator().manual_seed(0))
+            elif k is not None and n.endswith("enorm.weight"):
+                tensors[n] = torch.ones_like(t)
+            elif k is not None and n.endswith("shared_head.norm.weight"):
+                tensors[n] = norm.clone()
+        save_file(tensors, str(file), metadata={"format": "pt"})
 
 
 @pytest.mark.parametrize("name", ["dense", "moe"])
-def test_mtp_decoder_equals_generate(built, name):
-    from mtpd_megatron.convert.hf_mtp_decoder import HFMTPDecoder
+def test_mtp_generate_equals_greedy(built, name, tmp_path):
+    """generate(use_mtp=True) — transformers' own MTP drafting, fed the sidecar heads by hf_mtp.enable_mtp — drafts
+    with all K heads every step, its drafts equal a cache-free recomputation of the cascade, and the output equals
+    plain greedy generation, for K = 1..num_heads; with agreeing heads drafts are accepted (fully and partly)."""
+    from mtpd_megatron.inference.hf_mtp import enable_mtp
 
-    dec = HFMTPDecoder.from_pretrained(built["root"] / f"hf_{name}")
-    gen = torch.Generator().manual_seed(11)
-    for _ in range(3):
-        prompt = torch.randint(2, built["vocab"], (1, 5), generator=gen)
-        ref = dec.model.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None,
-                                 pad_token_id=1)[0].tolist()
-        res = dec.generate(prompt, 24)
-        assert res.tokens == ref
-        assert res.steps >= 1 and res.drafted > 0
-        # the heads' incremental caches give the drafts a cache-free recomputation gives
-        assert dec.generate(prompt, 24, full_recompute=True).drafts == res.drafts
+    vocab = built["vocab"]
+    agree = tmp_path / "agree"
+    _agreeing_copy(built["root"] / f"hf_{name}", agree)
+    for path, ks in ((built["root"] / f"hf_{name}", (1, 2)), (agree, (2,))):
+        model = _load(path)
+        for k in ks:
+            mtp = enable_mtp(model, path, k)
+            gen, accepted, steps = torch.Generator().manual_seed(11), [], 0
+            for _ in range(2):
+                prompt = torch.randint(2, vocab, (1, 5), generator=gen)
+                ref = model.generate(prompt, max_new_tokens=20, do_sample=False)
+                out = model.generate(prompt, max_new_tokens=20, do_sample=False, use_mtp=True)
+                assert torch.equal(out, ref), (path.name, k)
+                record = mtp.mtp_record
+                assert record["drafts"] and all(len(d) == k for d in record["drafts"][:-1])
+                seq = out[0].tolist()
+                n = prompt.shape[1] + 1
+                for drafts, a in zip(record["drafts"], record["accepted"] + [None]):
+                    assert _cascade_drafts(model, mtp, seq[:n], len(drafts), vocab) == drafts
+                    if a is None:
+                        break
+                    n += a + 1
+                accepted += record["accepted"]
+                steps += len(record["drafts"])
+            if path == agree:
+                assert k in accepted and any(0 < a < k for a in accepted)  # fully and partly accepted steps
+                assert sum(accepted) > len(accepted) / 2  # > 1.5 tokens per main forward
+            elif k == 1:
+                assert 0 in accepted
 
-        def oracle(seq, k):  # the true continuation with every third step's second draft wrong
-            d = (ref[len(seq): len(seq) + k] + [0] * k)[:k]
-            if len(seq) % 3 == 0 and k > 1:
-                d[1] = (d[1] + 1) % built["vocab"]
-            return d
 
-        res = dec.generate(prompt, 24, drafter=oracle)
-        assert res.tokens == ref and res.accepted > 0 and res.accepted < res.drafted
-    # EOS: stop right after the first EOS, as generate does
-    eos = ref[8]
-    stop = dec.model.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=eos, pad_token_id=1)[0].tolist()
-    assert dec.generate(prompt, 24, eos_token_id=eos).tokens == stop
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_finetune_then_reattach_bitwise(built, name, tmp_path):
+    """A fine-tune through transformers (one optimizer step, save_pretrained) keeps the stock keys only and a
+    config.json that declares no heads; tools/attach_mtp_heads.py puts the export's heads back bitwise (from the
+    export's sidecar, in place, and from the megatron checkpoint, into a copy), and the result drafts with them."""
+    from transformers import AutoModelForCausalLM
+
+    from mtpd_megatron.convert.mtp_heads import attach_heads
+    from mtpd_megatron.inference.hf_mtp import enable_mtp
+
+    export = built["root"] / f"hf_{name}"
+    model = AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32)
+    tokens = built["refs"][0]["tokens"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(tokens, labels=tokens).loss.backward()
+    opt.step()
+    ft = tmp_path / "ft"
+    model.save_pretrained(str(ft))
+    assert not (ft / "mtp").exists() and json.loads((ft / "config.json").read_text()).get("num_nextn_predict_layers",
+                                                                                          0) == 0
+    before = {p.name: p.read_bytes() for p in ft.glob("*.safetensors")}
+    summary = attach_heads(str(ft), str(export))
+    assert summary["layout"] == "sidecar" and summary["num_heads"] == 2
+    assert _files(ft)["mtp/model-00001-of-00001.safetensors"] == _files(export)["mtp/model-00001-of-00001.safetensors"]
+    assert {k: v for k, v in _files(ft).items() if k.startswith("mtp/")} == \
+        {k: v for k, v in _files(export).items() if k.startswith("mtp/")}
+    assert {p.name: p.read_bytes() for p in ft.glob("*.safetensors")} == before  # the fine-tune itself untouched
+    from_ckpt = tmp_path / "ft_from_ckpt"
+    attach_heads(str(ft), str(built["root"] / f"ck_{name}"), str(from_ckpt), overwrite=True)
+    from safetensors.torch import load_file
+
+    ours = load_file(str(from_ckpt / "mtp" / "model-00001-of-00001.safetensors"))
+    theirs = load_file(str(export / "mtp" / "model-00001-of-00001.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+    inline = tmp_path / "ft_inline"  # for vLLM / SGLang: the heads in the main files, declared in config.json
+    attach_heads(str(ft), str(export), str(inline), mtp="inline")
+    assert json.loads((inline / "config.json").read_text())["num_nextn_predict_layers"] == 2
+    assert _keys(inline) == _keys(ft) | set(theirs) and not (inline / "mtp").exists()
+    attached = load_file(str(inline / "model-mtp-heads.safetensors"))
+    assert attached.keys() == theirs.keys() and all(torch.equal(attached[n], theirs[n]) for n in theirs)
+    prompt = tokens[:1, :5]
+    for path in (ft, inline):
+        tuned = _load(path)
+        enable_mtp(tuned)  # from where it was loaded: the fine-tune with its re-attached heads
+        ref = tuned.generate(prompt, max_new_tokens=12, do_sample=False)
+        assert torch.equal(tuned.generate(prompt, max_new_tokens=12, do_sample=False, use_mtp=True), ref)
+
+
+def test_attach_errors(built, tmp_path, capsys):
+    """attach_mtp_heads: one line `attach_mtp_heads.py: error: ...`, exit 2, nothing written."""
+    from mtpd_megatron.convert.mtp_heads import cli
+
+    root = built["root"]
+    ft = tmp_path / "ft"
+    shutil.copytree(root / "hf_dense_none", ft)
+    snapshot = sorted(str(p.relative_to(ft)) for p in ft.rglob("*"))
+
+    def fails(argv, needle):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("attach_mtp_heads.py: error: ") and needle in err, err
+        assert sorted(str(p.relative_to(ft)) for p in ft.rglob("*")) == snapshot
+        assert not (tmp_path / "out").exists() and not list(tmp_path.glob("out.tmp-*"))
+
+    fails(["--model", str(ft), "--heads", str(root / "hf_moe")], "a qwen3 model, the heads belong to a glm4_moe")
+    fails(["--model", str(ft), "--heads", str(tmp_path / "nope")], "no such directory")
+    fails(["--model", str(ft), "--heads", str(root / "hf_dense_none")], "has no MTP heads")
+    fails(["--model", str(ft), "--heads", str(root / "hf_dense"), "--mtp", "inline"], "pass --out")
+    fails(["--model", str(root / "hf_moe_inline"), "--heads", str(root / "hf_moe"), "--out", str(tmp_path / "out")],
+          "already holds 2 inline MTP heads")
+    resized = tmp_path / "resized"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(ft))
+    model.resize_token_embeddings(640)
+    model.save_pretrained(str(resized))
+    assert cli(["--model", str(resized), "--heads", str(root / "hf_dense")]) == 2
+    err = capsys.readouterr().err
+    assert "vocab mismatch" in err and "640 embedding rows" in err and not (resized / "mtp").exists()
+    wide = tmp_path / "wide"  # same vocabulary, another layer count
+    conf = json.loads((ft / "config.json").read_text())
+    shutil.copytree(ft, wide)
+    (wide / "config.json").write_text(json.dumps({**conf, "num_hidden_layers": 3}))
+    assert cli(["--model", str(wide), "--heads", str(root / "hf_dense")]) == 2
+    assert "3 decoder layers, the heads follow a 2-layer model" in capsys.readouterr().err
+    # heads already there: refused without --overwrite
+    assert cli(["--model", str(ft), "--heads", str(root / "hf_dense")]) == 0
+    capsys.readouterr()
+    snapshot = sorted(str(p.relative_to(ft)) for p in ft.rglob("*"))
+    fails(["--model", str(ft), "--heads", str(root / "hf_dense")], "pass --overwrite")
+
+
+def test_layout_choice():
+    """auto = inline exactly where the installed transformers class declares the heads' layers as MTP layers
+    (Glm4Moe: layers 46 and 92, one head); sidecar everywhere else (our presets: 28 and 24 layers, 4 heads)."""
+    from mtpd_megatron.convert.mapping import ARCHS
+    from mtpd_megatron.convert.mtp_heads import choose_layout, config_fields
+
+    assert choose_layout(ARCHS["glm4_moe"], 46, 1) == choose_layout(ARCHS["glm4_moe"], 92, 1) == "inline"
+    assert choose_layout(ARCHS["glm4_moe"], 46, 2) == choose_layout(ARCHS["glm4_moe"], 24, 4) == "sidecar"
+    assert choose_layout(ARCHS["qwen3"], 28, 4) == choose_layout(ARCHS["llama"], 61, 1) == "sidecar"
+    assert choose_layout(ARCHS["qwen3"], 28, 0) == "none" and choose_layout(ARCHS["qwen3"], 28, 4, "inline") == "inline"
+    assert config_fields(ARCHS["qwen3"], "inline", 4, 28) == {
+        "num_nextn_predict_layers": 4, "num_mtp_layers": 4, "mtp_layer_types": ["full_attention"] * 4}
+    assert config_fields(ARCHS["glm4_moe"], "sidecar", 4, 24) == {"num_nextn_predict_layers": 0}
+
+
+def test_inline_where_transformers_declares_the_heads(variants):
+    """A GLM-4.5-Air-shaped export (46 layers, one head) goes inline by default, and then stock transformers alone
+    loads it with an empty report and drafts with `generate(use_mtp=True)` (its own MtpModel.from_pretrained)."""
+    from transformers import AutoModelForCausalLM
+
+    root, res = variants
+    assert res["glm46"]["mtp_layout"] == "inline" and not (root / "hf_glm46" / "mtp").exists()
+    model, info = AutoModelForCausalLM.from_pretrained(str(root / "hf_glm46"), dtype=torch.float32,
+                                                       output_loading_info=True)
+    assert not any(info.values()), info
+    prompt = res["tokens"][:1, :5]
+    ref = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False, use_mtp=True), ref)
+
+
+def test_shipped_generate(built, tmp_path):
+    """Without this package: the export's own custom_generate/generate.py (transformers' hook, trust_remote_code)
+    drafts with every head (or the first one) and equals greedy, for re-attached sidecar heads and inline heads."""
+    from mtpd_megatron.convert.mtp_heads import attach_heads
+
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "for path in sys.argv[1:]:\n"
+        "    m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)\n"
+        "    p = torch.tensor([[5, 9, 33, 7, 21]])\n"
+        "    ref = m.generate(p, max_new_tokens=16, do_sample=False)\n"
+        "    for heads in (None, 1):\n"
+        "        out = m.generate(p, max_new_tokens=16, do_sample=False, custom_generate=path, trust_remote_code=True,\n"
+        "                         num_mtp_heads=heads)\n"
+        "        assert torch.equal(out, ref), (path, out, ref)\n"
+        "assert not any(m.startswith('mtpd_megatron') for m in sys.modules)\n"
+        "print('ok', sys.modules['transformers'].__version__)\n"
+    )
+    ft = tmp_path / "ft"
+    shutil.copytree(built["root"] / "hf_dense_none", ft)
+    attach_heads(str(ft), str(built["root"] / "hf_dense"))
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": ""}  # the export's own code only: no mtpd_megatron on the path
+    proc = subprocess.run([sys.executable, "-c", script, str(ft), str(built["root"] / "hf_moe_inline")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -547,3 +839,7 @@ def test_cli_exit_code(built, tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), "--ckpt", str(tmp_path / "none"),
                            "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and not out.exists()
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "attach_mtp_heads.py"), "--model", str(tmp_path / "none"),
+                           "--heads", str(built["root"] / "hf_dense")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert proc.stderr.startswith("attach_mtp_heads.py: error: --model ") and "no such directory" in proc.stderr

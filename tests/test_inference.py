@@ -522,6 +522,9 @@ def test_eval_acceptance_cli(cli_checkpoint):
     ref = evaluate_acceptance(loaded.model, [batch], vocab_limit=loaded.vocab_size)
     assert a["acc_counts"] == ref["acc_counts"] and a["base_counts"] == ref["base_counts"]
     assert a["tau"] == pytest.approx(ref["tau"])
+    # vLLM's names for the same counts (extra keys; the originals are unchanged)
+    assert a["mean_acceptance_length"] == a["tau"] and a["per_position_acceptance_rate"] == a["car"]
+    assert a["draft_acceptance_rate"] == pytest.approx(sum(a["car"]) / HEADS)
     # The main-head loss is megatron's own per-token loss (GPTModel.forward with labels) over the same tokens.
     labels = torch.stack([s["labels"] for s in samples])
     tokens = batch["tokens"]

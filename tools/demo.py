@@ -10,8 +10,8 @@
     acceptance  runs/demo/eval/acceptance.{json,png}   main-head loss beside teacher-forced a_k, CAR_k, tau on
                                                    the test documents, which validation never saw
                                                    (tools/eval_acceptance.py)
-    export      runs/demo/hf/                      Hugging Face safetensors + config (Qwen3 class, MTP heads in
-                                                   the DeepSeek-V3 layout) (tools/convert_to_hf.py)
+    export      runs/demo/hf/                      Hugging Face safetensors + config (stock Qwen3 class; the MTP
+                                                   heads in runs/demo/hf/mtp/, DeepSeek-V3 layout) (tools/convert_to_hf.py)
     decode      runs/demo/eval/decode.json         held-out prompts decoded greedily and self-speculatively
                                                    (K = 1, 2, 4): tokens/step and a check that every output
                                                    equals greedy decoding (tools/bench_decode.py)

@@ -3,7 +3,11 @@
     to_hf.py          torch_dist (any TP/EP/PP) -> safetensors + config.json for a stock transformers class
     from_hf.py        the reverse, to a checkpoint the CheckpointManager's layout and metadata describe
     mapping.py        which HF class expresses a config exactly, parameter names and tensor transforms
-    hf_mtp_decoder.py self-speculative greedy decoding with the exported MTP heads on the HF side
+    mtp_heads.py      where an export keeps its MTP heads (sidecar mtp/, inline, none) and re-attaching them
+                      after a Hugging Face fine-tune (tools/attach_mtp_heads.py)
+
+Drafting with the exported heads in transformers is inference/hf_mtp.py (shipped in each export as
+custom_generate/generate.py).
 
 This module holds the plumbing both directions share: the one-line error type (CLIs exit 2 on it), the
 output directory that appears only when complete, and a one-process megatron "world" (gloo, TP=EP=PP=1)

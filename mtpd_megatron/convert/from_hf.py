@@ -8,7 +8,8 @@ in the metadata. Nothing is launched per target rank.
 
 Memory: the HF files are validated first (every shard present, no truncated file, the tensors the class
 needs), then read tensor by tensor (`safe_open`) straight into slices of the model's parameters; the model
-is allocated once (uninitialised, or initialised by megatron when `--mtp init` needs fresh heads).
+is allocated once (uninitialised, or initialised by megatron when `--mtp init` needs fresh heads). MTP heads
+are read from wherever the export keeps them (its `mtp/` sidecar or inline, convert/mtp_heads.py).
 
 Output: `OUT/iter_0000000/` (torch_dist files + mtpd_checkpoint.json with the config, vocabulary sizes and
 megatron-core version) and `OUT/latest_checkpointed_iteration.txt`. It holds model weights only: no
@@ -32,6 +33,7 @@ from mtpd_megatron.config.schema import Config
 from mtpd_megatron.convert import ConvertError, atomic_output_dir, megatron_world, run_cli
 from mtpd_megatron.checkpoint.weights import HF_IMPORT_STAGE as STAGE
 from mtpd_megatron.convert import mapping
+from mtpd_megatron.inference.hf_mtp import head_index
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 _ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -104,6 +106,30 @@ def inspect_hf_dir(hf_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
     return hf, where, info
 
 
+def inspect_heads(hf_dir: Path, hf: dict) -> tuple[int, dict, dict]:
+    """-> (MTP heads in the directory, {tensor: file}, {tensor: (dtype, shape)}) for sidecar heads (`mtp/`,
+    checked whole like the main files); (config.json's count, {}, {}) for inline ones or none."""
+    from mtpd_megatron.inference import hf_mtp
+
+    try:
+        heads = hf_mtp.locate_heads(hf_dir)
+    except hf_mtp.MTPHeadsError as e:
+        raise ConvertError(str(e)) from None
+    if heads["layout"] != "sidecar":
+        return mapping.model_fields_from_hf(hf)[2], {}, {}
+    if heads["num_hidden_layers"] != hf.get("num_hidden_layers"):
+        raise ConvertError(f"{hf_dir / hf_mtp.SIDECAR_DIR / hf_mtp.MANIFEST}: heads of a "
+                           f"{heads['num_hidden_layers']}-layer model, config.json has {hf.get('num_hidden_layers')}")
+    where, info = {}, {}
+    for path in sorted(set(heads["files"].values())):
+        if not path.is_file():
+            raise ConvertError(f"{path} (listed in the MTP heads' index) is missing; re-export the heads")
+        for key, v in _safetensors_header(path).items():
+            if key != "__metadata__":
+                where[key], info[key] = path, (v["dtype"], tuple(v["shape"]))
+    return heads["num_heads"], where, info
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Config
 # ---------------------------------------------------------------------------------------------------------
@@ -142,7 +168,8 @@ def build_config(hf: dict, *, config_path: Optional[str], tp: Optional[int], ep:
         mtp_mode = "copy" if hf_mtp else ("init" if (wanted or mtp_heads) else "none")
     if mtp_mode == "copy":
         if not hf_mtp:
-            raise ConvertError("--mtp copy: the HF checkpoint has no MTP heads (num_nextn_predict_layers is 0)")
+            raise ConvertError("--mtp copy: the HF checkpoint has no MTP heads (no mtp/ sidecar, "
+                               "num_nextn_predict_layers is 0)")
         heads = hf_mtp
         if mtp_heads is not None and mtp_heads != hf_mtp:
             raise ConvertError(f"--mtp copy takes all {hf_mtp} heads of the file; --mtp-heads {mtp_heads} disagrees")
@@ -269,14 +296,18 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
 
     hf_root = Path(hf_dir)
     hf, where, info = inspect_hf_dir(hf_root)
-    _, _, hf_mtp = mapping.model_fields_from_hf(hf)
+    hf_mtp, head_where, head_info = inspect_heads(hf_root, hf)
+    clash = sorted(set(head_where) & set(where))
+    if clash:
+        raise ConvertError(f"--hf {hf_root}: tensor {clash[0]} is both in the main files and in the MTP sidecar")
+    where, info = {**where, **head_where}, {**info, **head_info}
     cfg, arch, heads = build_config(hf, config_path=config, tp=tp, ep=ep, pp=pp, etp=etp, mtp_mode=mtp,
                                     mtp_heads=mtp_heads, hf_mtp=hf_mtp)
     d = mapping.dims(cfg)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     copy_mtp = heads > 0 and hf_mtp > 0 and mtp in ("auto", "copy")
-    if copy_mtp and not any(mapping.is_mtp_hf_name(k, d.num_layers) for k in where):
-        raise ConvertError(f"config.json says {hf_mtp} MTP heads but the files hold no "
+    if copy_mtp and not any(head_index(k, d.num_layers) is not None for k in where):
+        raise ConvertError(f"--hf {hf_root} declares {hf_mtp} MTP heads but its files hold no "
                            f"model.layers.{d.num_layers}.* tensors")
 
     # vocabulary: HF rows V_hf, model vocabulary V (tokenizer / config), megatron pads V to P at the target TP
@@ -343,7 +374,7 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
                     for name in f.keys():
                         target = targets.get(name)
                         if target is None:
-                            if mapping.is_mtp_hf_name(name, d.num_layers) and (
+                            if head_index(name, d.num_layers) is not None and (
                                     not copy_mtp or name.endswith(MTP_SHARED_COPIES)):
                                 continue
                             if name.endswith("rotary_emb.inv_freq"):

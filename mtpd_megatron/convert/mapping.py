@@ -35,7 +35,8 @@ MTP heads use the DeepSeek-V3 layout after the decoder layers: `model.layers.{L+
 eh_proj (input cat(enorm(embedding), hnorm(hidden)), embedding first), the inner layer's usual
 self_attn/mlp/norm names, and shared_head.norm (megatron's final_layernorm). shared_head.head and
 embed_tokens are not duplicated: megatron shares the LM head and the embedding with the main model.
-The inner layer has the structure of the last decoder layer (megatron builds it from that spec).
+The inner layer has the structure of the last decoder layer (megatron builds it from that spec). These names
+are the same wherever an export keeps the heads (its main files or the `mtp/` sidecar: convert/mtp_heads.py).
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ def choose_arch(cfg: Config) -> HFArch:
 
 def hf_config_kwargs(cfg: Config, arch: HFArch, vocab_rows: int, *, dtype: torch.dtype,
                      special_ids: Optional[dict] = None) -> dict:
-    """Keyword arguments for the transformers config class of `arch` (the MTP heads included)."""
+    """Keyword arguments for the transformers config class of `arch` (the main model; the MTP fields depend on
+    where the export puts the heads: convert/mtp_heads.py `config_fields`)."""
     d = dims(cfg)
     m = cfg.model
     theta = float(int(m.rotary_base))
@@ -219,7 +221,6 @@ def hf_config_kwargs(cfg: Config, arch: HFArch, vocab_rows: int, *, dtype: torch
         rope_parameters={"rope_type": "default", "rope_theta": theta},
         attention_bias=False,
         attention_dropout=0.0,
-        num_nextn_predict_layers=d.mtp,
         dtype=str(dtype).replace("torch.", ""),
     )
     kw.update(special_ids or {})
@@ -251,7 +252,7 @@ def hf_config_kwargs(cfg: Config, arch: HFArch, vocab_rows: int, *, dtype: torch
 
 
 def hf_config_json(cfg: Config, arch: HFArch, vocab_rows: int, *, dtype: torch.dtype,
-                   special_ids: Optional[dict] = None) -> dict:
+                   special_ids: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
     """config.json contents, built through the transformers class so the installed version validates it.
 
     Two legacy keys are added for older readers: top-level `rope_theta` and, for GLM, `partial_rotary_factor`
@@ -260,7 +261,7 @@ def hf_config_json(cfg: Config, arch: HFArch, vocab_rows: int, *, dtype: torch.d
     import transformers
 
     cls = getattr(transformers, arch.config_class)
-    conf = cls(**hf_config_kwargs(cfg, arch, vocab_rows, dtype=dtype, special_ids=special_ids))
+    conf = cls(**hf_config_kwargs(cfg, arch, vocab_rows, dtype=dtype, special_ids=special_ids), **(extra or {}))
     conf.architectures = [arch.architecture]
     data = conf.to_dict()
     data["rope_theta"] = float(int(cfg.model.rotary_base))
@@ -410,6 +411,7 @@ class Group:
 
     name: str
     rules: tuple
+    head: Optional[int] = None       # 0-based MTP head (None: the main model's tensors)
 
 
 def _layer_rules(arch: HFArch, d: Dims, moe_layer: bool, has_expert_bias: bool, meg: str, hf: str) -> list:
@@ -471,15 +473,8 @@ def plan(cfg: Config, arch: HFArch, num_mtp: Optional[int] = None) -> list:
                  Rule(f"{meg}eh_proj.weight", (f"{hf}eh_proj.weight",))]
         rules += _layer_rules(arch, d, d.mtp_layer_moe, bias, f"{meg}mtp_model_layer.", hf)
         rules.append(Rule(f"{meg}final_layernorm.weight", (f"{hf}shared_head.norm.weight",)))
-        groups.append(Group(f"mtp head {k + 1}", tuple(rules)))
+        groups.append(Group(f"mtp head {k + 1}", tuple(rules), head=k))
     return groups
-
-
-def is_mtp_hf_name(name: str, num_layers: int) -> bool:
-    """True for `model.layers.{i}.*` with i >= num_layers (the DeepSeek-layout MTP heads)."""
-    parts = name.split(".")
-    return len(parts) > 2 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit() \
-        and int(parts[2]) >= num_layers
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -552,6 +547,6 @@ def fused_expert_names(arch: HFArch, d: Dims, hf_prefix: str) -> dict:
 
 __all__ = [
     "ARCHS", "Dims", "Group", "HFArch", "Rule", "choose_arch", "dims", "effective", "fill_slot",
-    "fused_expert_names", "hf_config_json", "hf_config_kwargs", "hf_shape_for_slot", "is_mtp_hf_name",
+    "fused_expert_names", "hf_config_json", "hf_config_kwargs", "hf_shape_for_slot",
     "megatron_slot", "model_fields_from_hf", "moe_pattern", "plan", "to_hf_tensors",
 ]

@@ -28,7 +28,7 @@ import torch
 from mtpd_megatron.config.load import ConfigError, config_from_dict
 from mtpd_megatron.config.schema import Config
 from mtpd_megatron.convert import ConvertError, atomic_output_dir, megatron_world, run_cli
-from mtpd_megatron.convert import mapping
+from mtpd_megatron.convert import mapping, mtp_heads
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_MAX_SHARD = 5 * 1024**3
@@ -344,34 +344,52 @@ def write_tokenizer(tok: dict, out: Path, max_length: int) -> None:
 
 def write_hf(cfg: Config, read_group: Callable[[list], dict], out: Path, *, vocab_rows: int, dtype: torch.dtype,
              vocab_size: Optional[int] = None, tokenizer: Optional[dict] = None, num_mtp: Optional[int] = None,
-             max_shard_bytes: int = DEFAULT_MAX_SHARD, progress: bool = True) -> dict:
+             mtp_layout: str = "auto", max_shard_bytes: int = DEFAULT_MAX_SHARD, progress: bool = True) -> dict:
     """Convert group by group (`read_group(live names) -> tensors`) and write everything HF needs into `out`.
 
     `vocab_rows` is megatron's padded vocabulary (kept: logits stay equal entry by entry); rows from
     `vocab_size` on are padding, which generation_config.json suppresses (megatron's decoding never picks them).
+    `num_mtp` heads (default all) go where `mtp_layout` says (mtp_heads.py: sidecar, inline, none, auto).
     """
     from tqdm import tqdm
 
     arch = mapping.choose_arch(cfg)
     d = mapping.dims(cfg)
     groups = mapping.plan(cfg, arch, num_mtp)
+    heads = sum(1 for g in groups if g.head is not None)
+    layout = mtp_heads.choose_layout(arch, d.num_layers, heads, mtp_layout)
+    if layout == "none":
+        groups, heads = [g for g in groups if g.head is None], 0
     writer = ShardWriter(out, max_shard_bytes)
+    head_writer = writer
+    if layout == "sidecar":
+        (out / mtp_heads.SIDECAR_DIR).mkdir()
+        head_writer = ShardWriter(out / mtp_heads.SIDECAR_DIR, max_shard_bytes)
     for group in tqdm(groups, desc="convert to HF", unit="group", disable=not progress or None):
         tensors = read_group([r.megatron for r in group.rules if r.megatron is not None])
+        target = writer if group.head is None else head_writer
         for rule in group.rules:
             src = tensors.pop(rule.megatron) if rule.megatron is not None else None
             for name, t in mapping.to_hf_tensors(rule, src, d):
-                writer.add(name, t.to(torch.float32 if rule.fp32 else dtype))
+                target.add(name, t.to(torch.float32 if rule.fp32 else dtype))
         del tensors
     index = writer.finish()
+    head_tensors = 0
+    if layout == "sidecar":
+        head_tensors = len(head_writer.finish()["weight_map"])
+        mtp_heads.write_manifest(out / mtp_heads.SIDECAR_DIR, mtp_heads.manifest(
+            arch, num_heads=heads, num_layers=d.num_layers, hidden=d.hidden, vocab_rows=vocab_rows,
+            vocab_size=vocab_size, dtype=dtype,
+            vocab_sha256=mtp_heads.vocab_fingerprint(tokenizer["file"] if tokenizer else None)))
+    if heads:
+        mtp_heads.ship_generate(out)
 
     special = {}
     if tokenizer:
         special = {"eos_token_id": tokenizer["eos_id"], "pad_token_id": tokenizer["pad_id"],
                    "bos_token_id": tokenizer["bos_id"]}
-    conf = mapping.hf_config_json(cfg, arch, vocab_rows, dtype=dtype, special_ids=special)
-    if num_mtp is not None:
-        conf["num_nextn_predict_layers"] = num_mtp
+    conf = mapping.hf_config_json(cfg, arch, vocab_rows, dtype=dtype, special_ids=special,
+                                  extra=mtp_heads.config_fields(arch, layout, heads, d.num_layers))
     with open(out / "config.json", "w") as f:
         json.dump(conf, f, indent=2, sort_keys=True)
     from transformers import GenerationConfig
@@ -382,8 +400,41 @@ def write_hf(cfg: Config, read_group: Callable[[list], dict], out: Path, *, voca
     gen.save_pretrained(str(out))
     if tokenizer:
         write_tokenizer(tokenizer, out, cfg.model.max_position_embeddings)
-    return {"arch": arch.name, "tensors": len(index["weight_map"]), "bytes": index["metadata"]["total_size"],
-            "shards": len(set(index["weight_map"].values()))}
+    return {"arch": arch.name, "tensors": len(index["weight_map"]) + head_tensors, "bytes": index["metadata"]["total_size"],
+            "shards": len(set(index["weight_map"].values())), "mtp_layout": layout, "mtp_heads": heads}
+
+
+def read_checkpoint_heads(ckpt: str, iteration: Optional[int] = None) -> dict:
+    """A checkpoint's MTP heads as HF tensors (names and dtype as convert_to_hf writes them), for
+    mtp_heads.attach_heads: {'tensors', 'num_heads', 'num_layers', 'vocab_rows', 'vocab_size', 'arch',
+    'vocab_sha256'}."""
+    path = resolve_checkpoint(ckpt, iteration)
+    cfg, meta = read_checkpoint_meta(path)
+    arch = mapping.choose_arch(cfg)
+    d = mapping.dims(cfg)
+    if not d.mtp:
+        raise ConvertError(f"--heads {path}: the checkpoint has no MTP heads (mtp.num_heads = 0)")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get("embedding.word_embeddings.weight")
+    if stored is None:
+        raise ConvertError(f"checkpoint {path} has no embedding.word_embeddings.weight (not a GPT checkpoint)")
+    rows, dtype = int(stored.size[0]), stored.properties.dtype
+    tok = tokenizer_info(cfg.data.tokenizer)
+    tensors: dict = {}
+    with megatron_world():
+        reader = CheckpointReader(path, cfg, rows, dtype)
+        for group in mapping.plan(cfg, arch):
+            if group.head is None:
+                continue
+            got = reader.read([r.megatron for r in group.rules if r.megatron is not None])
+            for rule in group.rules:
+                src = got.pop(rule.megatron) if rule.megatron is not None else None
+                for name, t in mapping.to_hf_tensors(rule, src, d):
+                    tensors[name] = t.to(torch.float32 if rule.fp32 else dtype).contiguous().clone()
+    return {"tensors": tensors, "num_heads": d.mtp, "num_layers": d.num_layers, "vocab_rows": rows,
+            "vocab_size": meta.get("vocab_size"), "arch": arch,
+            "vocab_sha256": mtp_heads.vocab_fingerprint(tok["file"] if tok else None)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -393,11 +444,16 @@ def write_hf(cfg: Config, read_group: Callable[[list], dict], out: Path, *, voca
 
 def convert_to_hf(ckpt: str, out: str, *, dtype: str = "auto", iteration: Optional[int] = None,
                   tokenizer: Optional[str] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD,
+                  mtp: str = "auto", mtp_heads_count: Optional[int] = None,
                   overwrite: bool = False, progress: bool = True) -> dict:
     """Convert checkpoint `ckpt` into HF directory `out` (created atomically). Returns a summary."""
     path = resolve_checkpoint(ckpt, iteration)
     cfg, meta = read_checkpoint_meta(path)
     arch = mapping.choose_arch(cfg)  # refuse before any work
+    mtp_heads.choose_layout(arch, cfg.model.num_layers, cfg.mtp.num_heads, mtp)
+    if mtp_heads_count is not None and not 0 <= mtp_heads_count <= cfg.mtp.num_heads:
+        raise ConvertError(f"--mtp-heads {mtp_heads_count}: the checkpoint has {cfg.mtp.num_heads} MTP heads "
+                           f"(use 0..{cfg.mtp.num_heads})")
     from torch.distributed.checkpoint import FileSystemReader
 
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get("embedding.word_embeddings.weight")
@@ -432,10 +488,10 @@ def convert_to_hf(ckpt: str, out: str, *, dtype: str = "auto", iteration: Option
         reader = CheckpointReader(path, cfg, rows, stored_dtype)
         summary = write_hf(cfg, reader.read, tmp, vocab_rows=rows, dtype=out_dtype, tokenizer=tok,
                            vocab_size=vocab if vocab is not None else (tok["vocab_size"] if tok else None),
-                           max_shard_bytes=max_shard_bytes, progress=progress)
+                           num_mtp=mtp_heads_count, mtp_layout=mtp, max_shard_bytes=max_shard_bytes, progress=progress)
         source = {"checkpoint": str(path.absolute()), "iteration": meta.get("iteration"),
                   "megatron_core_version": meta.get("megatron_core_version"), "vocab_size": vocab,
-                  "padded_vocab_size": rows, "mtp_heads": cfg.mtp.num_heads,
+                  "padded_vocab_size": rows, "mtp_heads": summary["mtp_heads"], "mtp_layout": summary["mtp_layout"],
                   "mtp_hidden": "each head's input hidden is the previous depth's output after its final norm"}
         with open(tmp / SOURCE_FILE, "w") as f:
             json.dump(source, f, indent=2)
@@ -465,13 +521,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: the tracked one)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to ship (default: the config's data.tokenizer)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p.add_argument("--mtp", default="auto", choices=list(mtp_heads.LAYOUTS),
+                   help="where the MTP heads go: sidecar = own mtp/ directory, the main files keep exactly the stock "
+                        "class's keys (strict loaders such as vLLM's load them); inline = model.layers.{L+k}.* in "
+                        "the main files (vLLM/SGLang GLM MTP); none = no heads; auto (default) = inline only where "
+                        "the stock transformers class declares those layers itself, else sidecar (docs/serving.md)")
+    p.add_argument("--mtp-heads", type=int, default=None,
+                   help="export only the first N heads (default all; SGLang's NextN takes exactly 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
     summary = convert_to_hf(args.ckpt, args.out, dtype=args.dtype, iteration=args.iteration,
                             tokenizer=args.tokenizer, max_shard_bytes=_parse_size(args.max_shard_size),
-                            overwrite=args.overwrite)
+                            mtp=args.mtp, mtp_heads_count=args.mtp_heads, overwrite=args.overwrite)
+    heads = f", {summary['mtp_heads']} MTP head(s) {summary['mtp_layout']}" if summary["mtp_heads"] else ", no MTP heads"
     print(f"wrote {summary['out']}: {summary['arch']} ({summary['tensors']} tensors, {summary['shards']} shard(s), "
-          f"{summary['bytes'] / 1e6:.1f} MB {summary['dtype']}) from {summary['checkpoint']}")
+          f"{summary['bytes'] / 1e6:.1f} MB {summary['dtype']}{heads}) from {summary['checkpoint']}")
     return 0
 
 

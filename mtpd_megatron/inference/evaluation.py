@@ -14,9 +14,16 @@ from typing import Optional, Sequence
 
 import torch
 
+# vLLM's speculative-decoding metric names (vllm/v1/spec_decode/metrics.py, SpecDecodingLogging.log): with K drafts
+# every step, its per-position acceptance rate (accepted_per_pos / drafts) is P(drafts 1..k all accepted) = CAR_k,
+# its mean acceptance length (1 + accepted / drafts, bonus token included) is tau, and its draft acceptance rate
+# (accepted / drafted tokens) is sum(CAR_k) / K. Derived from the same counts, so they are only other names.
+VLLM_DEFINITIONS = ("mean_acceptance_length = tau, per_position_acceptance_rate = CAR_k, draft_acceptance_rate = "
+                    "sum(CAR_k) / K as a fraction (vLLM logs it in %); vLLM's names for the same teacher-forced counts")
 DEFINITIONS = ("a_k = P(head k accepted | heads < k accepted), CAR_k = prod a_j, tau = 1 + sum CAR_k; "
                "teacher-forced, head k at t vs main greedy at t+k; main_loss = the main head's cross-entropy "
                "on the same tokens (nats/token, the trainer's validation loss), main_ppl = exp(main_loss)")
+DEFINITIONS += "; " + VLLM_DEFINITIONS
 LOSS_GAP = 0.01  # compared checkpoints whose main-head losses differ by more than this (relative) get a warning
 
 
@@ -43,8 +50,18 @@ def evaluate_loaded(loaded, samples: Sequence[dict], *, batch_size: int = 8, max
     return {
         "label": label or loaded.label, "path": str(loaded.path), "iteration": loaded.meta.get("iteration"),
         "num_heads": num_heads(loaded.model), "mtpd": bool(loaded.cfg.mtp.mtpd.enabled and loaded.cfg.mtp.num_heads),
-        **metrics, "seconds": time.perf_counter() - t0,
+        **metrics, **vllm_metrics(metrics), "seconds": time.perf_counter() - t0,
     }
+
+
+def vllm_metrics(metrics: dict) -> dict:
+    """vLLM's names for a/car/tau (see VLLM_DEFINITIONS): what a vLLM server with all K heads drafting every step
+    would log on this text. An empty dict for a model without heads."""
+    car = metrics.get("car") or []
+    if not car:
+        return {}
+    return {"mean_acceptance_length": metrics["tau"], "per_position_acceptance_rate": list(car),
+            "draft_acceptance_rate": sum(car) / len(car)}
 
 
 def loss_gap_warning(results: Sequence[dict], threshold: float = LOSS_GAP) -> Optional[str]:
