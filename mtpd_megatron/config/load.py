@@ -120,11 +120,24 @@ def config_from_dict(data: dict, overrides: Iterable[str] = ()) -> Config:
 
 
 def read_yaml(path: str) -> dict:
+    if os.path.isdir(path):
+        raise ConfigError(f"--config {path}: is a directory (pass a YAML file such as configs/tiny_dense.yaml)")
     if not os.path.isfile(path):
         raise ConfigError(f"--config {path}: no such file (pass a YAML file such as configs/tiny_dense.yaml)")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config {path}: not a text file (byte {e.start} is not UTF-8): pass the YAML "
+                          "config, not a binary or other file") from None
+    if "\x00" in text:
+        raise ConfigError(f"--config {path}: not a text file (it contains NUL bytes): pass the YAML config")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
