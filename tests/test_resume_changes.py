@@ -6,7 +6,8 @@ bit (the step-5 gradient depends only on the step-4 weights and the data), (2) f
 logged LR is the new cosine value, and (3) apply AdamW with the new LR and weight decay and the *continued*
 step count: the step-5 weights equal AdamW computed here by hand from iter_4's weights and the step-5 moments.
 A reset step count (bias correction of step 1), the old LR or the old weight decay all fail (3).
-Both optimizers (distributed and plain), and the distributed -> plain switch.
+Both optimizers (distributed and plain), and the distributed -> plain switch; plain -> distributed is a
+one-line error.
 """
 
 from __future__ import annotations
@@ -115,3 +116,10 @@ def test_changed_lr_schedule_and_weight_decay_keep_the_optimizer_state(data, bas
         checked += 1
     assert checked >= 6
 
+
+def test_plain_checkpoint_into_the_distributed_optimizer_is_one_line(data, bases, tmp_path):
+    rc, out, err, save = _resume_changed(data, bases["plain"], tmp_path, distributed=True)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert "parallel.use_distributed_optimizer=false" in lines[0] and "plain (non-distributed)" in lines[0]
+    assert sorted(p.name for p in save.iterdir()) == ["iter_0000004"]  # nothing written
