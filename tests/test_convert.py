@@ -572,12 +572,17 @@ def test_nonfinite_weights_are_refused_unless_allowed(built, tmp_path, capsys):
     assert to_cli(["--ckpt", str(out), "--out", str(back), "--allow-nonfinite"]) == 0
 
 
-def test_cli_usage_errors_are_one_line(tmp_path):
-    for tool, args in (("convert_to_hf.py", ["--ckpt", str(tmp_path)]), ("convert_from_hf.py", ["--hf", str(tmp_path)])):
-        proc = subprocess.run([sys.executable, str(REPO / "tools" / tool), *args], capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-            f"{tool}: error: the following arguments are required: --out (see --help)"], proc.stderr
+def test_cli_usage_errors_are_one_line(tmp_path, capsys):
+    from mtpd_megatron.convert.from_hf import cli as from_cli
+    from mtpd_megatron.convert.to_hf import cli as to_cli
+
+    for tool, cli, args in (("convert_to_hf.py", to_cli, ["--ckpt", str(tmp_path)]),
+                            ("convert_from_hf.py", from_cli, ["--hf", str(tmp_path)])):
+        with pytest.raises(SystemExit) as stop:
+            cli(args)
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"{tool}: error: the following arguments are required: --out (see --help)"]
     # a runtime error of the importer: its line, without megatron's import-time TE/Apex warnings before it
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_from_hf.py"), "--hf", str(tmp_path / "nope"),
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
