@@ -12,8 +12,9 @@ Exit codes:
       save that failed for space, quota or permissions (one line on stderr; nothing written, or the
       previous checkpoint intact)
   3   training.max_consecutive_nan_steps non-finite losses in a row, or a run that ends on non-finite steps
-  75  EXIT_PREEMPTED: SIGTERM/SIGUSR1 received; the step finished, a checkpoint was saved; requeue
+  75  EXIT_PREEMPTED: SIGTERM/SIGUSR1 (or Ctrl-C) received; the step finished, a checkpoint was saved; requeue
       (srun passes it through; torchrun reports any non-zero child as its own failure)
+  130 a second Ctrl-C: stopped at once without saving (one line; the last checkpoint is intact)
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def run(cfg, *, resume: str = "auto", stage: str = "pretrain", prepare_model=Non
         return e.exit_code
     except (ConfigError, DataError, CheckpointError) as e:
         return _user_error(e)
+    except KeyboardInterrupt:
+        _user_error(RuntimeError("interrupted by a second Ctrl-C: the step in flight is not saved; the last "
+                                 "complete checkpoint is intact (resume with --resume auto)"))
+        return 130
     finally:
         if run_lock is not None:
             run_lock.release()

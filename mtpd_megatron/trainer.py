@@ -65,9 +65,13 @@ _MOE_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_
 
 
 class Preemption:
-    """SIGTERM/SIGUSR1 only set a flag; the loop finishes its step, saves and exits with EXIT_PREEMPTED."""
+    """SIGTERM/SIGUSR1 only set a flag; the loop finishes its step, saves and exits with EXIT_PREEMPTED.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    Ctrl-C (SIGINT) does the same, so that an interactive stop keeps the work since the last checkpoint
+    instead of printing a traceback; a second Ctrl-C interrupts at once (train.py: one line, exit 130).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signal: Optional[int] = None
@@ -79,6 +83,8 @@ class Preemption:
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     @property
     def requested(self) -> bool:
@@ -378,7 +384,7 @@ class Trainer:
     def save_blocker(self, last: Optional[StepResult]) -> Optional[str]:
         """Why the current state must not become a checkpoint, or None."""
         if self.state.applied_steps <= 0:
-            return "no optimizer step has been applied yet (every step so far was non-finite)"
+            return "no optimizer step has been applied yet, every step so far was non-finite"
         if last is not None and last.nonfinite:
             return "the last step was non-finite"
         return None

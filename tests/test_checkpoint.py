@@ -263,7 +263,7 @@ def test_damaged_checkpoints_that_cannot_fall_back_are_one_line_errors(data, two
         _flip(next((ckpt / it).glob("*.distcp")), 4096)
     before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
     [(rc, out, err)] = run(["--config", str(cfg), "--resume", str(ckpt / "iter_0000008")], fork=True)
-    _one_line_error(rc, err, f"--resume {ckpt / 'iter_0000008'}: its files failed", "sha256 checksum",
+    _one_line_error(rc, err, f"--resume {ckpt / 'iter_0000008'}: the integrity check failed", "sha256 checksum",
                     "pick another checkpoint")
     [(rc, out, err)] = run(["--config", str(cfg), "--resume", "auto"], fork=True)
     _one_line_error(rc, err, f"{ckpt} holds checkpoints but none is complete and intact", "--resume none")

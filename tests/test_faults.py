@@ -232,3 +232,16 @@ def test_sigterm_and_the_end_of_training_during_a_nonfinite_streak(data, tmp_pat
     _one_line_error(rc, err, 3, "training.train_iters=3 reached but the last step was non-finite",
                     "no final checkpoint written")
     assert not list(save.glob("iter_*"))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_like_sigterm(data, tmp_path):
+    """An interactive Ctrl-C finishes the step, saves and exits 75 (no KeyboardInterrupt traceback)."""
+    save = tmp_path / "ckpt"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(*data, save, training={"train_iters": 300}))
+    ranks = start(["--config", str(cfg)], fork=True)
+    signal_when(ranks, "step 2/", sig=signal.SIGINT)
+    [(rc, out, err)] = wait(ranks)
+    assert rc == 75 and err.strip() == "", err
+    stopped = int((save / TRACKER_FILE).read_text())
+    assert stopped >= 2 and verify(save / f"iter_{stopped:07d}", checksums=True) is None

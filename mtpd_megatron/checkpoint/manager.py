@@ -595,7 +595,7 @@ class CheckpointManager:
                 self.log(f"[checkpoint] resumed from {ckpt} at iteration {state.iteration} ({files})")
                 return state
             if not self._fallbacks:
-                where = "its files" if not verified else "loading it"
+                where = "the integrity check" if not verified else "loading it"
                 raise CheckpointError(f"--resume {ckpt}: {where} failed: {problem}; pick another checkpoint "
                                       "or use --resume auto")
             self.log(f"[checkpoint] skipping {ckpt}: {problem}")
