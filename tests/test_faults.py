@@ -51,14 +51,41 @@ def _fake_holder(directory: Path, age_s: float = 0.0, **holder) -> Path:
     return path
 
 
+HOLD = """
+import sys, time
+from mtpd_megatron.checkpoint.lock import RunLock
+RunLock(sys.argv[1]).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
 def test_lock_rules(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from train_helpers import ROOT
+
     logged = []
-    first = run_lock.RunLock(tmp_path / "a" / "b", logged.append).acquire()
-    with pytest.raises(run_lock.LockHeld, match=rf"in use by another trainer \(pid {os.getpid()} on host "):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "a" / "b")], stdout=subprocess.PIPE,
+                              text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(run_lock.LockHeld, match=rf"in use by another trainer \(pid {holder.pid} on host "):
+            run_lock.RunLock(tmp_path / "a" / "b").acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+    first = run_lock.RunLock(tmp_path / "a" / "b", logged.append).acquire()  # its holder is gone
+    assert f"taking over the lock of pid {holder.pid}" in logged[-1]
+    with pytest.raises(run_lock.LockHeld, match="already in use by this process"):
         run_lock.RunLock(tmp_path / "a" / "b").acquire()
     first.release()
-    assert not (tmp_path / "a").exists()  # created for the lock, empty again: removed
-    run_lock.RunLock(tmp_path / "a" / "b").acquire().release()
+    assert not (tmp_path / "a" / "b" / run_lock.LOCK_FILE).exists()
+    fresh = tmp_path / "c" / "d"
+    run_lock.RunLock(fresh).acquire().release()
+    assert not (tmp_path / "c").exists()  # created for the lock, empty again: removed
 
     # same host, no flock held: the holder is gone whatever its pid says
     _fake_holder(tmp_path / "same", pid=os.getpid() + 10**6)

@@ -5,14 +5,18 @@ checkpoints and prune each other's with keep-last. The second one must stop at o
 anything, and say who holds the directory.
 
 How it is held (rank 0 of the run; the other ranks only learn the outcome):
-* an exclusive `flock` on the lock file, kept for the whole run. The kernel drops it when the process dies
-  however it dies (kill -9 included), so on one host a dead holder never blocks anyone;
+* an exclusive POSIX record lock (`lockf`) on the lock file, kept for the whole run. The kernel drops it
+  when the process dies however it dies (kill -9 included), so on one host a dead holder never blocks
+  anyone. POSIX locks rather than `flock`: they belong to the process and are not inherited by its forks
+  (megatron's async writer, DataLoader workers), which would otherwise keep a dead trainer's lock alive
+  for as long as they linger; NFS also carries them to the server (NLM/NFSv4). Their one trap, that
+  closing any descriptor of the file drops the lock, is avoided: this process opens the file once;
 * the file's content names the holder (host, pid, start time, Slurm job and restart count) for the error
-  message and for holders on other hosts, where flock may not reach (NFS/Lustre mounts with local locks);
+  message and for holders on other hosts, where the lock may not reach (mounts with node-local locks);
 * a heartbeat: a daemon thread touches the file every HEARTBEAT_S seconds.
 
 A lock named in the file is stale (taken over, with one log line) when
-1. we obtained the flock and the holder ran on this host (a live holder would still hold it), or
+1. we obtained the lock and the holder ran on this host (a live holder would still hold it), or
 2. it is an earlier incarnation of this Slurm job (same SLURM_JOB_ID, lower SLURM_RESTART_COUNT: a requeued
    job whose node died), or
 3. its heartbeat is older than STALE_AFTER_S seconds (a holder on another host that is gone).
@@ -46,6 +50,9 @@ class LockHeld(CheckpointError):
     """Another live trainer holds the directory (exit code 2)."""
 
 
+_HELD_HERE: set = set()  # lock files this process holds (a second RunLock here must not reopen them)
+
+
 def _identity() -> dict:
     return {
         "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
@@ -61,11 +68,11 @@ def _describe(holder: dict) -> str:
     return f"pid {holder.get('pid')} on host {holder.get('host')}{job}, since {when}"
 
 
-def stale_reason(holder: dict, age_s: float, got_flock: bool, me: dict) -> Optional[str]:
+def stale_reason(holder: dict, age_s: float, got_lock: bool, me: dict) -> Optional[str]:
     """Why the lock described by `holder` (heartbeat `age_s` seconds old) no longer holds, or None."""
     if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
         return "held by this process"
-    if got_flock and holder.get("host") == me["host"]:
+    if got_lock and holder.get("host") == me["host"]:
         return "its process is gone (its file lock was released)"
     if holder.get("host") == me["host"] and fcntl is None:
         try:
@@ -112,22 +119,22 @@ class RunLock:
         self._created_dirs = missing  # deepest first
 
     def _open_locked(self) -> tuple[int, str]:
-        """(fd, state) on the current lock file: state is "locked" (our flock), "held" (another process has
-        it) or "unsupported" (no flock here). Retried when the file was replaced between open and flock."""
+        """(fd, state) on the current lock file: state is "locked" (ours), "held" (another process has it) or
+        "unsupported" (no POSIX locks here). Retried when the file was replaced between open and lock."""
         for _ in range(10):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             if fcntl is None:
                 return fd, "unsupported"
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return fd, "held"
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    return fd, "held"
                 if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                     return fd, "unsupported"
                 os.close(fd)
                 raise
-            try:  # the holder may have unlinked the file between our open and our flock
+            try:  # the holder may have unlinked the file between our open and our lock
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
             except FileNotFoundError:
                 same = False
@@ -137,6 +144,9 @@ class RunLock:
         raise LockHeld(f"checkpoint.save {self.directory}: could not take {self.path} (it keeps being replaced)")
 
     def acquire(self) -> "RunLock":
+        key = os.path.realpath(self.path)
+        if key in _HELD_HERE:
+            raise LockHeld(f"checkpoint.save {self.directory} is already in use by this process (lock {self.path})")
         try:
             self._make_directory()
             fd, state = self._open_locked()
@@ -162,6 +172,8 @@ class RunLock:
             self._remove_created_dirs()
             raise
         self._fd = fd
+        self._key = key
+        _HELD_HERE.add(key)
         self._beat = threading.Thread(target=self._heartbeat, name="mtpd-run-lock", daemon=True)
         self._beat.start()
         return self
@@ -214,6 +226,7 @@ class RunLock:
             pass
         finally:
             os.close(fd)
+            _HELD_HERE.discard(self._key)
         self._remove_created_dirs()
 
     def _remove_created_dirs(self) -> None:
