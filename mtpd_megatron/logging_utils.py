@@ -36,7 +36,7 @@ _NOISE_WARNINGS = (
     "full scope is deprecated",  # TransformerConfig's cuda-graph default; we capture no graphs
     "The .grad attribute of a Tensor that is not a leaf Tensor",  # megatron's optimizer probing main_grad
     "When using async grad allreduce it is recommended",
-    # torch DCP, when megatron's dist_checkpointing loads a checkpoint in a single process (the tools do):
+    # torch DCP, on every resume through megatron's loader (world of one, positional arguments).
     "torch.distributed is disabled, unavailable or uninitialized",
     "The argument order of load has been changed",
 )
@@ -45,6 +45,12 @@ _NOISE_LOGS = {
     "megatron.core.distributed.distributed_data_parallel": "DistributedDataParallel: full_param_layout not provided",
     # torch_dist's synchronous save runs through the "mcore" async writer and warns about it.
     "megatron.core.dist_checkpointing.strategies.torch": "MCore's async save is deprecated",
+}
+# A failed checkpoint write: megatron logs each worker's exception before raising it; the trainer then says
+# what failed in one line (checkpoint/manager.py), so these would only bury it.
+_NOISE_LOG_PREFIXES = {
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": (
+        "Local worker", "An error is caught while starting worker"),
 }
 
 
@@ -65,6 +71,9 @@ def quiet_known_noise() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, message="Please use DTensor instead")
     for name, prefix in _NOISE_LOGS.items():
         logging.getLogger(name).addFilter(_DropPrefix(prefix))
+    for name, prefixes in _NOISE_LOG_PREFIXES.items():
+        for prefix in prefixes:
+            logging.getLogger(name).addFilter(_DropPrefix(prefix))
 
 
 # Dense (non-sparse) bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name().

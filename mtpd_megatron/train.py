@@ -8,10 +8,14 @@ starts fresh, a directory resumes from that checkpoint.
 
 Exit codes:
   0   training finished
-  2   user error: config, data/tokenizer or checkpoint (one line on stderr, nothing written)
-  3   training.max_consecutive_nan_steps non-finite losses in a row
-  75  EXIT_PREEMPTED: SIGTERM/SIGUSR1 received; the step finished, a checkpoint was saved; requeue
+  1   a checkpoint could not be written for an I/O error (one line; the previous checkpoint is intact)
+  2   user error: config, data/tokenizer, checkpoint, a checkpoint directory another trainer holds, or a
+      save that failed for space, quota or permissions (one line on stderr; nothing written, or the
+      previous checkpoint intact)
+  3   training.max_consecutive_nan_steps non-finite losses in a row, or a run that ends on non-finite steps
+  75  EXIT_PREEMPTED: SIGTERM/SIGUSR1 (or Ctrl-C) received; the step finished, a checkpoint was saved; requeue
       (srun passes it through; torchrun reports any non-zero child as its own failure)
+  130 a second Ctrl-C: stopped at once without saving (one line; the last checkpoint is intact)
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def _check(cfg, world_size: int):
     from mtpd_megatron.data import load_tokenizer
     from mtpd_megatron.parallel import launch
 
-    validate(cfg, world_size)
+    validate(cfg, world_size, environment=True)
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer: not set (give the tokenizer.json the data was preprocessed with)")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -110,20 +114,37 @@ def run(cfg, *, resume: str = "auto", stage: str = "pretrain", prepare_model=Non
     except (ConfigError, DataError, ValueError) as e:
         return _user_error(e)
 
+    from mtpd_megatron.checkpoint import lock
+    from mtpd_megatron.checkpoint.manager import CheckpointSaveError
     from mtpd_megatron.trainer import Preemption, Trainer
 
     preemption = Preemption().install()  # before the (slow) set-up: a signal then stops after step one
     launch.init_distributed(cfg, env)
-    try:  # 2. Build (data and checkpoint errors are still user errors), then train.
+    run_lock = None
+    try:  # 2. Hold the checkpoint directory, build (data and checkpoint errors are still user errors), train.
+        run_lock = lock.acquire_collective(cfg.checkpoint.save, log=_rank0_print)
         trainer = Trainer(cfg, tokenizer, device, resume=resume, preemption=preemption, stage=stage,
                           prepare_model=prepare_model, trained_heads=trained_heads)
         if save_initial:
             trainer.save_initial()
         return trainer.fit()
+    except CheckpointSaveError as e:
+        _user_error(e)
+        return e.exit_code
     except (ConfigError, DataError, CheckpointError) as e:
         return _user_error(e)
+    except KeyboardInterrupt:
+        _user_error(RuntimeError("interrupted by a second Ctrl-C: the step in flight is not saved; the last "
+                                 "complete checkpoint is intact (resume with --resume auto)"))
+        return 130
     finally:
+        if run_lock is not None:
+            run_lock.release()
         launch.shutdown(keep_process_group)
+
+
+def _rank0_print(line: str) -> None:
+    print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,13 @@ number of micro-batches (schedules.py, forward_step_calc_loss); the MoE aux loss
 `MoEAuxLossAutoScaler`. So the logged `loss` is the main LM loss; the heads are logged per head.
 
 Exit codes (returned by `fit`, see train.py): 0 done, 3 too many non-finite losses in a row
-(`training.max_consecutive_nan_steps`), EXIT_PREEMPTED = 75 after SIGTERM/SIGUSR1 (the step in flight
-finishes, a checkpoint is saved, the job can be requeued).
+(`training.max_consecutive_nan_steps`) or a run that ends on non-finite steps, EXIT_PREEMPTED = 75 after
+SIGTERM/SIGUSR1 (the step in flight finishes, a checkpoint is saved, the job can be requeued). A failed save
+raises CheckpointSaveError (train.py: one line, exit 2 for space/quota/permissions, 1 for other I/O errors).
+
+Checkpoints hold only healthy states: none is written while the last step was non-finite (a diverging run
+would otherwise fill keep-last with its streak and prune the good ones), and none before the first optimizer
+update (the optimizer has no state to save; resuming from it would be a fresh start that skips data).
 """
 
 from __future__ import annotations
@@ -60,9 +65,13 @@ _MOE_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_
 
 
 class Preemption:
-    """SIGTERM/SIGUSR1 only set a flag; the loop finishes its step, saves and exits with EXIT_PREEMPTED."""
+    """SIGTERM/SIGUSR1 only set a flag; the loop finishes its step, saves and exits with EXIT_PREEMPTED.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    Ctrl-C (SIGINT) does the same, so that an interactive stop keeps the work since the last checkpoint
+    instead of printing a traceback; a second Ctrl-C interrupts at once (train.py: one line, exit 130).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.signal: Optional[int] = None
@@ -74,6 +83,8 @@ class Preemption:
 
     def _handle(self, signum, frame) -> None:
         self.signal = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     @property
     def requested(self) -> bool:
@@ -146,8 +157,9 @@ class Trainer:
 
         # 4. Resume, then the data position.
         self.state = TrainState()
-        if self.resume_path is not None:
+        if self.resume_path is not None:  # falls back to older checkpoints under --resume auto
             self.state = self.ckpt.load(self.resume_path, self.model, self.optimizer, self.scheduler)
+            self.resume_path = self.ckpt.loaded_path
         self.train_iter = iter(build_dataloader(self.train_ds, t.micro_batch_size, self.dp_rank, self.dp_size,
                                                 self.state.consumed_samples, cfg.data.num_workers))
 
@@ -177,7 +189,7 @@ class Trainer:
         if self.prepare_model is not None:
             self.prepare_model(model)
         if self.init_weights_from is not None:
-            load_model_weights(model, self.init_weights_from)
+            load_model_weights(model, self.init_weights_from, log=self.log)
             self.log(f"[checkpoint] initialised the weights from {self.init_weights_from} (imported; fresh "
                      "optimizer and schedule)")
         if self.device.type == "cuda":
@@ -362,46 +374,83 @@ class Trainer:
         self._last_saved = self.state.iteration
 
     def save_initial(self) -> None:
-        """An iteration-0 checkpoint of a fresh run (looped extension: the stage's starting point)."""
+        """An iteration-0 checkpoint of a fresh run (looped extension: the stage's starting point).
+
+        The one checkpoint written before any update, on purpose: it is the training-free extension."""
         if self.resume_path is None:
             prime_adam_state(self.optimizer)  # Adam's initial state (step 0, zero moments) is savable
             self.save()
 
+    def save_blocker(self, last: Optional[StepResult]) -> Optional[str]:
+        """Why the current state must not become a checkpoint, or None."""
+        if self.state.applied_steps <= 0:
+            return "no optimizer step has been applied yet, every step so far was non-finite"
+        if last is not None and last.nonfinite:
+            return "the last step was non-finite"
+        return None
+
+    def _kept(self) -> str:
+        return f"iter_{self._last_saved:07d} is kept" if self._last_saved is not None else "nothing was saved"
+
     def fit(self) -> int:
+        try:
+            return self._fit()
+        except BaseException:
+            self._close_after_failure()
+            raise
+
+    def _fit(self) -> int:
         t, c = self.cfg.training, self.cfg.checkpoint
         self._last_saved = self.state.iteration if self.resume_path is not None else None
-        nan_run, last_eval = 0, self.state.iteration
+        nan_run, last_eval, last = 0, self.state.iteration, None
         if self.state.iteration >= t.train_iters:
             self.log(f"[{self.cfg.name}] already at iteration {self.state.iteration} >= training.train_iters="
                      f"{t.train_iters}: nothing to do (raise training.train_iters to train further)")
         while self.state.iteration < t.train_iters:
             start = time.perf_counter()
-            result = self.train_step()
+            result = last = self.train_step()
             self._log_interval(result, time.perf_counter() - start)
             nan_run = nan_run + 1 if result.nonfinite else 0
             if nan_run >= t.max_consecutive_nan_steps:
                 self._error(f"training.max_consecutive_nan_steps: {nan_run} steps in a row with a non-finite loss or gradient, at step "
-                            f"{self.state.iteration}; stopping without saving (lower training.lr, raise "
+                            f"{self.state.iteration}; stopping without saving ({self._kept()}; lower training.lr, raise "
                             f"training.lr_warmup_iters or check the data)")
                 self.close()
                 return EXIT_NONFINITE
             self.ckpt.finalize(blocking=False)
             if result.stop:
-                where = (f"saving at step {self.state.iteration}" if c.save
-                         else "checkpoint.save is null, so nothing is saved")
+                blocker = self.save_blocker(result) if c.save else None
+                if not c.save:
+                    where = "checkpoint.save is null, so nothing is saved"
+                elif blocker:
+                    where = f"not saving: {blocker} ({self._kept()})"
+                else:
+                    where = f"saving at step {self.state.iteration}"
                 self.log(f"[{self.cfg.name}] signal {self.preemption.signal or 'on another rank'}: {where}; exiting "
                          f"with {EXIT_PREEMPTED} (resume with --resume auto)")
-                self.save()
+                if c.save and not blocker:
+                    self.save()
                 self.close()
                 return EXIT_PREEMPTED
             if t.eval_interval and self.state.iteration % t.eval_interval == 0:
                 self.evaluate()
                 last_eval = self.state.iteration
-            if c.save_interval and self.state.iteration % c.save_interval == 0:
-                self.save()
+            if c.save and c.save_interval and self.state.iteration % c.save_interval == 0:
+                blocker = self.save_blocker(result)
+                if blocker:
+                    self.log(f"[checkpoint] not saving at step {self.state.iteration}: {blocker} ({self._kept()})")
+                else:
+                    self.save()
         if t.eval_interval and last_eval != self.state.iteration:  # always end with a validation
             self.evaluate()
         if c.save and self._last_saved != self.state.iteration:
+            blocker = self.save_blocker(last)
+            if blocker:
+                self._error(f"training.train_iters={t.train_iters} reached but {blocker}: no final checkpoint "
+                            f"written ({self._kept()}); lower training.lr, raise training.lr_warmup_iters or check "
+                            "the data, then resume")
+                self.close()
+                return EXIT_NONFINITE
             self.save()
         self.close()
         return EXIT_OK
@@ -414,6 +463,15 @@ class Trainer:
 
     def close(self) -> None:
         """Publish any background save (collective) and close the log sinks."""
-        self.ckpt.finalize(blocking=True)
-        self.ckpt.close()
-        self.logger.close()
+        try:
+            self.ckpt.close()
+        finally:
+            self.logger.close()
+
+    def _close_after_failure(self) -> None:
+        """After an error on the way out: close the sinks; a background save still in flight is abandoned
+        (its iter_N.tmp is never published and is removed at the next start)."""
+        try:
+            self.ckpt.abandon()
+        finally:
+            self.logger.close()

@@ -1,11 +1,13 @@
 """Config loading, overrides, validation, the checker CLI and the presets (no torch, no process groups).
 
 Malformed configs are data: tests/bad_configs/*.yaml, each starting with `# expect: FIELD | PHRASE` (both
-must appear in the one error line) and optionally `# args: ...` (extra checker arguments).
+must appear in the one error line), optionally `# args: ...` (extra checker arguments) and
+`# requires: no transformer_engine` (a check of this machine that only fails where TE is absent).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import shlex
@@ -39,8 +41,13 @@ def bad_cases() -> list:
         header = [line for line in path.read_text().splitlines()[:3] if line.startswith("# ")]
         meta = dict(line[2:].split(": ", 1) for line in header)
         field, phrase = (s.strip() for s in meta["expect"].split("|"))
-        cases.append(pytest.param(str(path), shlex.split(meta.get("args", "")), field, phrase, id=path.stem))
-    cases.append(pytest.param(str(BAD / "does_not_exist.yaml"), [], "does_not_exist.yaml: no such file", "no such file", id="missing_file"))
+        marks = []
+        if meta.get("requires") == "no transformer_engine" and importlib.util.find_spec("transformer_engine"):
+            marks = [pytest.mark.skip(reason="Transformer Engine is installed here")]
+        cases.append(pytest.param(str(path), shlex.split(meta.get("args", "")), field, phrase, id=path.stem,
+                                  marks=marks))
+    cases.append(pytest.param(str(BAD / "does_not_exist.yaml"), [], "does_not_exist.yaml: no such file", "no such file",
+                               id="missing_file"))
     return cases
 
 
@@ -75,6 +82,31 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(request, bad_results, 
     assert field in lines[0] and phrase in lines[0], lines[0]
     assert result.stdout == ""
     assert written == []
+
+
+def test_unreadable_config_files_are_one_line(tmp_path):
+    """A binary file, a file with NUL bytes and a directory given as --config: one line, exit 2."""
+    (tmp_path / "run").mkdir()
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(bytes(range(256)) * 64)
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"model: {num_layers: 2}\n\x00\x00\n")
+    for path, phrase in ((binary, "not a text file (byte 128 is not UTF-8)"), (nul, "contains NUL bytes"),
+                         (tmp_path / "run", "is a directory")):
+        result = run_checker([str(path)], tmp_path / "run")
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.splitlines() == [result.stderr.strip()] and phrase in result.stderr, result.stderr
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_machine_checks_can_be_skipped_for_other_nodes(tmp_path):
+    """--no-env: a config for GPU nodes (TE, paths there) is still checked for everything else."""
+    preset = str(CONFIGS / "tiny_dense.yaml")
+    result = run_checker([preset, "checkpoint.save=/etc/passwd", "--vocab-size", "1000", "--no-env"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = run_checker([preset, "checkpoint.save=/etc/passwd", "model.hidden_size=60", "--vocab-size", "1000",
+                          "--no-env"], tmp_path)
+    assert result.returncode == 2 and "model.hidden_size=60" in result.stderr
 
 
 def test_bad_override_from_the_command_line(tmp_path):

@@ -843,3 +843,44 @@ def test_cli_exit_code(built, tmp_path):
                            "--heads", str(built["root"] / "hf_dense")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("attach_mtp_heads.py: error: --model ") and "no such directory" in proc.stderr
+
+
+def test_nonfinite_weights_are_refused_unless_allowed(built, tmp_path, capsys):
+    """Both directions refuse NaN/inf tensors in one line (a diverged model converts into a useless one
+    that loads without complaint); --allow-nonfinite converts anyway."""
+    from safetensors.torch import load_file, save_file
+
+    from mtpd_megatron.convert.from_hf import cli as from_cli
+    from mtpd_megatron.convert.to_hf import cli as to_cli
+
+    hf = shutil.copytree(built["root"] / "hf_dense", tmp_path / "hf_nan")
+    shard = sorted(hf.glob("*.safetensors"))[0]
+    tensors = load_file(str(shard))
+    name = next(k for k in sorted(tensors) if k.endswith("mlp.down_proj.weight"))
+    tensors[name][0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    out = tmp_path / "ck"
+    _fails(capsys, from_cli, ["--hf", str(hf), "--out", str(out)], out, f"{name} in {shard.name} has 3 non-finite")
+    assert from_cli(["--hf", str(hf), "--out", str(out), "--allow-nonfinite"]) == 0
+    capsys.readouterr()
+    back = tmp_path / "hf_back"
+    _fails(capsys, to_cli, ["--ckpt", str(out), "--out", str(back)], back, "non-finite value(s)")
+    assert to_cli(["--ckpt", str(out), "--out", str(back), "--allow-nonfinite"]) == 0
+
+
+def test_cli_usage_errors_are_one_line(tmp_path, capsys):
+    from mtpd_megatron.convert.from_hf import cli as from_cli
+    from mtpd_megatron.convert.to_hf import cli as to_cli
+
+    for tool, cli, args in (("convert_to_hf.py", to_cli, ["--ckpt", str(tmp_path)]),
+                            ("convert_from_hf.py", from_cli, ["--hf", str(tmp_path)])):
+        with pytest.raises(SystemExit) as stop:
+            cli(args)
+        assert stop.value.code == 2
+        assert capsys.readouterr().err.splitlines() == [
+            f"{tool}: error: the following arguments are required: --out (see --help)"]
+    # a runtime error of the importer: its line, without megatron's import-time TE/Apex warnings before it
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_from_hf.py"), "--hf", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --hf {tmp_path / 'nope'}: no such directory"], proc.stderr

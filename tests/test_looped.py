@@ -147,3 +147,21 @@ def test_resume_mid_stage_equals_straight_run_and_tp2_to_tp1(tmp_path, data_dir)
     for step, record in ref.items():
         assert got[step]["loss"] == pytest.approx(record["loss"], rel=1e-5, abs=1e-6), step
         assert got[step]["mtp2/ce"] == pytest.approx(record["mtp2/ce"], rel=1e-4, abs=1e-5), step
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"lr": -1}, "looped.stages[1].lr=-1.0: must be > 0"),
+    ({"lr_schedule": "linear"}, "looped.stages[1].lr_schedule='linear': must be one of cosine, wsd, constant"),
+    ({"lr": 1e-4}, "training.min_lr=0.0003: exceeds looped.stages[1].lr=0.0001"),
+    ({"lr_warmup_iters": 50}, "looped.stages[1].lr_warmup_iters=50: exceeds looped.stages[1].train_iters=6"),
+])
+def test_every_stage_is_validated_before_stage_0_trains(tmp_path, data_dir, stage, message):
+    """A bad later stage is one line naming the stage's field, before stage 0 writes anything."""
+    tok, prefix = th.make_data(data_dir)
+    cfg = th.tiny_config(tok, prefix, tmp_path / "ckpt", looped={"stages": [
+        {"heads": 1, "train_iters": STAGE_ITERS}, {"heads": 2, "train_iters": STAGE_ITERS, **stage}]})
+    path = th.write_config(tmp_path / "looped.yaml", cfg)
+    for command in (["run-chain"], ["run-stage", "--stage", "0"]):
+        [(rc, out, err)] = th.run([*command, "--config", str(path)], fork=True, module="mtpd_megatron.looped")
+        assert rc == 2 and err.strip().splitlines() == [f"error: {message}"], (rc, out, err)
+    assert not (tmp_path / "ckpt").exists()

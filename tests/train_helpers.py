@@ -118,17 +118,73 @@ class Rank:
         return rc, self.out_path.read_text(), self.err_path.read_text()
 
 
+class _ForkedProc:
+    """The part of Popen that Rank and signal_when use, for a child of the fork server."""
+
+    def __init__(self, server, pid: int):
+        self.server, self.pid, self.returncode = server, pid, None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            self.returncode = self.server.poll(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int:
+        if self.returncode is None:
+            self.returncode = self.server.wait(self.pid, timeout)
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired(f"forked rank {self.pid}", timeout)
+        return self.returncode
+
+
+class ForkedRank(Rank):
+    """A rank forked by the fork server (mtpd_megatron/testing/forkserver.py): same interface as Rank."""
+
+    def __init__(self, server, args: list[str], env: dict, out_dir: Path, rank: int, module: str,
+                 prelude: Optional[str]):
+        self.out_path, self.err_path = out_dir / f"rank{rank}.out", out_dir / f"rank{rank}.err"
+        self.out_path.touch()
+        self.err_path.touch()
+        self.proc = _ForkedProc(server, server.start(args, env, self.out_path, self.err_path, module, prelude))
+
+
+_SERVER = None
+
+
+def fork_server():
+    """The process-wide fork server (started on first use, ~6 s; each run it forks starts in ~1 s)."""
+    global _SERVER
+    if _SERVER is None or _SERVER.proc.poll() is not None:
+        import tempfile
+
+        from mtpd_megatron.testing.forkserver import ForkServer
+
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        log = Path(tempfile.mkdtemp(prefix="mtpd-forkserver-")) / "server.err"
+        _SERVER = ForkServer(env, ROOT, log)
+        atexit.register(_SERVER.close)
+    return _SERVER
+
+
 def start(args: list[str], world: int = 1, prelude: Optional[str] = None,
-          module: str = "mtpd_megatron.train") -> list[Rank]:
+          module: str = "mtpd_megatron.train", fork: bool = False) -> list[Rank]:
     """Start `python -m MODULE ARGS` (the trainer by default) as `world` rank processes (srun style).
 
     `prelude` is Python run before the module's main() in each process (used to kill a rank mid-save).
+    `fork=True` forks the ranks from the fork server instead of starting interpreters (same behaviour,
+    ~6 s less start-up per process).
     """
     import tempfile
 
     from mtpd_megatron.testing.distributed import free_port
 
     port = free_port()
+    if fork:
+        out_dir = Path(tempfile.mkdtemp(prefix="mtpd-ranks-"))
+        atexit.register(shutil.rmtree, out_dir, True)
+        server = fork_server()
+        return [ForkedRank(server, args, _env(r, world, port), out_dir, r, module, prelude) for r in range(world)]
     if prelude is None:
         cmd = [PYTHON, "-m", module, *args]
     else:
@@ -150,9 +206,10 @@ def wait(ranks: list[Rank], timeout: float = 240) -> list[tuple[int, str, str]]:
         raise
 
 
-def run(args: list[str], world: int = 1, timeout: float = 240, prelude: Optional[str] = None):
+def run(args: list[str], world: int = 1, timeout: float = 240, prelude: Optional[str] = None, fork: bool = False,
+        module: str = "mtpd_megatron.train"):
     """Run to completion; returns [(returncode, stdout, stderr)] per rank."""
-    return wait(start(args, world, prelude), timeout)
+    return wait(start(args, world, prelude, module=module, fork=fork), timeout)
 
 
 def signal_when(ranks: list[Rank], marker: str, sig: int = signal.SIGTERM, timeout: float = 120) -> None:

@@ -13,6 +13,16 @@
    they are expert-parallel (EP > 1 or ETP > 1), so a TP1/EP1 checkpoint holds one optimizer and an EP2 run
    has two. The tensors are keyed by parameter in the `fully_reshardable` format and load either way; the
    small common part (param groups) is regrouped here for the current sub-optimizers.
+4. megatron pairs saved and current param groups by `param_group_identifier_keys`, which include the
+   per-group `max_lr`, `min_lr`, `start_wd` and `end_wd` (optimizer.py:139): a resume with another
+   training.lr or min_lr finds no group (KeyError in distrib_optimizer.py:970, ValueError "Could not find
+   parameter group" in optimizer.py:640), and one that did match would bring back the old hyperparameters
+   (`OptimizerParamScheduler.get_lr` reads `max_lr`/`min_lr` from the group, optimizer_param_scheduler.py:226).
+   -> `_adopt_current_groups` pairs groups by what they contain (the identifier keys minus those
+   hyperparameters), and after loading every group gets the current config's hyperparameters back; only
+   the moments and step counts come from the checkpoint. The scheduler is rebuilt from the config
+   (optim.py: override_opt_param_scheduler), so LR, min LR, schedule, warmup, train_iters and weight
+   decay may all change on resume.
 """
 
 from __future__ import annotations
@@ -67,8 +77,11 @@ def _split_distributed(state_dict: dict, n: int) -> list[dict]:
     """A loaded DistributedOptimizer state (one or several saved) -> one state per current sub-optimizer."""
     indices = sorted(k for k in state_dict if isinstance(k, int))
     saved = [state_dict] if "optimizer" in state_dict else [state_dict[i] for i in indices if "optimizer" in state_dict[i]]
-    if not saved:
-        raise CheckpointError("checkpoint holds no optimizer param groups (was it saved by this trainer?)")
+    if not saved or "param_state_sharding_type" not in saved[0]:
+        raise CheckpointError(
+            "parallel.use_distributed_optimizer=true: the checkpoint's optimizer state was written by the plain "
+            "(non-distributed) optimizer, which the distributed one cannot load (resume with "
+            "parallel.use_distributed_optimizer=false)")
     groups = _with_both_expert_flags([g for s in saved for g in s["optimizer"]["param_groups"]])
     common = {k: v for k, v in saved[0].items() if k not in ("optimizer", "param_state") and not isinstance(k, int)}
     param_states = [state_dict.get("param_state")] if n == 1 else [state_dict[i].get("param_state") for i in range(n)]
@@ -81,8 +94,39 @@ def _split_distributed(state_dict: dict, n: int) -> list[dict]:
     return out
 
 
+def _distributed_to_plain(opt, sd: dict) -> dict:
+    """A DistributedOptimizer checkpoint loaded into a plain fp32 optimizer (use_distributed_optimizer
+    switched off on resume). The `fully_reshardable` format stores the per-parameter moments under the plain
+    optimizer's keys, so the tensors loaded as they are; the param groups and the step count sit in the
+    distributed optimizer's common part and are moved to where FP32Optimizer.load_state_dict reads them."""
+    pool: dict[tuple, list] = {}
+    for g in _with_both_expert_flags(sd["optimizer"]["param_groups"]):
+        pool.setdefault(_structure(g), []).append(g)
+    groups = []
+    for current, template in zip(opt.optimizer.param_groups, sd["param_groups"], strict=True):
+        match = pool.get(_structure(current))
+        if not match:
+            raise CheckpointError("the checkpoint's optimizer param groups do not fit this model's "
+                                  "(resume with the parallel.use_distributed_optimizer it was written with)")
+        groups.append({**match.pop(0), "params": template["params"]})
+    state = dict(sd["state"])
+    step = next((g["step"] for g in sd["optimizer"]["param_groups"] if "step" in g), None)
+    if step is not None:
+        state["common_step"] = step
+    return {"state": state, "param_groups": groups}
+
+
 def _split_plain(optimizer: MegatronOptimizer, state_dict) -> list:
+    from megatron.core.optimizer.optimizer import FP32Optimizer
+
     subs = sub_optimizers(optimizer)
+    if isinstance(state_dict, dict) and "param_state_sharding_type" in state_dict:
+        if not all(isinstance(o, FP32Optimizer) for o in subs) or len(subs) != 1:
+            raise CheckpointError(
+                "parallel.use_distributed_optimizer=false: the checkpoint was written by the distributed "
+                "optimizer, which converts to the plain one only for a fp32 model without expert parallelism "
+                "(resume with parallel.use_distributed_optimizer=true)")
+        return [_distributed_to_plain(subs[0], state_dict)]
     if len(subs) == 1:
         return [state_dict]
     states = [v for _, v in sorted(state_dict.items())] if isinstance(state_dict, dict) else list(state_dict)
@@ -91,6 +135,53 @@ def _split_plain(optimizer: MegatronOptimizer, state_dict) -> list:
             f"the checkpoint's optimizer has {len(states)} parts but this layout has {len(subs)} (expert "
             "parallelism changed): resume with parallel.use_distributed_optimizer=true, whose format reshards")
     return states
+
+
+# Identifier keys that are hyperparameters, not structure: the config's current values win on resume (gap 4).
+_HYPERPARAMETER_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+# What a loaded param group keeps from the checkpoint: its parameters and megatron's step count.
+_FROM_CHECKPOINT = ("params", "step")
+
+
+def _structure(group: dict) -> tuple:
+    """A param group's identity without its hyperparameters (megatron's identifier, NeMo aliases included)."""
+    return tuple(group.get(k, group.get(f"pre_{k}")) for k in param_group_identifier_keys
+                 if k not in _HYPERPARAMETER_KEYS)
+
+
+def _saved_groups(state_dict) -> list:
+    """The param groups inside one sub-optimizer's loaded state (DistributedOptimizer / Float16: under
+    "optimizer"; FP32Optimizer: the torch state dict itself)."""
+    inner = state_dict.get("optimizer") if isinstance(state_dict, dict) else None
+    if isinstance(inner, dict) and "param_groups" in inner:
+        return inner["param_groups"]
+    return state_dict.get("param_groups", []) if isinstance(state_dict, dict) else []
+
+
+def _adopt_current_groups(opt, state_dict) -> list[dict]:
+    """Give the saved groups the current groups' hyperparameters (so megatron pairs them) and return the
+    current hyperparameters of every group, to be put back after loading (gap 4)."""
+    current = opt.optimizer.param_groups
+    fresh = [{k: v for k, v in g.items() if k not in _FROM_CHECKPOINT} for g in current]
+    pool: dict[tuple, list] = {}
+    for g in _saved_groups(state_dict):
+        pool.setdefault(_structure(g), []).append(g)
+    for g in current:
+        candidates = pool.get(_structure(g))
+        if not candidates:
+            continue  # megatron's own error names the group
+        saved = candidates.pop(0)
+        for key in _HYPERPARAMETER_KEYS:
+            if key in g:
+                saved[key] = g[key]
+            else:
+                saved.pop(key, None)
+    return fresh
+
+
+def _restore_hyperparameters(opt, fresh: list[dict]) -> None:
+    for group, values in zip(opt.optimizer.param_groups, fresh, strict=True):
+        group.update(values)
 
 
 def load_optimizer_state(optimizer: MegatronOptimizer, state_dict) -> None:
@@ -104,9 +195,11 @@ def load_optimizer_state(optimizer: MegatronOptimizer, state_dict) -> None:
         states = _split_plain(optimizer, state_dict)
     with cpu_compat.optimizer_scope():
         for opt, sd in zip(subs, states):
+            fresh = _adopt_current_groups(opt, sd)
             torch_adam = isinstance(getattr(opt, "optimizer", None), torch.optim.Adam)
             if not (isinstance(opt, DistributedOptimizer) and torch_adam and "param_state" in sd):
                 opt.load_state_dict(sd)
+                _restore_hyperparameters(opt, fresh)
                 continue
             sd = dict(sd)
             param_state, kind = sd.pop("param_state"), sd.pop("param_state_sharding_type")
@@ -117,6 +210,7 @@ def load_optimizer_state(optimizer: MegatronOptimizer, state_dict) -> None:
             finally:
                 for p, step in held.items():
                     opt.optimizer.state[p]["step"] = step.clone()  # one tensor per parameter (gap 2)
+            _restore_hyperparameters(opt, fresh)
         if len(subs) > 1:
             optimizer._synchronize_steps()
         for opt in subs:

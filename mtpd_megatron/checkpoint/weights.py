@@ -2,7 +2,9 @@
 
 Used where training starts from weights without the optimizer state: a checkpoint imported from Hugging Face
 (tools/convert_from_hf.py, stage "hf_import") and the previous stage of a looped extension. It runs before
-DDP and the optimizer exist, so nothing else has to be refreshed.
+DDP and the optimizer exist, so nothing else has to be refreshed. The files are checked against their
+digests first (integrity.json), and every failure, torch DCP's BaseException-derived CheckpointException
+included, is one CheckpointError line.
 """
 
 from __future__ import annotations
@@ -12,21 +14,23 @@ from typing import Callable, Optional
 
 from megatron.core import dist_checkpointing
 
-from mtpd_megatron.checkpoint.layout import CheckpointError
-from mtpd_megatron.checkpoint.manager import sharded_metadata
-
-HF_IMPORT_STAGE = "hf_import"  # checkpoints written by tools/convert_from_hf.py: weights, no optimizer state
+from mtpd_megatron.checkpoint.layout import HF_IMPORT_STAGE, CheckpointError  # noqa: F401 (re-exported)
+from mtpd_megatron.checkpoint.manager import FAILURES, one_line, sharded_metadata, verify_integrity_collective
 
 
-def load_model_weights(model, checkpoint: Path, keep: Optional[Callable[[str], bool]] = None) -> list[str]:
-    """Load the keys accepted by `keep` (all by default); returns the model keys left as they were."""
+def load_model_weights(model, checkpoint: Path, keep: Optional[Callable[[str], bool]] = None,
+                       log: Callable[[str], None] = lambda line: None) -> list[str]:
+    """(every rank) Load the keys accepted by `keep` (all by default); returns the model keys left as they were."""
+    problem = verify_integrity_collective(Path(checkpoint), log)
+    if problem:
+        raise CheckpointError(f"checkpoint {checkpoint} is damaged: {problem} (re-create it, or pick another)")
     sharded = model.sharded_state_dict(metadata=sharded_metadata())
     wanted = {k: v for k, v in sharded.items() if keep is None or keep(k)}
     try:
         loaded = dist_checkpointing.load({"model": wanted}, str(checkpoint))
-    except Exception as e:  # shape mismatches, missing keys
-        msg = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"checkpoint {checkpoint}: weights do not fit this model: {msg}") from None
+    except FAILURES as e:  # shape mismatches, missing keys, unreadable shards (CheckpointException)
+        raise CheckpointError(f"checkpoint {checkpoint}: weights could not be loaded into this model: "
+                              f"{one_line(e, 300)}") from None
     missing, unexpected = model.load_state_dict(loaded["model"], strict=False)
     wrong = [k for k in missing if (keep is None or keep(k)) and not k.endswith("_extra_state")]
     if wrong or unexpected:

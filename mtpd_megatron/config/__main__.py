@@ -4,7 +4,8 @@ field reference: `python -m mtpd_megatron.config --help-config [section]` (e.g. 
 Loads, overrides and validates a config the way the trainer will, without torch, process groups or
 files, and prints the resolved config (valid YAML) followed by the layout and parameter counts as
 comments. A bad config prints one `error:` line and exits with code 2, so a Slurm script can check a
-config on the login node before it queues anything.
+config on the login node before it queues anything (`--no-env` skips the checks of this machine, such as
+Transformer Engine being installed, when the config is meant for other nodes).
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as model.num_layers=4")
     parser.add_argument("--world-size", type=int, default=None,
                         help="ranks to check the layout for (default: the smallest the layout allows)")
+    parser.add_argument("--no-env", action="store_true",
+                        help="skip the checks of this machine (Transformer Engine installed, output paths usable): "
+                        "for a config meant for other nodes")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="tokenizer vocabulary size (default: model.vocab_size, else read data.tokenizer)")
     parser.add_argument("--help-config", nargs="?", const="", default=None, metavar="SECTION",
@@ -145,7 +149,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides, flag=None)
         world = args.world_size if args.world_size is not None else smallest_world_size(cfg)
         vocab_size = args.vocab_size if args.vocab_size is not None else tokenizer_vocab_size(cfg)
-        validate(cfg, world, vocab_size)
+        validate(cfg, world, vocab_size, environment=not args.no_env)
     except ConfigError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

@@ -125,11 +125,24 @@ def read_yaml(path: str, flag: Optional[str] = "--config") -> dict:
     """The YAML mapping in `path`; errors name the file as the user gave it (`flag path`, or the bare path
     for a positional argument)."""
     where = f"{flag} {path}" if flag else str(path)
+    if os.path.isdir(path):
+        raise ConfigError(f"{where}: is a directory (pass a YAML file such as configs/tiny_dense.yaml)")
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: no such file (pass a YAML file such as configs/tiny_dense.yaml)")
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot be read ({e.strerror or e}); check its permissions") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not a text file (byte {e.start} is not UTF-8): pass the YAML "
+                          "config, not a binary or other file") from None
+    if "\x00" in text:
+        raise ConfigError(f"{where}: not a text file (it contains NUL bytes): pass the YAML config")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""

@@ -4,12 +4,20 @@ Everything megatron-core would refuse later (often after minutes of start-up on 
 rank at once) is refused here in one line that names the field and the fix. The checks mirror megatron's
 own conditions (parallel_state.initialize_model_parallel, TransformerConfig.__post_init__, moe_layer.py)
 plus what MTP-D needs. No torch import: the checker runs on a login node.
+
+`environment=True` (the trainer, and the checker unless --no-env) also checks this machine: that
+Transformer Engine is installed when the config asks for it, and that the output paths (checkpoint.save,
+logging.tensorboard_dir, data.cache_dir) are directories or can be created as such. Those are checked
+here rather than where they are used because by then the run has joined a process group and written
+tensorboard files; a path that is a file fails first thing instead.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
+import os
 from typing import Any, Optional
 
 from mtpd_megatron.config.load import ConfigError
@@ -27,6 +35,8 @@ LR_SCHEDULES = ("cosine", "wsd", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "cuda")
 PROGRESS_BARS = ("auto", "on", "off")
+# set_seed (parallel/launch.py) seeds NumPy with seed + 100 * pipeline rank; NumPy takes 0..2**32 - 1.
+MAX_SEED = 2**32 - 1
 
 
 def _show(value: Any) -> str:
@@ -61,11 +71,11 @@ def _divisors(n: int) -> str:
     return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
-def validate(cfg: Config, world_size: int, vocab_size: Optional[int] = None) -> None:
+def validate(cfg: Config, world_size: int, vocab_size: Optional[int] = None, *, environment: bool = False) -> None:
     """Raise ConfigError (one line: field, problem, fix) if `cfg` cannot run on `world_size` ranks.
 
     `vocab_size` is the tokenizer's vocabulary size when it is known; it is needed for the TopN and
-    vocabulary checks when model.vocab_size is null.
+    vocabulary checks when model.vocab_size is null. `environment` adds the checks of this machine.
     """
     if not isinstance(world_size, int) or world_size < 1:
         _fail("world_size", world_size, "must be a positive number of ranks (--world-size)")
@@ -77,6 +87,39 @@ def validate(cfg: Config, world_size: int, vocab_size: Optional[int] = None) -> 
     _check_data(cfg)
     _check_training(cfg)
     _check_checkpoint_and_logging(cfg)
+    if environment:
+        check_environment(cfg)
+
+
+def check_environment(cfg: Config) -> None:
+    """What depends on this machine: Transformer Engine if asked for, usable output directories."""
+    if cfg.model.attention_backend == "te" and importlib.util.find_spec("transformer_engine") is None:
+        _fail("model.attention_backend", "te", "Transformer Engine is not installed on this machine "
+              "(pip install -e .[te], or use auto / sdpa)")
+    for field, path in (("checkpoint.save", cfg.checkpoint.save), ("logging.tensorboard_dir", cfg.logging.tensorboard_dir),
+                        ("data.cache_dir", cfg.data.cache_dir)):
+        if path:
+            _check_output_dir(field, path)
+    if cfg.checkpoint.load and os.path.exists(cfg.checkpoint.load) and not os.path.isdir(cfg.checkpoint.load):
+        _fail("checkpoint.load", cfg.checkpoint.load, "is a file, not a checkpoint directory (give the save "
+              "directory of the run to resume, or null)")
+
+
+def _check_output_dir(field: str, path: str) -> None:
+    """`path` is a directory, or the nearest existing ancestor is a writable directory."""
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            _fail(field, path, "is a file, not a directory (point it at a directory, or move the file)")
+        if not os.access(path, os.W_OK | os.X_OK):
+            _fail(field, path, "is not writable (fix its permissions or point it elsewhere)")
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        _fail(field, path, f"cannot be created: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        _fail(field, path, f"cannot be created: {parent} is not writable")
 
 
 def _check_model(cfg: Config) -> None:
@@ -95,6 +138,14 @@ def _check_model(cfg: Config) -> None:
     if m.kv_channels is None and m.hidden_size % heads:
         _fail("model.hidden_size", m.hidden_size, f"is not divisible by model.num_attention_heads={heads} "
               "(change one of them or set model.kv_channels to the head dimension)")
+    head_dim = m.kv_channels or m.hidden_size // heads
+    if head_dim % 2:
+        if m.kv_channels is not None:
+            _fail("model.kv_channels", m.kv_channels, "is odd; RoPE rotates pairs of channels and needs an even "
+                  "head dimension (use an even number)")
+        _fail("model.hidden_size", m.hidden_size, f"gives an odd head dimension {head_dim} with "
+              f"model.num_attention_heads={heads}; RoPE needs an even one (use a multiple of {2 * heads}, or set "
+              "model.kv_channels to an even head dimension)")
     _one_of("model.attention_backend", m.attention_backend, ATTENTION_BACKENDS)
     if m.attention_backend == "local" and cfg.parallel.sequence_parallel:
         _fail("model.attention_backend", "local", "megatron's local spec has no sequence-parallel norm "
@@ -168,6 +219,9 @@ def _check_parallel(cfg: Config, world: int) -> None:
               "under sequence parallelism")
     if m.moe.num_experts:
         _check_expert_parallel(cfg, world)
+    elif p.expert_tensor_parallel_size not in (None, tp):
+        _fail("parallel.expert_tensor_parallel_size", p.expert_tensor_parallel_size, "needs an MoE model "
+              "(model.moe.num_experts=0 is dense): set it to null")
     t = cfg.training
     _positive("training.micro_batch_size", t.micro_batch_size)
     _positive("training.global_batch_size", t.global_batch_size)
@@ -277,6 +331,9 @@ def _check_data(cfg: Config) -> None:
         shares = []
     if not 1 <= len(shares) <= 3 or any(s < 0 or not math.isfinite(s) for s in shares) or sum(shares) <= 0:
         _fail("data.split", data.split, "must be up to three shares train,valid,test such as '949,50,1'")
+    if shares[0] <= 0:
+        _fail("data.split", data.split, "has no training share (the first number is the training part: "
+              "give it > 0, e.g. '949,50,1')")
     if cfg.training.eval_interval > 0 and (len(shares) < 2 or shares[1] == 0):
         _fail("data.split", data.split, f"has no validation share but training.eval_interval="
               f"{cfg.training.eval_interval} (give one, e.g. '949,50,1', or set training.eval_interval=0)")
@@ -312,6 +369,10 @@ def _check_training(cfg: Config) -> None:
     if t.eval_interval:
         _positive("training.eval_iters", t.eval_iters)
     _positive("training.max_consecutive_nan_steps", t.max_consecutive_nan_steps)
+    top = MAX_SEED - 100 * (cfg.parallel.pipeline_model_parallel_size - 1)
+    if not 0 <= t.seed <= top:
+        _fail("training.seed", t.seed, f"must be in 0..{top} (NumPy seeds are 32-bit"
+              + (", and each pipeline stage adds 100)" if top != MAX_SEED else ")"))
 
 
 def _check_checkpoint_and_logging(cfg: Config) -> None:

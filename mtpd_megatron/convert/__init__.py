@@ -92,12 +92,34 @@ def megatron_world() -> Iterator[None]:
             dist.destroy_process_group()
 
 
+def check_finite(name: str, tensor, where: str, allow: bool) -> None:
+    """Refuse a tensor with NaN/inf values (a diverged or damaged model converts into a useless one that
+    loads without complaint); `allow` is the --allow-nonfinite flag."""
+    import torch
+
+    if allow or not tensor.is_floating_point():
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        raise ConvertError(f"{name} in {where} has {bad} non-finite value(s) (NaN/inf) of {tensor.numel()}: the "
+                           "model is damaged or diverged (convert another checkpoint, or pass --allow-nonfinite "
+                           "to convert it anyway)")
+
+
+def cli_parser(prog: str, description: str):
+    """The converters' argparse: a usage error is one line and exit code 2 (mtpd_megatron.cli's parser)."""
+    from mtpd_megatron.cli import cli_parser as one_line_parser
+
+    return one_line_parser(prog, description)
+
+
 def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
     """Run a converter's main: ConvertError (and the config/checkpoint errors) -> one line on stderr, exit 2."""
-    import warnings
+    from mtpd_megatron.logging_utils import quiet_known_noise
 
-    # megatron-core announces at import time that TE/Apex are absent; a converter's stderr is for its own line
-    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed", category=UserWarning)
+    # megatron-core announces at import time that TE/Apex are absent; a converter's stderr is for its own line.
+    # (The converter modules import megatron lazily, so this runs before the first of those warnings.)
+    quiet_known_noise()
     from mtpd_megatron.checkpoint.layout import CheckpointError
     from mtpd_megatron.config.load import ConfigError
 
@@ -111,4 +133,4 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Seque
         return 130
 
 
-__all__ = ["ConvertError", "atomic_output_dir", "megatron_world", "run_cli"]
+__all__ = ["ConvertError", "atomic_output_dir", "check_finite", "cli_parser", "megatron_world", "run_cli"]

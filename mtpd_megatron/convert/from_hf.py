@@ -18,7 +18,6 @@ optimizer state, scheduler or RNG (stage "hf_import"); the trainer starts from i
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,8 +29,8 @@ import torch
 
 from mtpd_megatron.config.load import config_from_dict, config_to_dict, load_config
 from mtpd_megatron.config.schema import Config
-from mtpd_megatron.convert import ConvertError, atomic_output_dir, megatron_world, run_cli
-from mtpd_megatron.checkpoint.weights import HF_IMPORT_STAGE as STAGE
+from mtpd_megatron.convert import ConvertError, atomic_output_dir, check_finite, cli_parser, megatron_world, run_cli
+from mtpd_megatron.checkpoint.layout import HF_IMPORT_STAGE as STAGE
 from mtpd_megatron.convert import mapping
 from mtpd_megatron.inference.hf_mtp import head_index
 
@@ -286,8 +285,10 @@ def _build(cfg: Config, vocab_rows: int, dtype: torch.dtype, init: bool):
 def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: Optional[int] = None,
                     ep: Optional[int] = None, pp: Optional[int] = None, etp: Optional[int] = None,
                     mtp: str = "auto", mtp_heads: Optional[int] = None, dtype: str = "auto",
-                    overwrite: bool = False, progress: bool = True) -> dict:
-    """Convert HF directory `hf_dir` into checkpoint root `out` (created atomically). Returns a summary."""
+                    overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False) -> dict:
+    """Convert HF directory `hf_dir` into checkpoint root `out` (created atomically). Returns a summary.
+
+    Tensors with NaN/inf values are refused unless `allow_nonfinite`."""
     from safetensors import safe_open
     from tqdm import tqdm
 
@@ -368,6 +369,12 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
                 for p in range(len(r.hf)) if copy_mtp or not r.megatron.startswith("mtp.")}
         filled: set = set()
         files = sorted(set(where.values()))
+
+        def read(f, path: Path, name: str) -> torch.Tensor:
+            value = f.get_tensor(name)
+            check_finite(name, value, path.name, allow_nonfinite)
+            return value
+
         with torch.no_grad():
             for path in tqdm(files, desc="read HF shards", unit="file", disable=not progress or None):
                 with safe_open(str(path), framework="pt") as f:
@@ -384,7 +391,7 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
                                 f"shape (wrong architecture or config)"
                             )
                         if target[0] == "fused":
-                            value = f.get_tensor(name)
+                            value = read(f, path, name)
                             for e, members in enumerate(target[1]):
                                 parts = torch.chunk(value[e], len(members), dim=0)
                                 for member, piece in zip(members, parts):
@@ -392,7 +399,7 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
                             continue
                         rule, part = target
                         if rule.megatron is None:
-                            value = f.get_tensor(name)
+                            value = read(f, path, name)
                             if value.numel() and value.abs().max() != 0:
                                 raise ConvertError(
                                     f"{name} is non-zero but the config has no such tensor (e.g. expert_bias=false); "
@@ -401,7 +408,7 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
                             continue
                         if rule.megatron.startswith("mtp.") and not copy_mtp:
                             continue
-                        _place(target, f.get_tensor(name), live, filled, d, name)
+                        _place(target, read(f, path, name), live, filled, d, name)
             missing = sorted(need - filled)
             if missing:
                 rule_name, part = missing[0]
@@ -443,10 +450,8 @@ def _place(target, value: torch.Tensor, live: dict, filled: set, d: mapping.Dims
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="convert_from_hf.py",
-        description="Convert a Hugging Face model directory into a torch_dist checkpoint (loadable at any TP/EP/PP).",
-    )
+    p = cli_parser("convert_from_hf.py", "Convert a Hugging Face model directory into a torch_dist checkpoint "
+                   "(loadable at any TP/EP/PP).")
     p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="checkpoint root to create (iter_0000000 inside)")
     p.add_argument("--config", default=None,
@@ -462,12 +467,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
                    help="parameter dtype (auto = config.json's)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors with NaN/inf values too")
     args = p.parse_args(argv)
     for flag in ("tp", "ep", "pp", "etp"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConvertError(f"--{flag} must be >= 1")
     s = convert_from_hf(args.hf, args.out, config=args.config, tp=args.tp, ep=args.ep, pp=args.pp, etp=args.etp,
-                        mtp=args.mtp, mtp_heads=args.mtp_heads, dtype=args.dtype, overwrite=args.overwrite)
+                        mtp=args.mtp, mtp_heads=args.mtp_heads, dtype=args.dtype, overwrite=args.overwrite,
+                        allow_nonfinite=args.allow_nonfinite)
     print(f"wrote {s['out']}: {s['arch']} weights, {s['mtp_heads']} MTP head(s) {s['mtp']}, "
           f"vocabulary {s['vocab_size']} padded to {s['padded_vocab_size']}, {s['dtype']}")
     return 0

@@ -16,7 +16,6 @@ and shapes all exist in the checkpoint is used.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -27,7 +26,7 @@ import torch
 
 from mtpd_megatron.config.load import ConfigError, config_from_dict
 from mtpd_megatron.config.schema import Config
-from mtpd_megatron.convert import ConvertError, atomic_output_dir, megatron_world, run_cli
+from mtpd_megatron.convert import ConvertError, atomic_output_dir, check_finite, cli_parser, megatron_world, run_cli
 from mtpd_megatron.convert import mapping, mtp_heads
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -71,7 +70,7 @@ def resolve_checkpoint(path: str | os.PathLike, iteration: Optional[int] = None)
             if not found:
                 raise ConvertError(f"--ckpt {root}: no iter_XXXXXXX checkpoint inside (not a checkpoint directory)")
             ckpt = found[-1]
-    problem = layout.verify(ckpt)
+    problem = layout.verify(ckpt, checksums=True)
     if problem:
         raise ConvertError(f"checkpoint {ckpt} is incomplete or damaged: {problem}")
     return ckpt
@@ -344,7 +343,8 @@ def write_tokenizer(tok: dict, out: Path, max_length: int) -> None:
 
 def write_hf(cfg: Config, read_group: Callable[[list], dict], out: Path, *, vocab_rows: int, dtype: torch.dtype,
              vocab_size: Optional[int] = None, tokenizer: Optional[dict] = None, num_mtp: Optional[int] = None,
-             mtp_layout: str = "auto", max_shard_bytes: int = DEFAULT_MAX_SHARD, progress: bool = True) -> dict:
+             mtp_layout: str = "auto", max_shard_bytes: int = DEFAULT_MAX_SHARD, progress: bool = True,
+             allow_nonfinite: bool = False) -> dict:
     """Convert group by group (`read_group(live names) -> tensors`) and write everything HF needs into `out`.
 
     `vocab_rows` is megatron's padded vocabulary (kept: logits stay equal entry by entry); rows from
@@ -370,6 +370,8 @@ def write_hf(cfg: Config, read_group: Callable[[list], dict], out: Path, *, voca
         target = writer if group.head is None else head_writer
         for rule in group.rules:
             src = tensors.pop(rule.megatron) if rule.megatron is not None else None
+            if src is not None:
+                check_finite(rule.megatron, src, "the checkpoint", allow_nonfinite)
             for name, t in mapping.to_hf_tensors(rule, src, d):
                 target.add(name, t.to(torch.float32 if rule.fp32 else dtype))
         del tensors
@@ -445,8 +447,11 @@ def read_checkpoint_heads(ckpt: str, iteration: Optional[int] = None) -> dict:
 def convert_to_hf(ckpt: str, out: str, *, dtype: str = "auto", iteration: Optional[int] = None,
                   tokenizer: Optional[str] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD,
                   mtp: str = "auto", mtp_heads_count: Optional[int] = None,
-                  overwrite: bool = False, progress: bool = True) -> dict:
-    """Convert checkpoint `ckpt` into HF directory `out` (created atomically). Returns a summary."""
+                  overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False) -> dict:
+    """Convert checkpoint `ckpt` into HF directory `out` (created atomically). Returns a summary.
+
+    The checkpoint's files are checked against integrity.json first; tensors with NaN/inf values are
+    refused unless `allow_nonfinite`."""
     path = resolve_checkpoint(ckpt, iteration)
     cfg, meta = read_checkpoint_meta(path)
     arch = mapping.choose_arch(cfg)  # refuse before any work
@@ -488,7 +493,8 @@ def convert_to_hf(ckpt: str, out: str, *, dtype: str = "auto", iteration: Option
         reader = CheckpointReader(path, cfg, rows, stored_dtype)
         summary = write_hf(cfg, reader.read, tmp, vocab_rows=rows, dtype=out_dtype, tokenizer=tok,
                            vocab_size=vocab if vocab is not None else (tok["vocab_size"] if tok else None),
-                           num_mtp=mtp_heads_count, mtp_layout=mtp, max_shard_bytes=max_shard_bytes, progress=progress)
+                           num_mtp=mtp_heads_count, mtp_layout=mtp, max_shard_bytes=max_shard_bytes, progress=progress,
+                           allow_nonfinite=allow_nonfinite)
         source = {"checkpoint": str(path.absolute()), "iteration": meta.get("iteration"),
                   "megatron_core_version": meta.get("megatron_core_version"), "vocab_size": vocab,
                   "padded_vocab_size": rows, "mtp_heads": summary["mtp_heads"], "mtp_layout": summary["mtp_layout"],
@@ -509,10 +515,8 @@ def _parse_size(text: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="convert_to_hf.py",
-        description="Convert a torch_dist checkpoint (any TP/EP/PP) into a Hugging Face model directory.",
-    )
+    p = cli_parser("convert_to_hf.py", "Convert a torch_dist checkpoint (any TP/EP/PP) into a Hugging Face model "
+                   "directory.")
     p.add_argument("--ckpt", required=True,
                    help="checkpoint.save directory (its tracked/newest iteration) or an iter_XXXXXXX directory")
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
@@ -529,10 +533,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--mtp-heads", type=int, default=None,
                    help="export only the first N heads (default all; SGLang's NextN takes exactly 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors with NaN/inf values too")
     args = p.parse_args(argv)
     summary = convert_to_hf(args.ckpt, args.out, dtype=args.dtype, iteration=args.iteration,
                             tokenizer=args.tokenizer, max_shard_bytes=_parse_size(args.max_shard_size),
-                            mtp=args.mtp, mtp_heads_count=args.mtp_heads, overwrite=args.overwrite)
+                            mtp=args.mtp, mtp_heads_count=args.mtp_heads, overwrite=args.overwrite,
+                            allow_nonfinite=args.allow_nonfinite)
     heads = f", {summary['mtp_heads']} MTP head(s) {summary['mtp_layout']}" if summary["mtp_heads"] else ", no MTP heads"
     print(f"wrote {summary['out']}: {summary['arch']} ({summary['tensors']} tensors, {summary['shards']} shard(s), "
           f"{summary['bytes'] / 1e6:.1f} MB {summary['dtype']}{heads}) from {summary['checkpoint']}")

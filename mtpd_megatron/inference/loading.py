@@ -112,14 +112,13 @@ def load_for_inference(spec: str, *, tp: int = 1, ep: int = 1, device: str = "au
         raise CheckpointError(f"checkpoint {path}: padded vocabulary {padded} is not divisible by --tp {tp}")
     model = build_model(cfg, vocab_size=padded, params_dtype=torch.float32)
     # The model part of the state dict only; same sharding metadata the trainer saved with.
-    from mtpd_megatron.checkpoint.manager import sharded_metadata
+    from mtpd_megatron.checkpoint.manager import FAILURES, one_line, sharded_metadata
 
     sharded = {"model": model.sharded_state_dict(metadata=sharded_metadata())}
     try:
         loaded = dist_checkpointing.load(sharded, str(path))
-    except Exception as e:  # CheckpointingException, shape mismatches from torch DCP, ...
-        msg = " ".join(str(e).split())[:300]
-        raise CheckpointError(f"checkpoint {path} could not be loaded into this model: {msg}") from None
+    except FAILURES as e:  # CheckpointingException, shape mismatches, DCP's CheckpointException (a BaseException)
+        raise CheckpointError(f"checkpoint {path} could not be loaded into this model: {one_line(e, 300)}") from None
     model.load_state_dict(loaded["model"], strict=True)
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -75,6 +75,12 @@ def run_stage(cfg, index: int, last: bool = True) -> int:
                      save_initial=extending, keep_process_group=not last)
 
 
+def _user_error(error: Exception) -> int:
+    from mtpd_megatron.train import _user_error as one_line
+
+    return one_line(error)  # rank 0 prints it, exit code 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     from mtpd_megatron.looped import stages
@@ -93,15 +99,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         indices = [args.stage] if args.command == "run-stage" else list(range(count))
         for index in indices:
             stages.check_stage_index(cfg, index)
+        # Every stage, before the first one trains (a bad later stage would surface after hours).
+        from mtpd_megatron.config.__main__ import tokenizer_vocab_size
+        from mtpd_megatron.parallel.launch import read_env
+
+        stages.validate_stages(cfg, read_env().world_size, tokenizer_vocab_size(cfg), environment=True)
     except ConfigError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+        return _user_error(e)
     for index in indices:
         try:
             code = run_stage(cfg, index, last=index == indices[-1])
         except ConfigError as e:
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
+            return _user_error(e)
         if code != 0:
             return code
     return 0

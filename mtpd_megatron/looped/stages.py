@@ -10,6 +10,7 @@ the trainer; a stage is complete when that directory holds a valid checkpoint at
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -78,6 +79,33 @@ def stage_config(cfg: Config, index: int) -> Config:
     if c.logging.tensorboard_dir:
         c.logging.tensorboard_dir = str(Path(c.logging.tensorboard_dir) / f"stage_{index}")
     return c
+
+
+# Trainer fields a stage sets, and the stage field that sets them (stage_config).
+_STAGE_FIELDS = {"training.lr": "lr", "training.min_lr": "min_lr", "training.lr_warmup_iters": "lr_warmup_iters",
+                 "training.lr_schedule": "lr_schedule", "training.train_iters": "train_iters",
+                 "mtp.num_heads": "heads"}
+
+
+def validate_stages(cfg: Config, world_size: int, vocab_size: Optional[int] = None, environment: bool = False) -> None:
+    """Validate every stage's trainer config before the first one starts (ConfigError, one line).
+
+    A later stage with a bad value would otherwise be found only after the earlier stages trained and wrote
+    checkpoints. Errors about a value the stage set name the stage's field (looped.stages[2].lr), not the
+    trainer field it became (training.lr).
+    """
+    from mtpd_megatron.config.validate import validate
+
+    for index, st in enumerate(stages_of(cfg)):
+        try:
+            validate(stage_config(cfg, index), world_size, vocab_size, environment=environment)
+        except ConfigError as e:
+            message = str(e)
+            for trainer_field, stage_field in _STAGE_FIELDS.items():
+                if stage_field in ("train_iters", "heads") or getattr(st, stage_field) is not None:
+                    message = re.sub(re.escape(trainer_field) + r"(?![\w])", f"looped.stages[{index}].{stage_field}",
+                                     message)
+            raise ConfigError(message) from None
 
 
 def trained_heads(cfg: Config, index: int) -> tuple:
