@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from mtpd_megatron.config.load import ConfigError, _build, _set_dotted, config_to_dict, read_yaml
-from mtpd_megatron.config.schema import Config
+from mtpd_megatron.config.schema import Config, LoopedConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -151,6 +151,7 @@ def _arm_config(base: dict, common: dict, arm: ArmSpec, name: str, exp_name: str
     except ConfigError as e:
         raise ConfigError(f"arms.{name}: {e}") from None
     cfg.name = f"{exp_name}-{name}"
+    cfg.looped = LoopedConfig()  # a base preset's looped extension is not this arm's (extension arms set theirs)
     cfg.checkpoint.save = str(directory / "ckpt")
     cfg.checkpoint.load = None
     cfg.checkpoint.resume = "auto"
