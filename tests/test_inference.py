@@ -570,3 +570,22 @@ def test_bench_decode_cli_and_errors(cli_checkpoint):
     assert len(lines) == 1 and "nope" in lines[0], missing.stderr[-2000:]
     too_many = _run_tool("bench_decode.py", "--ckpt", loaded.path, "--jsonl", corpus, "--k", 5, "--out", root / "y.json")
     assert too_many.returncode == 2 and "the model has 4 MTP heads" in too_many.stderr
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--k", "0"], "--k 0: draft at least one token"),
+    (["--k", "9"], "k=9 drafted tokens but the model has 4 MTP heads"),
+    (["--prompt", " "], "--prompt is empty"),
+    (["--prompt", "word " * 200], "exceed the model's context"),
+    (["--device", "cuda"], "--device cuda: no GPU is visible"),
+])
+def test_speculative_decode_refuses_bad_requests_in_one_line(cli_checkpoint, args, phrase):
+    root, _, loaded, _ = cli_checkpoint
+    base = {"--prompt": "some words", "--k": "2"}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    flat = [x for kv in base.items() for x in kv]
+    proc = _run_tool("speculative_decode.py", "--ckpt", loaded.path, *flat, "--new-tokens", 4)
+    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("speculative_decode: error: ") and phrase in lines[0], proc.stderr
