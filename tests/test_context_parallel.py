@@ -102,11 +102,61 @@ def _all_hook_cases():
     return out
 
 
-def test_hook_under_context_parallelism_matches_the_whole_sequence():
+def _attention_case():
+    """SDPAttention at CP = 2 (GQA: 4 query heads, 2 groups) on this rank's chunks vs SDPA on the whole
+    sequence: outputs and the gradients of queries, keys and values (keys/values: reduce-scattered)."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from mtpd_megatron.model.sdpa_attention import SDPAttention
+    from mtpd_megatron.parallel import context, cpu_compat
+
+    cpu_compat.enable()
+    ps.initialize_model_parallel(context_parallel_size=CP)
+    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                               context_parallel_size=CP, attention_dropout=0.0, use_cpu_initialization=True)
+    attention = SDPAttention(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
+    torch.manual_seed(1)
+    seq, b, d = 24, 2, 8
+    q, k, v = (torch.randn(seq, b, n, d, dtype=torch.float64) for n in (4, 2, 2))
+    w = torch.randn(seq, b, 4 * d, dtype=torch.float64)
+    idx = context.global_positions(seq // CP, CP, dist.get_rank())
+    local = [t[idx].clone().requires_grad_(True) for t in (q, k, v)]
+    out = attention(*local, None)
+    (out * w[idx]).sum().backward()
+
+    full = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    ref = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in full), is_causal=True,
+                                         scale=attention.softmax_scale, enable_gqa=True)
+    ref = ref.permute(2, 0, 1, 3).reshape(seq, b, 4 * d)
+    (ref * w).sum().backward()
+    ps.destroy_model_parallel()
+    return [out.detach(), *(t.grad for t in local)], [ref.detach()[idx], *(t.grad[idx] for t in full)]
+
+
+def _cp_workers():
+    return _all_hook_cases(), _attention_case()
+
+
+@pytest.fixture(scope="module")
+def cp_results():
+    return run_distributed(_cp_workers, CP)  # one start of the two ranks for the hook and attention cases
+
+
+def test_sdpa_attention_under_context_parallelism(cp_results):
+    for rank, (_, (got, ref)) in enumerate(cp_results):
+        for name, a, b in zip(("output", "dq", "dk", "dv"), got, ref):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=f"{name}, rank {rank}")
+
+
+def test_hook_under_context_parallelism_matches_the_whole_sequence(cp_results):
     """Hidden-state gradients (both CP ranks, the seesaw's teacher gradient crossing back to its owner) and the
     metric sums over the CP group equal those of the whole sequence in one process, in float64."""
-    for rank, results in enumerate(run_distributed(_all_hook_cases, CP)):
-        for (case, variant), (got, ref, sums, single, expected) in results.items():
+    for rank, (hook_results, _) in enumerate(cp_results):
+        for (case, variant), (got, ref, sums, single, expected) in hook_results.items():
             where = f"{case}, variant {variant}, rank {rank}"
             torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12, msg=where)
             torch.testing.assert_close(sums, single, rtol=1e-9, atol=1e-9, msg=f"metrics: {where}")
