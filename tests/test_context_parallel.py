@@ -165,3 +165,113 @@ def test_hook_under_context_parallelism_matches_the_whole_sequence(cp_results):
                 assert got[0].abs().sum() == 0, where
             else:
                 assert got[0].abs().sum() > 0, where
+
+
+# --------------------------------------------------------------------------------------------------------
+# The trainer: a real megatron model (SDPA attention, RoPE, MTP block, DDP, DistributedOptimizer)
+# --------------------------------------------------------------------------------------------------------
+
+RESUMED_STEPS = 3
+
+
+def _trainer_config(data, save, **parallel) -> dict:
+    from train_helpers import tiny_config
+
+    tok, prefix = data / "tok" / "tokenizer.json", data / "corpus_text_document"
+    cfg = tiny_config(tok, prefix, save, parallel=parallel,
+                      training={"train_iters": 2 + RESUMED_STEPS, "micro_batch_size": 2, "global_batch_size": 4})
+    cfg["model"]["num_query_groups"] = 2  # GQA: 2 query heads per key/value head
+    return cfg
+
+
+def _run_trainer(cfg_dict: dict, resume: str, steps: int, save_after: int = 0) -> dict:
+    """Build the Trainer for this layout; the first step's loss, per-head metrics and reduced gradients (by
+    parameter name, this rank's TP shard), then the losses of all `steps`; save after `save_after` steps."""
+    import copy
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from mtpd_megatron.config import config_from_dict
+    from mtpd_megatron.data import load_tokenizer
+    from mtpd_megatron.parallel import launch
+    from mtpd_megatron.trainer import Trainer
+
+    cfg = config_from_dict(copy.deepcopy(cfg_dict))
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    launch.init_distributed(cfg, launch.read_env())
+    trainer = Trainer(cfg, load_tokenizer(cfg.data.tokenizer), torch.device("cpu"), resume=resume)
+    module = trainer.model[0].module
+    dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    finalize, grads = trainer.config.finalize_model_grads_func, []
+
+    def capture(*args, **kwargs):  # before DDP's reduction: sum over DP x CP / its size = the reduced gradient
+        if not grads:
+            local = {n: p.main_grad.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+            for g in local.values():
+                dist.all_reduce(g, group=dp_cp)
+                g /= dist.get_world_size(dp_cp)
+            grads.append(local)
+        return finalize(*args, **kwargs)
+
+    trainer.config.finalize_model_grads_func = capture
+    trainer.train_iter = _uneven_loss_mask(trainer.train_iter)
+    losses, metrics = [], None
+    for step in range(steps):
+        losses.append(trainer.train_step().loss)
+        if step == 0:
+            metrics = trainer._head_metrics()
+        if save_after and step + 1 == save_after:
+            trainer.save()
+    trainer.close()
+    return {"losses": losses, "metrics": metrics, "grads": grads[0]}
+
+
+def _uneven_loss_mask(batches):
+    """The corpus' loss masks are all ones; mask a third of the tokens (by id) so that the CP ranks' shares
+    of a sequence hold different token counts (exactness then needs the counts of the whole sequence)."""
+    for batch in batches:
+        yield dict(batch, loss_mask=batch["loss_mask"] * (batch["tokens"] % 3 != 0))
+
+
+def _runs(plan: list) -> list:
+    return [_run_trainer(*args) for args in plan]
+
+
+def _assert_same_step(got: dict, ref: dict, where: str) -> None:
+    assert got["losses"][0] == pytest.approx(ref["losses"][0], rel=1e-5, abs=1e-6), where
+    for key, value in ref["metrics"].items():
+        assert got["metrics"][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (where, key)
+    assert set(got["grads"]) == set(ref["grads"]), where
+    for name, grad in ref["grads"].items():
+        torch.testing.assert_close(got["grads"][name], grad, rtol=1e-5, atol=1e-6, msg=f"{where}: {name}")
+
+
+@pytest.mark.slow
+def test_trainer_context_parallel_matches_cp1_and_resumes_across_cp(tmp_path):
+    """CP = 2 trains like CP = 1 (first step: loss, per-head metrics, every gradient; then the losses) with
+    uneven loss masks; a CP = 1 checkpoint resumes at TP = 2 x CP = 2 and a CP = 2 checkpoint at CP = 1
+    (TP = 2 x DP = 2) with the same losses and, between the two, the same gradients and metrics: weights,
+    AdamW moments of the DistributedOptimizer (sharded over DP x CP) and the data position resharded."""
+    from train_helpers import make_data
+
+    data = tmp_path / "data"
+    make_data(data)
+    steps, ckpt = 2 + RESUMED_STEPS, "iter_0000002"
+    cp1, cp2 = tmp_path / "cp1", tmp_path / "cp2"
+    cfg = lambda save=None, **p: _trainer_config(data, save, **p)  # noqa: E731
+
+    (ref,), = run_distributed(_runs, 1, [(cfg(cp1), "none", steps, 2)])
+    two = run_distributed(_runs, 2, [(cfg(cp2, context_parallel_size=2), "none", steps, 2)])
+    four = run_distributed(_runs, 4, [
+        (cfg(None, tensor_model_parallel_size=2, context_parallel_size=2), str(cp1 / ckpt), RESUMED_STEPS),
+        (cfg(None, tensor_model_parallel_size=2), str(cp2 / ckpt), RESUMED_STEPS)])
+
+    for rank, (cp2_run,) in enumerate(two):
+        _assert_same_step(cp2_run, ref, f"CP=2 rank {rank} vs CP=1")
+        assert cp2_run["losses"] == pytest.approx(ref["losses"], abs=1e-5), rank
+    for rank, (tp_cp, tp_dp) in enumerate(four):  # megatron's rank order: tp_rank = rank % TP in both layouts
+        assert tp_cp["losses"] == pytest.approx(ref["losses"][2:], abs=1e-5), rank  # CP=1 ckpt at TP2 x CP2
+        assert tp_dp["losses"] == pytest.approx(ref["losses"][2:], abs=1e-5), rank  # CP=2 ckpt at TP2 x DP2
+        _assert_same_step(tp_cp, tp_dp, f"TP=2 x CP=2 rank {rank} vs TP=2")
