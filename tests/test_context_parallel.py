@@ -4,6 +4,8 @@ real megatron model's loss, per-head metrics and gradients — each compared wit
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -26,9 +28,9 @@ def _local_positions(seq: int, cp: int, rank: int, cu=None) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _hook_case(seq, cu, mtpd, detach, cp_rank=None):
-    """The hook on one global sequence (cp_rank None) or on this CP rank's part; returns the hidden states'
-    gradient (rows of this rank), the attached loss gradient's reference and the metric sums."""
+def _hook_case(seq, cu, mtpd, detach, frozen=False, cp_rank=None):
+    """The hook on one global sequence (cp_rank None) or on this CP rank's part: the hidden states' gradient
+    (this rank's rows), the float64 reference objective's gradient at those rows, and the metric sums."""
     import torch.distributed as dist
     from megatron.core.packed_seq_params import PackedSeqParams
 
@@ -49,6 +51,9 @@ def _hook_case(seq, cu, mtpd, detach, cp_rank=None):
         cu_t = torch.tensor(cu, dtype=torch.int32)
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t)
     cfg = _fake_config(heads, alphas, betas, detach_teacher=detach, **mtpd)
+    if frozen:  # looped extension: head 1 frozen (no loss, acceptance still measured)
+        cfg.mtpd_settings = dataclasses.replace(cfg.mtpd_settings, trained=(False, True, True))
+        alphas, betas = [0.0] + alphas[1:], [0.0] + betas[1:]
 
     def output_layer(h, weight=None, runtime_gather_output=None):
         return h @ weight_.t(), None
@@ -74,8 +79,7 @@ def _hook_case(seq, cu, mtpd, detach, cp_rank=None):
     ref = _reference_objective([c.squeeze(1) for c in ref_hidden], weight, labels[0], mask[0], doc_ids, heads, 0.3,
                                alphas, betas, spec, detach_teacher=detach)
     ref.backward()
-    expected = ref_hidden.grad[:, idx].squeeze(2)
-    return got, expected, sums
+    return got, ref_hidden.grad[:, idx].squeeze(2), sums
 
 
 CASES = {
@@ -85,8 +89,9 @@ CASES = {
 }
 
 
-VARIANTS = [(dict(direction="forward", mode="renorm"), True),
-            (dict(direction="reverse", mode="tail", objective="lk", lk_lambda=0.4), False)]
+VARIANTS = [(dict(direction="forward", mode="renorm"), True, False),
+            (dict(direction="reverse", mode="tail", objective="lk", lk_lambda=0.4), False, False),
+            (dict(direction="forward", mode="renorm"), True, True)]  # a frozen head (looped extension)
 
 
 def _all_hook_cases():
@@ -95,10 +100,9 @@ def _all_hook_cases():
 
     out = {}
     for case, (seq, cu) in CASES.items():
-        for i, (mtpd, detach) in enumerate(VARIANTS):
-            _, expected, single = _hook_case(seq, cu, mtpd, detach)
-            got, ref, sums = _hook_case(seq, cu, mtpd, detach, cp_rank=dist.get_rank())
-            out[case, i] = (got, ref, sums, single, expected)
+        for i, (mtpd, detach, frozen) in enumerate(VARIANTS):
+            _, _, single = _hook_case(seq, cu, mtpd, detach, frozen)
+            out[case, i] = (*_hook_case(seq, cu, mtpd, detach, frozen, cp_rank=dist.get_rank()), single)
     return out
 
 
@@ -156,7 +160,7 @@ def test_hook_under_context_parallelism_matches_the_whole_sequence(cp_results):
     """Hidden-state gradients (both CP ranks, the seesaw's teacher gradient crossing back to its owner) and the
     metric sums over the CP group equal those of the whole sequence in one process, in float64."""
     for rank, (hook_results, _) in enumerate(cp_results):
-        for (case, variant), (got, ref, sums, single, expected) in hook_results.items():
+        for (case, variant), (got, ref, sums, single) in hook_results.items():
             where = f"{case}, variant {variant}, rank {rank}"
             torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-12, msg=where)
             torch.testing.assert_close(sums, single, rtol=1e-9, atol=1e-9, msg=f"metrics: {where}")
