@@ -53,7 +53,7 @@ from mtpd_megatron.mtpd import hook as mtpd_hook
 from mtpd_megatron.mtpd.metrics import FIELDS as MTPD_FIELDS
 from mtpd_megatron.mtpd.metrics import summarize as summarize_mtpd
 from mtpd_megatron.optim import build_optimizer, build_scheduler, current_lr, optimizer_step
-from mtpd_megatron.parallel import cpu_compat
+from mtpd_megatron.parallel import context, cpu_compat
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
@@ -120,6 +120,9 @@ class Trainer:
         t = cfg.training
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.cp_group = parallel_state.get_context_parallel_group()
+        self.cp_rank = parallel_state.get_context_parallel_rank()
+        self.cp_size = parallel_state.get_context_parallel_world_size()
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.dtype = params_dtype_for(cfg, device)
         self.log = self._print if self.rank == 0 else (lambda line: None)
@@ -207,18 +210,26 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        tokens, labels, loss_mask, position_ids = (batch[k].to(self.device, non_blocking=True)
-                                                   for k in ("tokens", "labels", "loss_mask", "position_ids"))
-        output = model(tokens, position_ids, None, labels=labels, loss_mask=loss_mask)
-        return output, partial(self._loss_func, loss_mask)
+        batch = {k: batch[k].to(self.device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        # CP: every rank of a CP group reads the same micro-batch and keeps its two chunks of the sequence
+        # (Megatron-LM's get_batch_on_this_cp_rank); megatron's RoPE, MTP rolls and our attention follow.
+        batch = context.split_batch(batch, self.cp_size, self.cp_rank)
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                       loss_mask=batch["loss_mask"])
+        return output, partial(self._loss_func, batch["loss_mask"])
 
-    @staticmethod
-    def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    def _loss_func(self, loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
         """(sum, tokens, report): the schedule divides by tokens and micro-batches before backward."""
         mask = loss_mask.float()
         total = (per_token_loss.float() * mask).sum()
         tokens = mask.sum()
         report = torch.stack([total.detach().clone(), tokens.detach().clone()])
+        if self.cp_size > 1:
+            # The loss is the whole sequence's: its sum and token count over the CP group. The schedule divides
+            # by the local count and DDP averages gradients over DP x CP: scaled so that the gradient is
+            # exactly that of (sum over the sequence) / (its tokens), as at CP = 1.
+            dist.all_reduce(report, group=self.cp_group)
+            total = total * (self.cp_size * tokens.clamp(min=1) / report[1].clamp(min=1))
         return total, tokens.to(torch.int), {"lm loss": report}
 
     def _grads_finite(self) -> bool:
@@ -235,7 +246,7 @@ class Trainer:
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True) and outputs:
             reports = torch.stack([o["lm loss"].double() for o in outputs])
             local = (reports[:, 0] / reports[:, 1].clamp(min=1)).mean()
-            if parallel_state.get_tensor_model_parallel_rank() == 0:
+            if parallel_state.get_tensor_model_parallel_rank() == 0 and self.cp_rank == 0:  # CP: reports are summed
                 vec[0] = local / self.dp_size
             vec[1] = float(not torch.isfinite(local).item())
         if check_grads and not self._grads_finite():
@@ -277,12 +288,13 @@ class Trainer:
     # ------------------------------------------------------------------ metrics
 
     def _head_metrics(self) -> dict:
-        """The MTP-D hook's per-head summary over the data-parallel group, delivered to rank 0; then reset."""
+        """The MTP-D hook's per-head summary over the data- and context-parallel ranks, delivered to rank 0;
+        then reset."""
         if not self.cfg.mtp.num_heads:
             return {}
         tracker = mtpd_hook.metrics(self.config)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            summary = tracker.summary(group=parallel_state.get_data_parallel_group())
+            summary = tracker.summary(group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         else:  # no heads on this stage; same keys, values come from the last stage below
             summary = summarize_mtpd(torch.zeros(self.cfg.mtp.num_heads, len(MTPD_FIELDS), dtype=torch.float64))
         tracker.reset()

@@ -199,6 +199,14 @@ def test_validate_accepts_a_small_valid_layout():
     validate(cfg, world_size=4)
 
 
+def test_validate_accepts_context_parallel_layouts():
+    """CP = 2 with MTP-D (also with TP x SP and a world holding DP): the old refusal is gone."""
+    for parallel, world in [({"context_parallel_size": 2}, 2), ({"context_parallel_size": 2}, 4),
+                            ({"context_parallel_size": 2, "tensor_model_parallel_size": 2, "sequence_parallel": True}, 4)]:
+        cfg = config_from_dict(small(parallel=parallel, data={"seq_length": 128}))
+        validate(cfg, world_size=world)
+
+
 @pytest.mark.parametrize("topn, ok", [(0, True), (1024, True), (1025, False)])
 def test_topn_against_padded_vocab(topn, ok):
     cfg = config_from_dict(small(model={"vocab_size": None}, mtp={"mtpd": {"topn": topn}},

@@ -57,7 +57,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = doc("PP stages (MTP heads live on the last stage).", 1)
     expert_model_parallel_size: int = doc("EP: ranks the experts are spread over.", 1)
     expert_tensor_parallel_size: Optional[int] = doc("ETP; null = same as TP. 1 is best for small experts.", None)
-    context_parallel_size: int = doc("CP; only 1 is supported (MTP-D refuses CP > 1).", 1)
+    context_parallel_size: int = doc("CP: splits every sequence over ranks (2 load-balanced chunks each; long context).", 1)
     sequence_parallel: bool = doc("Split activations along the sequence in TP regions (needed by MoE at TP>1).", False)
     use_distributed_optimizer: bool = doc("Shard optimizer state over data-parallel ranks.", True)
 

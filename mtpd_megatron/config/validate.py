@@ -192,11 +192,12 @@ def _check_parallel(cfg: Config, world: int) -> None:
                  "expert_model_parallel_size", "expert_tensor_parallel_size"):
         if getattr(p, name) is not None:
             _positive(f"parallel.{name}", getattr(p, name))
-    if cp > 1:
-        _fail("parallel.context_parallel_size", cp, "MTP-D does not support context parallelism (set it to 1)")
     if world % (tp * pp * cp):
-        _fail("parallel.tensor_model_parallel_size", tp, f"TP*PP*CP={tp * pp * cp} does not divide the world "
-              f"size {world} (choose TP and PP whose product divides {world})")
+        field, value = ("parallel.context_parallel_size", cp) if cp > 1 else ("parallel.tensor_model_parallel_size", tp)
+        _fail(field, value, f"TP*PP*CP={tp * pp * cp} does not divide the world "
+              f"size {world} (choose TP, PP and CP whose product divides {world})")
+    if cp > 1:
+        _check_context_parallel(cfg)
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
     if heads % tp:
         _fail("parallel.tensor_model_parallel_size", tp, f"does not divide model.num_attention_heads={heads} "
@@ -214,9 +215,9 @@ def _check_parallel(cfg: Config, world: int) -> None:
     if p.sequence_parallel and tp == 1:
         _fail("parallel.sequence_parallel", p.sequence_parallel, "needs parallel.tensor_model_parallel_size > 1 "
               "(megatron refuses it at TP=1: set it false)")
-    if p.sequence_parallel and cfg.data.seq_length % tp:
-        _fail("data.seq_length", cfg.data.seq_length, f"must be divisible by parallel.tensor_model_parallel_size={tp} "
-              "under sequence parallelism")
+    if p.sequence_parallel and cfg.data.seq_length % (tp * cp):
+        where = f"parallel.tensor_model_parallel_size={tp}" if cp == 1 else f"TP*CP={tp * cp}"
+        _fail("data.seq_length", cfg.data.seq_length, f"must be divisible by {where} under sequence parallelism")
     if m.moe.num_experts:
         _check_expert_parallel(cfg, world)
     elif p.expert_tensor_parallel_size not in (None, tp):
@@ -230,6 +231,17 @@ def _check_parallel(cfg: Config, world: int) -> None:
         _fail("training.global_batch_size", t.global_batch_size, f"is not divisible by training.micro_batch_size"
               f"={t.micro_batch_size} x data-parallel size {dp} (world {world} / TP*PP*CP {tp * pp * cp}); "
               f"use a multiple of {t.micro_batch_size * dp}")
+
+
+def _check_context_parallel(cfg: Config) -> None:
+    """CP > 1: each CP rank holds 2 of 2*CP chunks of every sequence (parallel/context.py)."""
+    cp, seq = cfg.parallel.context_parallel_size, cfg.data.seq_length
+    if seq % (2 * cp):
+        _fail("data.seq_length", seq, f"is not divisible by 2 x parallel.context_parallel_size = {2 * cp} (each "
+              f"CP rank holds two chunks of the sequence): use a multiple of {2 * cp}")
+    if cfg.model.attention_backend == "local":
+        _fail("model.attention_backend", "local", "megatron's local attention has no context parallelism (use "
+              "sdpa, te or auto with parallel.context_parallel_size > 1)")
 
 
 def _check_expert_parallel(cfg: Config, world: int) -> None:

@@ -17,8 +17,12 @@ For an attached model, per micro-batch:
      sequences mask positions whose target lies in the next document: no CE and no KL across documents);
      the loss rides on the hidden states through megatron's `MTPLossAutoScaler`, scaled by
      mtp_loss_scaling_factor / num_heads like megatron's own MTP loss (docs/design.md, "Loss scaling").
-Context parallelism is refused (one-line error); pipeline parallelism works because this runs on the stage
-holding the MTP block and the output layer (the last).
+Context parallelism: each CP rank holds two chunks of the sequence, so the teacher at t+k may live on a
+neighbouring rank. `parallel.context.Lookahead` appends to each local chunk the first num_heads teacher rows
+of the chunk that follows it (one neighbour exchange per micro-batch, not per head), and head k's teacher for
+each chunk is again a view; the token counts are summed over the CP group and the loss is scaled by CP (DDP
+averages gradients over DP x CP). At CP = 1 nothing of this runs. Pipeline parallelism works because this
+runs on the stage holding the MTP block and the output layer (the last).
 
 Two ablation switches change where the KL's gradient goes (docs/design.md, "Where the KL gradient goes"):
   * `detach_teacher=False` (the paper's seesaw ablation): the teacher logits keep their graph, so the KL
@@ -42,8 +46,9 @@ from megatron.core.transformer import multi_token_prediction as _mtp
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, roll_tensor
 
 from mtpd_megatron.mtpd.collectives import global_argmax, tp_size
-from mtpd_megatron.mtpd.kl import DistillSpec, head_loss, teacher_stats, vocab_shard
+from mtpd_megatron.mtpd.kl import DistillSpec, TeacherStats, head_loss, teacher_stats, vocab_shard
 from mtpd_megatron.mtpd.metrics import MTPDMetrics
+from mtpd_megatron.parallel.context import Lookahead
 
 _ORIGINAL = _mtp.process_mtp_loss
 
@@ -137,8 +142,7 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
                          is_training, compute_language_model_loss, config, cp_group=cp_group, tp_group=tp_group,
                          packed_seq_params=packed_seq_params, scale_logits_fn=scale_logits_fn,
                          input_ids=input_ids)
-    if cp_group is not None and tp_size(cp_group) > 1:
-        raise ValueError("MTP-D does not support context parallelism: set parallel.context_parallel_size=1")
+    cp = tp_size(cp_group) if cp_group is not None else 1
 
     num_heads = config.mtp_num_layers
     chunks = torch.chunk(hidden_states, 1 + num_heads, dim=0)
@@ -156,6 +160,8 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
     mtp_labels = labels.clone()
     loss_mask = torch.ones_like(mtp_labels) if loss_mask is None else loss_mask
     original_num_tokens = loss_mask.sum()
+    if cp > 1:  # the token counts of the whole sequence (every CP rank holds two chunks of it)
+        original_num_tokens = _sum_over(original_num_tokens, cp_group)
 
     def logits_of(h, weight):
         out, _ = output_layer(h, weight=weight, runtime_gather_output=False)
@@ -173,7 +179,11 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
     seq, batch, v_local = teacher.shape
     vocab_size = v_local * tp_size(tp_group)
     vocab_start, _ = vocab_shard(vocab_size, tp_group)
-    teacher = teacher.reshape(seq * batch, v_local)
+    lookahead = None
+    if cp > 1:  # the teacher rows of each chunk's successor, from the neighbouring CP rank (parallel/context.py)
+        lookahead = Lookahead(seq, num_heads, cp_group, packed_seq_params)
+        teacher = lookahead.extend(teacher)
+    teacher = teacher.reshape(-1, v_local)
     spec = settings.spec
     stats = teacher_stats(teacher.detach(), spec, vocab_size, vocab_start, tp_group)
     tracker: MTPDMetrics = config.mtpd_metrics
@@ -183,42 +193,53 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
     for k in range(1, num_heads + 1):
         mtp_labels, _ = roll_tensor(mtp_labels, **roll)
         loss_mask, num_tokens = roll_tensor(loss_mask, **roll)
-        n = (seq - k) * batch  # positions t < s-k have a teacher at t+k
+        if lookahead is None:
+            rows = seq - k  # positions t < s-k have a teacher at t+k: views, teacher[k*batch:]
+            aligned = dict(teacher=teacher[k * batch:], stats=stats[k * batch:])
+            head_stats = aligned["stats"]
+        else:  # CP: every local position has a teacher row in the extended teacher (invalid ones are masked)
+            rows = seq
+            pieces = lookahead.pieces(k, batch)
+            aligned = dict(teacher=teacher, stats=stats, teacher_offsets=pieces)
+            head_stats = TeacherStats(*(lookahead.align(field, pieces) for field in stats))
+            num_tokens = _sum_over(num_tokens, cp_group)
+        n = rows * batch
         if n <= 0:
             break
         head = k - 1
         with contextlib.nullcontext() if settings.trained[head] else torch.no_grad():
             logits = logits_of(chunks[k], output_weight)
-        student = logits[: seq - k].reshape(n, v_local)
-        lab = mtp_labels.t()[: seq - k].reshape(n)
-        mask = loss_mask.t()[: seq - k].reshape(n).to(torch.float64 if teacher.dtype == torch.float64 else torch.float32)
+        student = logits[:rows].reshape(n, v_local)
+        lab = mtp_labels.t()[:rows].reshape(n)
+        mask = loss_mask.t()[:rows].reshape(n).to(torch.float64 if teacher.dtype == torch.float64 else torch.float32)
         if settings.trained[head]:
             common = dict(spec=spec, vocab_size=vocab_size, vocab_start=vocab_start, group=tp_group,
-                          inplace_grad=True, teacher_grad=not settings.detach_teacher)
+                          inplace_grad=True, teacher_grad=not settings.detach_teacher, **aligned)
             alpha, beta = settings.alphas[head], settings.betas[head]
             if guarded is None:
-                out = head_loss(student, teacher[k * batch:], stats[k * batch:], lab, alpha=alpha, beta=beta, **common)
+                out = head_loss(student, labels=lab, alpha=alpha, beta=beta, **common)
                 loss = out.loss
             else:  # CE on megatron's pass (reaches the trunk), KL on the guarded pass (heads only)
-                kl_student = logits_of(guarded[k], kl_weight)[: seq - k].reshape(n, v_local)
-                out = head_loss(student, teacher[k * batch:], stats[k * batch:], lab, alpha=alpha, beta=0.0, **common)
-                kl_out = head_loss(kl_student, teacher[k * batch:], stats[k * batch:], lab, alpha=0.0, beta=beta,
-                                   **common)
+                kl_student = logits_of(guarded[k], kl_weight)[:rows].reshape(n, v_local)
+                out = head_loss(student, labels=lab, alpha=alpha, beta=0.0, **common)
+                kl_out = head_loss(kl_student, labels=lab, alpha=0.0, beta=beta, **common)
                 loss = out.loss + kl_out.loss
                 out = out._replace(kl=kl_out.kl)
-            mtp_loss = (loss * mask).view(seq - k, batch)
+            mtp_loss = (loss * mask).view(rows, batch)
             if config.calculate_per_token_loss:  # as megatron: renormalise to the unrolled token count
                 mtp_loss = scale * mtp_loss * (original_num_tokens / num_tokens.clamp(min=1))
-            else:
+            elif cp == 1:
                 mtp_loss = scale * mtp_loss / num_tokens.clamp(min=1)
+            else:  # the sequence's mean over CP ranks; DDP averages gradients over DP x CP, hence x CP
+                mtp_loss = (scale * cp) * mtp_loss / num_tokens.clamp(min=1)
             hidden_states = MTPLossAutoScaler.apply(hidden_states, mtp_loss)
             ce, kl, draft = out.ce, out.kl, out.student_argmax
         else:  # frozen head: its forward feeds the cascade; only its acceptance is measured
             draft = global_argmax(student, vocab_start, tp_group)
             ce = kl = torch.zeros(n, device=student.device)
         valid = mask.to(torch.float64)
-        accepted = chain[:n] & (draft == stats.argmax[k * batch:])
-        mass = torch.exp(stats.log_z_sel[k * batch:] - stats.log_z_all[k * batch:])
+        accepted = chain[:n] & (draft == head_stats.argmax)
+        mass = torch.exp(head_stats.log_z_sel - head_stats.log_z_all)
         tracker.add(
             head,
             tokens=valid.sum(),
@@ -231,3 +252,10 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
         )
         chain = accepted
     return hidden_states
+
+
+def _sum_over(value: torch.Tensor, group) -> torch.Tensor:
+    """A detached count summed over `group` (the CP group: the token counts of the whole sequence)."""
+    total = value.detach().clone()
+    torch.distributed.all_reduce(total, group=group)
+    return total

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -370,7 +370,7 @@ class _FusedCEKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, stats_tensors, labels, vocab_start, alpha, beta, spec, vocab_size,
-                group, chunk_tokens, inplace_grad, want_grad, teacher_grad):
+                group, chunk_tokens, inplace_grad, want_grad, teacher_grad, teacher_offsets):
         st = TeacherStats(*stats_tensors)
         n_tok = student.shape[0]
         full = spec.full_vocab(vocab_size)
@@ -381,14 +381,20 @@ class _FusedCEKL(torch.autograd.Function):
         grad_buf = None
         if want_grad:
             grad_buf = student if inplace_grad else torch.empty_like(student)
-        teacher_buf = torch.empty_like(teacher) if teacher_grad else None  # the teacher is shared: never in place
-        for lo in range(0, n_tok, chunk):
-            hi = min(lo + chunk, n_tok)
-            z_chunk = student[lo:hi]
-            dest = None if grad_buf is None else (z_chunk if inplace_grad else grad_buf[lo:hi])
-            ce[lo:hi], kl[lo:hi], argmax[lo:hi] = _head_chunk(
-                z_chunk, teacher[lo:hi], st[lo:hi], labels[lo:hi], vocab_start, alpha, beta, spec, full, group, dest,
-                None if teacher_buf is None else teacher_buf[lo:hi])
+        # the teacher is shared: never in place; with offsets some of its rows are nobody's teacher (zero grad)
+        teacher_buf = None
+        if teacher_grad:
+            teacher_buf = torch.empty_like(teacher) if teacher_offsets is None else torch.zeros_like(teacher)
+        pieces = ((0, n_tok, 0),) if teacher_offsets is None else teacher_offsets
+        for p_lo, p_hi, off in pieces:  # student rows [p_lo, p_hi) are taught by teacher rows shifted by off
+            for lo in range(p_lo, p_hi, chunk):
+                hi = min(lo + chunk, p_hi)
+                z_chunk = student[lo:hi]
+                dest = None if grad_buf is None else (z_chunk if inplace_grad else grad_buf[lo:hi])
+                ce[lo:hi], kl[lo:hi], argmax[lo:hi] = _head_chunk(
+                    z_chunk, teacher[lo + off:hi + off], st[lo + off:hi + off], labels[lo:hi], vocab_start, alpha,
+                    beta, spec, full, group, dest, None if teacher_buf is None else teacher_buf[lo + off:hi + off])
+        ctx.teacher_offsets = teacher_offsets
         ctx.save_for_backward(grad_buf if want_grad else None, teacher_buf)
         ctx.mark_non_differentiable(ce, kl, argmax)
         loss = alpha * ce + (beta * spec.temperature**2) * kl
@@ -403,8 +409,15 @@ class _FusedCEKL(torch.autograd.Function):
             grad = grad_buf.mul_(scale.to(grad_buf.dtype))
         elif ctx.needs_input_grad[0]:
             raise RuntimeError("MTP-D loss: backward through a forward run without gradients")
-        teacher = None if teacher_buf is None else teacher_buf.mul_(scale.to(teacher_buf.dtype))
-        return (grad, teacher) + (None,) * 12
+        teacher = None
+        if teacher_buf is not None:
+            if ctx.teacher_offsets is None:
+                teacher = teacher_buf.mul_(scale.to(teacher_buf.dtype))
+            else:  # the per-token scale, moved to the teacher rows each token learnt from
+                for lo, hi, off in ctx.teacher_offsets:
+                    teacher_buf[lo + off:hi + off].mul_(scale[lo:hi].to(teacher_buf.dtype))
+                teacher = teacher_buf
+        return (grad, teacher) + (None,) * 13
 
 
 def head_loss(
@@ -422,6 +435,7 @@ def head_loss(
     chunk_tokens: Optional[int] = None,
     inplace_grad: bool = False,
     teacher_grad: bool = False,
+    teacher_offsets: Optional[Sequence[tuple[int, int, int]]] = None,
 ) -> HeadOutputs:
     """MTP-D loss of one head on vocab-sharded logits.
 
@@ -429,7 +443,10 @@ def head_loss(
     at the aligned positions; stats: `teacher_stats(teacher)` rows; labels: [T] global token ids. With
     `inplace_grad` the student's storage is reused for its gradient (the caller must not read the logits
     afterwards). The teacher is a constant unless `teacher_grad` (the seesaw ablation: the divergence's
-    gradient also flows into the teacher's logits, hence into the main head). Returns per-token loss
+    gradient also flows into the teacher's logits, hence into the main head). `teacher_offsets`
+    [(lo, hi, offset)] (context parallelism, parallel/context.py) says that student rows [lo, hi) are taught
+    by teacher rows [lo+offset, hi+offset) — `teacher` and `stats` then hold the extended teacher's rows,
+    and the pieces must cover every student row; without it row t is taught by row t. Returns per-token loss
     (differentiable) and detached CE, divergence (the KL, or LK's lambda KL + (1 - lambda) TV) and argmax.
     """
     if not (spec.temperature > 0):
@@ -442,6 +459,7 @@ def head_loss(
     loss, ce, kl, argmax = _FusedCEKL.apply(
         student, teacher if teacher_grad else teacher.detach(), tuple(stats), labels, vocab_start, float(alpha),
         float(beta), spec, vocab_size, group, chunk_tokens, inplace_grad, want_grad, teacher_grad,
+        None if teacher_offsets is None else tuple(tuple(int(x) for x in piece) for piece in teacher_offsets),
     )
     return HeadOutputs(loss=loss, ce=ce, kl=kl, student_argmax=argmax)
 

@@ -121,7 +121,8 @@ def _patch_torch_cuda() -> None:
     cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     cuda.manual_seed_all = cuda.manual_seed
     # models/common/embeddings/rotary_pos_embedding.py:162, tensor_parallel/mappings.py:446,
-    # distributed/param_and_grad_buffer.py, optimizer/distrib_optimizer.py:998: the current device.
+    # distributed/param_and_grad_buffer.py, optimizer/distrib_optimizer.py:998, and
+    # transformer/multi_token_prediction.py:192 (roll_tensor under CP: receive buffers): the current device.
     cuda.current_device = lambda: "cpu"
     # transformer/moe/token_dispatcher.py:469 (Stream), :922-925 (current_stream, stream context).
     cuda.Stream = _NoStream
@@ -165,6 +166,21 @@ def _patch_megatron() -> None:
 
     moe_utils.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+    # models/common/embeddings/rope_utils.py:62-64 get_pos_emb_on_this_cp_rank (CP > 1) builds its chunk
+    # index with pin_memory=True and .cuda(); imported by name into rotary_pos_embedding.py:26 and
+    # yarn_rotary_pos_embedding.py:13. Run megatron's function under the CUDA->CPU mapping.
+    from megatron.core.models.common.embeddings import rotary_pos_embedding, yarn_rotary_pos_embedding
+
+    original_pos_emb = rotary_pos_embedding.get_pos_emb_on_this_cp_rank
+
+    @functools.wraps(original_pos_emb)
+    def get_pos_emb_on_this_cp_rank(*args, **kwargs):
+        with _cuda_to_cpu_mode()():
+            return original_pos_emb(*args, **kwargs)
+
+    rotary_pos_embedding.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
+    yarn_rotary_pos_embedding.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
 
 
 def enable() -> None:
@@ -212,7 +228,7 @@ def _cuda_to_cpu_mode() -> type:
     Answers optimizer/optimizer.py:1249 (`device='cuda'` scale tensor), optimizer/clip_grads.py:96/108/112/
     180/231 (`device='cuda'` norms and buffers; `.type() == 'torch.cuda.FloatTensor'` at :174),
     optimizer/distrib_optimizer.py:401/466/758 (`model_param.type()` checks), pipeline_parallel/schedules.py
-    (`device="cuda"` token counter), plus `Tensor.cuda()` calls.
+    (`device="cuda"` token counter), plus `Tensor.cuda()` calls and `pin_memory=True` (rope_utils.py:63).
     """
     import torch
 
@@ -226,6 +242,8 @@ def _cuda_to_cpu_mode() -> type:
             kwargs = dict(kwargs or {})
             if func in factories and _is_cuda_device(kwargs.get("device")):
                 kwargs["device"] = "cpu"
+            if func in factories and kwargs.get("pin_memory"):  # pinned memory needs an accelerator
+                kwargs["pin_memory"] = False
             elif func is torch.Tensor.type and len(args) == 1 and not kwargs:
                 name = func(*args)
                 return _CUDA_TYPE.get(name, name)
