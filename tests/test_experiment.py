@@ -83,6 +83,15 @@ def test_two_arms_end_to_end_and_report_rebuild(base):
     imported = _run(exp, "--out", fresh, "--import", out / "results.json", "--report-only")
     assert imported.returncode == 0 and "imported 2 finished arms" in imported.stdout
     assert (fresh / "results.md").read_text().split("\n", 3)[3] == table.split("\n", 3)[3]
+    # Arms from another session's commit: the header names each commit with its arms, not the first arm's alone.
+    summary = json.loads((out / "results.json").read_text())
+    summary["arms"][1]["commit"] = "0123abc"
+    (root / "mixed.json").write_text(json.dumps(summary))
+    mixed = _run(exp, "--out", root / "mixed", "--import", root / "mixed.json", "--report-only")
+    assert mixed.returncode == 0, mixed.stderr[-2000:]
+    header = (root / "mixed" / "results.md").read_text().split("\n")[2]
+    first, second = (a["arm"] for a in summary["arms"])
+    assert f"commit {summary['arms'][0]['commit']} ({first}); 0123abc ({second})," in header, header
 
 
 @pytest.mark.parametrize("arms,extra,expected", [

@@ -131,6 +131,18 @@ def _plots(experiment: Experiment, results: list, out: Path) -> list:
     return written
 
 
+def _provenance(results: list, key: str) -> str:
+    """One value of `key` when every arm shares it; otherwise each value with the arms it holds for (arms of an
+    imported results.json may come from another session's commit, date or card)."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault(r[key], []).append(r["arm"])
+    if len(groups) == 1:
+        return str(next(iter(groups)))
+    return "; ".join(f"{value} ({', '.join(arms)})" if len(arms) <= 3 else f"{value} ({len(arms)} arms)"
+                     for value, arms in groups.items())
+
+
 def write_report(experiment: Experiment) -> list:
     """results.json, results.md, acceptance.png, loss_vs_tau.png in the experiment directory (atomically)."""
     results = collect(experiment)
@@ -142,7 +154,8 @@ def write_report(experiment: Experiment) -> list:
     write_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
     first = results[0]
     header = (f"# {experiment.name}\n\n{len(results)} arms, {first['tokens'] / 1e6:.2f}M tokens each (seed "
-              f"{first['seed']}), {first['device']}, commit {first['commit']}, {first['date']}. Main loss = the main "
+              f"{first['seed']}), {_provenance(results, 'device')}, commit {_provenance(results, 'commit')}, "
+              f"{_provenance(results, 'date')}. Main loss = the main "
               f"head's validation loss on the same held-out sequences for every arm; a_k/CAR_k/tau teacher-forced "
               f"against the main head; K=k tok/step and wall-clock from real greedy-verified decoding.\n\n")
     write_atomic(out / "results.md", header + table(experiment, results))
