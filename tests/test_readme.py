@@ -127,3 +127,16 @@ def test_experiments_row(tmp_path):
     out = run("tools/run_experiment.py", "configs/experiments/seesaw_gpu_small.yaml", "--out", tmp_path,
               "--import", "docs/results/seesaw_gpu_small/results.json", "--report-only")
     assert "imported 19 finished arms" in out.stdout and (tmp_path / "results.md").is_file()
+
+
+def test_main_job_end_to_end(tmp_path):
+    """README's first command, `bash tools/demo.sh` (tools/demo.py in the venv), with a smaller vocabulary and a few
+    steps: every stage runs, the decode stage fits the model's context, and the summary is printed."""
+    out = run(sys.executable, "tools/demo.py", "--out", tmp_path, "--steps", 8,
+              "--vocab-size", 512, timeout=900).stdout
+    for stage in ("corpus", "tokenizer", "preprocess", "pretrain", "acceptance", "export", "decode", "summary"):
+        assert f"[demo] {stage}: " in out, (stage, out[-3000:])
+    decode = json.loads((tmp_path / "eval" / "decode.json").read_text())
+    k4 = next(r for r in decode["speculative"] if r["k"] == 4)
+    assert k4["matching_prompts"] == decode["prompts"] == 4
+    assert "What this shows:" in out and "[demo] finished in" in out

@@ -90,6 +90,7 @@ def train_overrides(a) -> list[str]:
         f"data.paths=[{p['tokens']}]",
         f"checkpoint.save={p['ckpt']}",
         f"training.train_iters={a.steps}",
+        f"training.lr_warmup_iters={min(20, max(a.steps // 10, 1))}",  # the config's 20 at the default 400 steps
         f"training.eval_interval={max(a.steps // 4, 1)}",
         "training.eval_iters=16",
         f"checkpoint.save_interval={max(a.steps // 4, 1)}",
@@ -135,7 +136,7 @@ def export(a):
 
 def decode(a):
     sh([PY, "tools/bench_decode.py", "--ckpt", paths(a)["ckpt"], "--split", "test", "--num-prompts", 4,
-        "--prompt-len", 32, "--new-tokens", 48, "--k", 1, 2, 4, "--repeats", 1, "--out", paths(a)["decode"]])
+        "--prompt-len", 16, "--new-tokens", 48, "--k", 1, 2, 4, "--repeats", 1, "--out", paths(a)["decode"]])
 
 
 def summary(a):
@@ -167,9 +168,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/demo", help="where data, checkpoints and logs go")
     p.add_argument("--config", default="configs/tiny_dense.yaml")
     p.add_argument("--steps", type=int, default=400, help="pretraining steps")
-    p.add_argument("--nproc", type=int, default=2, help="ranks (python -m mtpd_megatron.train --nproc-per-node)")
-    p.add_argument("--tp", type=int, default=2, help="tensor-parallel size")
-    p.add_argument("--micro-batch", type=int, default=2, help="samples per micro-batch (global batch: the config's)")
+    p.add_argument("--nproc", type=int, default=1, help="ranks (python -m mtpd_megatron.train --nproc-per-node)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (2 with --nproc 2 shows TP on CPU)")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="samples per micro-batch (global batch: the config's 8, so 8 = one micro-batch per step)")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--max-bytes", type=int, default=1_000_000, help="corpus size")
     a = p.parse_args(argv)
