@@ -227,7 +227,7 @@ def finetune(cfg: PosttrainConfig, *, data=None, evaluate: bool = True) -> dict:
             engine.backward(parts.loss)
             engine.step()
         if step % t.log_interval == 0 or step == t.train_iters:
-            row = {"step": step, "loss": float(parts.loss), "main_ce": float(parts.main_ce),
+            row = {"step": step, "loss": float(parts.loss.detach()), "main_ce": float(parts.main_ce),
                    "head_ce": [float(x) for x in parts.head_ce], "head_kl": [float(x) for x in parts.head_kl],
                    "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
             log.append(row)

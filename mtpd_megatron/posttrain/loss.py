@@ -56,8 +56,9 @@ def posttrain_loss(main_logits: Tensor, head_logits: list, labels: Tensor, objec
     """main_logits [b, s, V], head_logits K x [b, s, V], labels [b, s] (labels[t] = token t+1), mask [b, s]
     (1 = labels[t] is a real target; default all)."""
     b, s, vocab = main_logits.shape
-    mask = torch.ones(b, s, device=main_logits.device) if mask is None else mask.to(main_logits.device).float()
-    ce = F.cross_entropy(main_logits.float().reshape(-1, vocab), labels.reshape(-1), reduction="none")
+    cdt = torch.float64 if main_logits.dtype == torch.float64 else torch.float32  # fp32 math, float64 exact tests
+    mask = torch.ones(b, s, device=main_logits.device, dtype=cdt) if mask is None else mask.to(main_logits.device, cdt)
+    ce = F.cross_entropy(main_logits.to(cdt).reshape(-1, vocab), labels.reshape(-1), reduction="none")
     main_ce = (ce * mask.reshape(-1)).sum() / mask.sum().clamp_min(1)
     total, head_ce, head_kl = main_ce, [], []
     if objective is None or not head_logits:
