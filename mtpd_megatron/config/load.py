@@ -115,10 +115,16 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, Any]]:
 
 
 def config_from_dict(data: dict, overrides: Iterable[str] = ()) -> Config:
+    return dataclass_from_dict(Config, data, overrides)
+
+
+def dataclass_from_dict(cls: type, data: dict, overrides: Iterable[str] = ()) -> Any:
+    """A typed config tree of any root dataclass `cls` (the trainer's Config, the post-training config), with
+    the same strict key and type checks and dotted overrides."""
     data = dict(data or {})
     for key, value in parse_overrides(overrides):
         _set_dotted(data, key, value)
-    return _build(Config, data)
+    return _build(cls, data)
 
 
 def read_yaml(path: str, flag: Optional[str] = "--config") -> dict:
