@@ -357,6 +357,21 @@ def test_mtp_heads_equal_megatron(built, name):
         assert _rel(ours[k][:, :valid], ref[:, :valid]) <= 1e-4, f"depth {k + 1}"
 
 
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_mtp_heads_load_without_get_weight_conversions(built, name, monkeypatch):
+    """transformers releases before MtpModel.get_weight_conversions (the GPU machine's) load the same heads through
+    the list hf_mtp builds from the same pieces: every head tensor equal to what the newer method loads."""
+    from transformers.modeling_layers import MtpModel
+
+    from mtpd_megatron.inference.hf_mtp import load_mtp_model
+
+    model = _load(built["root"] / f"hf_{name}")
+    newer = {k: v.clone() for k, v in load_mtp_model(model, built["root"] / f"hf_{name}").layers.state_dict().items()}
+    monkeypatch.delattr(MtpModel, "get_weight_conversions")
+    older = load_mtp_model(model, built["root"] / f"hf_{name}").layers.state_dict()
+    assert newer.keys() == older.keys() and all(torch.equal(newer[k], older[k]) for k in newer)
+
+
 def test_round_trip_bitwise(built):
     """HF -> megatron (saved for TP2/EP2) -> HF reproduces every byte of the weights, MTP heads (sidecar) included."""
     root = built["root"]

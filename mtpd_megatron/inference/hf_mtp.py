@@ -160,6 +160,25 @@ def _mtp_fields(conf, num: int):
                 setattr(conf, k, v)
 
 
+def _weight_conversions(mtp, model) -> list:
+    """The renamings that map the export's `model.layers.{L+i}.*` onto MtpModel's `layers.{i}.mtp_block.*`, then
+    the model's own conversions: `MtpModel.get_weight_conversions` where transformers has it (5.24 here), else
+    the same list built from the pieces earlier 5.x releases assemble inline in `MtpModel.from_pretrained` (the
+    GPU machine's transformers)."""
+    if hasattr(mtp, "get_weight_conversions"):
+        return mtp.get_weight_conversions(model)
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightRenaming
+
+    layers = model.config.get_text_config().num_hidden_layers
+    conversions = [WeightRenaming(source_patterns=f"layers.{n}.", target_patterns=f"layers.{n - layers}.mtp_block.")
+                   for n in range(layers, layers + mtp.num_mtp_layers)]
+    conversions.extend(get_model_conversion_mapping(mtp, add_legacy=False))
+    main = getattr(model, "_weight_conversions", None)
+    conversions.extend(main if main is not None else get_model_conversion_mapping(model))
+    return conversions
+
+
 def load_mtp_model(model, path=None, num_heads: Optional[int] = None):
     """transformers' MtpModel holding the first `num_heads` (default: all) heads of export `path` (default: where
     `model` was loaded from), tied to `model`'s embedding, LM head and rotary embedding."""
@@ -199,7 +218,7 @@ def load_mtp_model(model, path=None, num_heads: Optional[int] = None):
         device = next(model.get_decoder().layers[-1].parameters()).device
         info, _ = convert_and_load_state_dict_in_model(
             model=mtp, state_dict=state,
-            load_config=LoadStateDictConfig(weight_mapping=mtp.get_weight_conversions(model),
+            load_config=LoadStateDictConfig(weight_mapping=_weight_conversions(mtp, model),
                                             device_map={"": device}, dtype=model.dtype))
     finally:
         for handle in handles:
