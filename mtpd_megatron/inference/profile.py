@@ -59,7 +59,7 @@ def _total_device_time(evt) -> float:
 def profile_step(decoder, prompt: list, new_tokens: int, out_dir, label: str, *, iters: int = 10) -> dict:
     """Profile one decoding step of `decoder` (see the module docstring); write `<label>_kernels.txt`."""
     import torch
-    from torch.profiler import ProfilerActivity, profile, schedule
+    from torch.profiler import ProfilerActivity, profile
 
     from mtpd_megatron.inference.benchmark import replay_ms
     from mtpd_megatron.inference.decoder import _compiled
@@ -79,12 +79,13 @@ def profile_step(decoder, prompt: list, new_tokens: int, out_dir, label: str, *,
         sync()
         decoder.annotate = decoder.state.annotate = True
         try:
-            warmup = 2  # profiled but discarded: the profiler's own first-step costs
-            with profile(activities=activities, schedule=schedule(wait=0, warmup=warmup, active=iters)) as prof:
-                for _ in range(warmup + iters):
+            with profile(activities=activities):  # discarded: the profiler's own first-use costs
+                decoder._step()
+                sync()
+            with profile(activities=activities) as prof:
+                for _ in range(iters):
                     decoder._step()
-                    sync()
-                    prof.step()
+                sync()
         finally:
             decoder.annotate = decoder.state.annotate = False
         if cuda:
