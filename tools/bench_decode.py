@@ -212,7 +212,7 @@ def _main(argv=None) -> int:
 
     from mtpd_megatron.checkpoint.layout import write_atomic
     from mtpd_megatron.inference.acceptance import num_heads
-    from mtpd_megatron.inference.options import DecodeOptions
+    from mtpd_megatron.inference.options import ABLATION_SWITCHES, DecodeOptions
 
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     main_loss = {"main_loss": None, "source": "random weights (cost side only)"}
@@ -235,11 +235,6 @@ def _main(argv=None) -> int:
         prompts = prompts_for(args, loaded)
         source = {"ckpt": str(loaded.path), "jsonl": args.jsonl} if args.jsonl else \
             {"ckpt": str(loaded.path), "split": args.split}
-    context = getattr(model, "max_sequence_length", None)
-    longest = max(len(p) for p in prompts)
-    if context is not None and longest + args.new_tokens > context:
-        raise ValueError(f"--prompt-len {longest} + --new-tokens {args.new_tokens} exceed the model's context of "
-                         f"{context} tokens: shorten the prompts or ask for fewer new tokens")
     heads = num_heads(model)
     ks = args.k if args.k is not None else default_ks(heads)
     if any(k > heads or k < 1 for k in ks):
@@ -247,6 +242,11 @@ def _main(argv=None) -> int:
     main_k = args.main_k if args.main_k is not None else min(4, heads)
     if main_k > heads:
         raise ValueError(f"--main-k {main_k}: the model has {heads} MTP heads")
+    context = getattr(model, "max_sequence_length", None)
+    longest = max(len(p) for p in prompts)
+    if context is not None and longest + args.new_tokens > context:
+        raise ValueError(f"--prompt-len {longest} + --new-tokens {args.new_tokens} exceed the model's context of "
+                         f"{context} tokens: shorten the prompts or ask for fewer new tokens")
     cuda = dev.type == "cuda"
     base = DecodeOptions(
         cuda_graphs=bool(args.cuda_graphs and cuda), graph_scope=args.graph_scope, sync_every=args.sync_every,
@@ -258,49 +258,62 @@ def _main(argv=None) -> int:
     from mtpd_megatron.inference import benchmark as B
 
     result = {}
+    out = Path(args.out)
+    meta = {
+        "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
+        "dtype": str(next(model.parameters()).dtype), "fp32_logits": args.fp32_logits, "cuda_graphs": base.cuda_graphs,
+        "options": base.as_dict(), "main_k": main_k, "main_loss": main_loss["main_loss"],
+        "main_loss_source": main_loss["source"],
+        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": args.new_tokens,
+        "repeats": args.repeats, "num_heads": heads, "source": source,
+    }
+
+    def save(complete: bool) -> None:
+        """Written after every section (complete=false until the end), so a time limit keeps what was measured."""
+        result.update(meta, complete=complete)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, json.dumps(result, indent=1) + "\n")
+        if args.markdown and "greedy" in result:
+            from mtpd_megatron.inference.bench_report import markdown_report
+
+            Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(Path(args.markdown), markdown_report(result))
     if args.profile and main_k:
         from mtpd_megatron.inference.decoder import SpeculativeDecoder
         from mtpd_megatron.inference.profile import profile_step, summary_markdown
 
         length = longest + args.new_tokens
-        summaries = [profile_step(SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit,
-                                                     options=base), prompts[0], args.new_tokens, args.profile,
-                                  "greedy" if k == 0 else f"k{k}") for k in (0, main_k)]
+        summaries = [B._safely(profile_step, SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit,
+                                                                options=base), prompts[0], args.new_tokens, args.profile,
+                               "greedy" if k == 0 else f"k{k}") for k in (0, main_k)]
+        summaries = [dict(s, label=s.get("label", f"failed {i}"), by_category_ms=s.get("by_category_ms", {}),
+                          by_region_ms=s.get("by_region_ms", {})) for i, s in enumerate(summaries)]
         result["profile"] = summaries
         Path(args.profile, "summary.md").write_text(summary_markdown(summaries))
     bench_result, greedy_tokens = B.bench(model, prompts, ks, args.new_tokens, repeats=args.repeats,
                                           vocab_limit=vocab_limit, options=base)
     result.update(bench_result)
+    save(False)
     if args.hf:
         result["hf_generate"] = bench_hf(args.hf, prompts, args.new_tokens, greedy_tokens, args.hf_repeats, str(dev))
+        save(False)
     common = dict(repeats=args.repeats, vocab_limit=vocab_limit)
-    if args.ablate is not None and main_k:
-        result["ablation"] = B.bench_ablation(model, prompts, main_k, args.new_tokens, base,
-                                              switches=args.ablate or None, **common)
+    if args.exact_greedy and main_k:
+        result["exact"] = B.bench_exact(model, prompts, main_k, args.new_tokens, base, **common)
+        save(False)
     if args.draft_threshold and main_k:
         result["adaptive"] = B.bench_adaptive(model, prompts, main_k, args.draft_threshold, args.new_tokens, base,
                                               **common)
-    if args.exact_greedy and main_k:
-        result["exact"] = B.bench_exact(model, prompts, main_k, args.new_tokens, base, **common)
+        save(False)
     if args.batch and main_k:
         result["batches"] = B.bench_batches(model, prompts, main_k, args.batch, args.new_tokens, base,
                                             reference=greedy_tokens, **common)
-    result.update({
-        "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
-        "dtype": str(next(model.parameters()).dtype), "fp32_logits": args.fp32_logits, "cuda_graphs": base.cuda_graphs,
-        "options": base.as_dict(), "main_k": main_k, **{"main_loss": main_loss["main_loss"]},
-        "main_loss_source": main_loss["source"],
-        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "num_heads": heads, "source": source,
-    })
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out, json.dumps(result, indent=1) + "\n")
-    if args.markdown:
-        from mtpd_megatron.inference.bench_report import markdown_report
-
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(Path(args.markdown), markdown_report(result))
+        save(False)
+    if args.ablate is not None and main_k:
+        result["ablation"] = B.bench_ablation(model, prompts, main_k, args.new_tokens, base,
+                                              switches=args.ablate or list(ABLATION_SWITCHES),
+                                              on_row=lambda rows: (result.update(ablation=rows), save(False)), **common)
+    save(True)
     g = result["greedy"]
     phases = lambda r: "".join(f", {n[:-3]} {r[n]:.2f} ms" for n in ("verify_ms", "draft_ms") if n in r)
     print(f"greedy: {g['tokens_per_second']:.1f} tok/s ({g['step_ms']:.2f} ms/step{phases(g)}); "

@@ -120,8 +120,10 @@ def _safely(fn, *args, **kwargs) -> dict:
 
 
 def bench_ablation(model, prompts: list, k: int, new_tokens: int, base: DecodeOptions, *, switches=None,
-                   repeats: int = 1, vocab_limit=None) -> list:
-    """Greedy and K-draft step cost with each switch of ABLATION_SWITCHES on, beside the baseline (all off)."""
+                   repeats: int = 1, vocab_limit=None, on_row=None) -> list:
+    """Greedy and K-draft step cost with each switch of ABLATION_SWITCHES on, beside the baseline (all off).
+
+    `on_row(rows)` is called after every row (the tool saves its JSON there)."""
     cuda = next(model.parameters()).is_cuda
     names = list(ABLATION_SWITCHES) if switches is None else list(switches)
     if not cuda:
@@ -144,12 +146,13 @@ def bench_ablation(model, prompts: list, k: int, new_tokens: int, base: DecodeOp
                         f"{label}_tokens_per_step": r["tokens_per_step"]})
         if row.get("greedy_step_ms") and row.get(f"k{k}_step_ms"):
             row[f"k{k}_step_cost_vs_greedy"] = row[f"k{k}_step_ms"] / row["greedy_step_ms"]
-        rows.append(row)
-    base_row = rows[0]
-    for row in rows:
         for label in ("greedy", f"k{k}"):
-            if row.get(f"{label}_step_ms") and base_row.get(f"{label}_step_ms"):
-                row[f"{label}_step_vs_baseline"] = row[f"{label}_step_ms"] / base_row[f"{label}_step_ms"]
+            first = rows[0] if rows else row
+            if row.get(f"{label}_step_ms") and first.get(f"{label}_step_ms"):
+                row[f"{label}_step_vs_baseline"] = row[f"{label}_step_ms"] / first[f"{label}_step_ms"]
+        rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 

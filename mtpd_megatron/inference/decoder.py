@@ -575,7 +575,7 @@ def _compiled(model, on: bool):
         layers += [layer.mtp_model_layer for layer in mtp.layers]
     try:
         for layer in layers:
-            layer.compile(dynamic=False)
+            layer.compile()  # automatic dynamic shapes: a window width seen twice compiles once more, not per width
         yield
     finally:
         for layer in layers:
