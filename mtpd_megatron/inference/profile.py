@@ -91,11 +91,10 @@ def profile_step(decoder, prompt: list, new_tokens: int, out_dir, label: str, *,
         if cuda:
             summary["graph_step_ms"] = replay_ms(decoder._step)
     events = prof.key_averages()
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     try:
-        table = events.table(sort_by=sort, row_limit=80)
-    except (AttributeError, KeyError):
         table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=80)
+    except (AttributeError, KeyError):  # older torch names it after CUDA
+        table = events.table(sort_by="self_cuda_time_total", row_limit=80)
     (out_dir / f"{label}_kernels.txt").write_text(table + "\n")
     summary.update(summarise(prof, iters, cuda))
     if cuda and summary.get("gpu_busy_ms_per_step") is not None:
@@ -113,7 +112,7 @@ def summarise(prof, iters: int, cuda: bool) -> dict:
     for evt in prof.events():
         is_kernel = getattr(evt, "device_type", None) == DeviceType.CUDA
         if cuda and is_kernel:
-            t = float(getattr(evt, "device_time", None) or getattr(evt, "cuda_time", 0.0) or 0.0)
+            t = float(evt.time_range.elapsed_us())  # a kernel's own duration
             kernels += 1
             busy += t
             cats[category(evt.name)] = cats.get(category(evt.name), 0.0) + t
