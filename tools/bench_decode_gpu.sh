@@ -35,11 +35,11 @@ run() {  # run <limit seconds> <name> args...
   [ $rc -eq 0 ] || { echo "$name: exit $rc (see $out/$name.log)"; status=1; }
 }
 
-run 190 gpu_small --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 --k 1 2 3 4 "${common[@]}" \
+run 180 gpu_small --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 --k 1 2 3 4 "${common[@]}" \
   "${hf[@]}" --profile "$out/profile_gpu_small" --draft-threshold 0.3 0.5 0.7 --exact-greedy --batch 1 4 16
-run 110 ablation_gpu_small --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 --k 4 "${common[@]}" \
+run 130 ablation_gpu_small --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 --k 4 "${common[@]}" \
   --ablate
-run 110 dense_2b --config configs/dense_2b.yaml --num-prompts 2 --prompt-len 128 --k 4 --dtype bf16 --repeats 1 \
+run 100 dense_2b --config configs/dense_2b.yaml --num-prompts 2 --prompt-len 128 --k 4 --dtype bf16 --repeats 1 \
   --new-tokens 128 --profile "$out/profile_dense_2b" --ablate --exact-greedy
 cat "$out"/gpu_small.md "$out"/ablation_gpu_small.md "$out"/dense_2b.md > "$out/tables.md" 2>/dev/null
 ls -l "$out"

@@ -157,7 +157,10 @@ class SpeculativeDecoder:
             layers = [mtp.layers[0 if mtp.mtp_use_repeated_layer else d] for d in range(k)]
             self._prologues = [FusedHeadPrologue(layer) for layer in layers]
         # Token buffer, caches and hidden buffers cover drafts and window padding past the last position.
-        self.capacity = self.max_length + 2 + max(self.width + 1, self._max_window() + k + 1)
+        # A sample may end up to k tokens past its limit (the last step's accepted drafts), and a finished sample
+        # keeps running windows from there: p <= max_length + k - 2, verify writes up to p + width + 1, a depth
+        # reads tokens up to p + window + k.
+        self.capacity = self.max_length + 2 + k + max(self.width + 1, self._max_window() + k + 1)
         self.annotate = False  # record_function regions for the profiler (profile.py)
         self._phase = "step"
         self._batch = None
