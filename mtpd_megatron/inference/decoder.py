@@ -272,9 +272,8 @@ class SpeculativeDecoder:
                                               scale=self.model._scale_logits, fp32=self.fp32_logits,
                                               confidence=confidence)
             return (tokens, prob) if confidence else tokens
-        if not self.fp32_logits and not confidence:
-            with self._region(f"{self._phase}.output_layer+argmax"):
-                return greedy_tokens(self.model, hidden, vocab_limit=self.vocab_limit)
+        if not self.fp32_logits and not confidence and not self.annotate:
+            return greedy_tokens(self.model, hidden, vocab_limit=self.vocab_limit)
         s, b, h = hidden.shape
         with self._region(f"{self._phase}.output_layer"):
             if self.fp32_logits:

@@ -80,7 +80,8 @@ def profile_step(decoder, prompt: list, new_tokens: int, out_dir, label: str, *,
         decoder.annotate = decoder.state.annotate = True
         try:
             with profile(activities=activities):  # discarded: the profiler's own first-use costs
-                decoder._step()
+                for _ in range(3):
+                    decoder._step()
                 sync()
             with profile(activities=activities) as prof:
                 for _ in range(iters):
