@@ -541,6 +541,11 @@ def test_speculative_demo(trained_model):
     out = speculative_demo(trained_model, ByteTokenizer(), "ABC", k=3, max_new_tokens=20)
     assert out["identical_to_greedy"] and out["new_tokens"] == 20 and len(out["text"]) == 20
     assert out["tokens_per_step"] >= 1.0 and len(out["per_position_acceptance"]) == 3
+    from mtpd_megatron.inference.options import DecodeOptions
+
+    adaptive = speculative_demo(trained_model, ByteTokenizer(), "ABC", k=3, max_new_tokens=20,
+                                options=DecodeOptions(draft_threshold=0.22))
+    assert adaptive["identical_to_greedy"] and adaptive["text"] == out["text"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -744,6 +749,7 @@ def test_bench_decode_refuses_bad_requests_in_one_line(cli_checkpoint, args, phr
     (["--prompt", " "], "--prompt is empty"),
     (["--prompt", "word " * 200], "exceed the model's context"),
     (["--device", "cuda"], "--device cuda: no GPU is visible"),
+    (["--draft-threshold", "0"], "--draft-threshold 0.0: must be a probability in (0, 1)"),
 ])
 def test_speculative_decode_refuses_bad_requests_in_one_line(cli_checkpoint, args, phrase):
     root, _, loaded, _ = cli_checkpoint

@@ -614,7 +614,7 @@ def _decode(tokenizer, ids: list) -> str:
 
 
 def speculative_demo(model, tokenizer, prompt: str, k: int, max_new_tokens: int, *,
-                     vocab_limit: Optional[int] = None) -> dict:
+                     vocab_limit: Optional[int] = None, options: Optional[DecodeOptions] = None) -> dict:
     """Decode `prompt` greedily and with k drafts; check they agree; report speed and acceptance.
 
     Returns dict(text, tokens_per_step, identical_to_greedy, per_position_acceptance, per_head_acceptance,
@@ -625,7 +625,8 @@ def speculative_demo(model, tokenizer, prompt: str, k: int, max_new_tokens: int,
         vocab_limit = getattr(tokenizer, "vocab_size", None)
     length = len(ids) + max_new_tokens
     greedy = SpeculativeDecoder(model, k=0, max_length=length, vocab_limit=vocab_limit).generate([ids], max_new_tokens)
-    spec = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit).generate([ids], max_new_tokens)
+    spec = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit,
+                              options=options).generate([ids], max_new_tokens)
     return {
         "prompt": prompt,
         "text": _decode(tokenizer, spec.tokens[0]),
