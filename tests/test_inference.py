@@ -509,6 +509,29 @@ def test_adaptive_and_exact_greedy_ragged_batch_with_eos(trained_model):
         assert generate(trained_model, prompts, 30, k=k, eos_id=eos, options=opts).tokens == greedy.tokens, (k, opts)
 
 
+def test_compile_path_traces_megatron_layers(random_model):
+    """The regional-compile path (DecodeOptions.compile, CUDA only) run through dynamo with its eager backend on
+    CPU: megatron's layers trace, the only graph break is our cache attention, and the tokens are unchanged."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from mtpd_megatron.inference import SpeculativeDecoder
+    from mtpd_megatron.inference.decoder import _compiled
+
+    prompts = PROMPTS_RANDOM[1:2]
+    ref = SpeculativeDecoder(random_model, k=1, max_length=30).generate(prompts, 6)
+    torch._dynamo.reset()
+    counters.clear()
+    dec = SpeculativeDecoder(random_model, k=1, max_length=30)
+    with _compiled(random_model, True, backend="eager"):
+        assert dec.generate(prompts, 6).tokens == ref.tokens
+    assert counters["stats"]["unique_graphs"] > 0
+    breaks = [str(reason) for reason in counters["unimplemented"]]
+    assert breaks and all("CachedCoreAttention.forward" in b for b in breaks), breaks
+    assert all(layer._compiled_call_impl is None for layer in random_model.decoder.layers)  # restored
+    torch._dynamo.reset()
+
+
 def test_decode_options_refuse_bad_values_and_cuda_only_switches_on_cpu(random_model):
     from mtpd_megatron.inference import SpeculativeDecoder
     from mtpd_megatron.inference.options import DecodeOptions

@@ -551,7 +551,7 @@ class SpeculativeDecoder:
 
 
 @contextlib.contextmanager
-def _compiled(model, on: bool):
+def _compiled(model, on: bool, backend: str = "inductor"):
     """Regional torch.compile while decoding: every megatron TransformerLayer (main and MTP) compiled in place.
 
     Layers share one compiled code object (dynamo inlines nn.Module calls, so parameters are inputs, not
@@ -577,7 +577,7 @@ def _compiled(model, on: bool):
         layers += [layer.mtp_model_layer for layer in mtp.layers]
     try:
         for layer in layers:
-            layer.compile()  # automatic dynamic shapes: a window width seen twice compiles once more, not per width
+            layer.compile(backend=backend)  # automatic dynamic shapes: a window width seen twice compiles once more, not per width
         yield
     finally:
         for layer in layers:
