@@ -421,6 +421,134 @@ def test_errors(random_model, world):
         dec.generate([[]], 2)
 
 
+# ------------------------------------------------------------------------------------------------------
+# Decode options (issue 12): every switch leaves the tokens unchanged; adaptive drafting; exact greedy
+# ------------------------------------------------------------------------------------------------------
+
+SWITCHES = [
+    {"graph_scope": "phase"}, {"sync_every": 1}, {"host_sync_per_depth": True}, {"fused_prologue": True},
+    {"argmax_chunk": 40}, {"verify_width": 7}, {"fused_prologue": True, "argmax_chunk": 50, "graph_scope": "phase"},
+]
+
+
+@pytest.mark.parametrize("switch", SWITCHES, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_each_switch_gives_identical_tokens(trained_model, switch):
+    """Each DecodeOptions switch on vs off: same tokens (= greedy), and the same drafts accepted."""
+    from mtpd_megatron.inference import generate
+    from mtpd_megatron.inference.options import DecodeOptions
+
+    prompts = _trained_prompts()
+    off = generate(trained_model, prompts, 24, k=4)
+    on = generate(trained_model, prompts, 24, k=4, options=DecodeOptions(**switch))
+    assert on.tokens == off.tokens == generate(trained_model, prompts, 24, k=0, options=DecodeOptions(**switch)).tokens
+    assert on.accepted == off.accepted  # fp32: the fused prologue's folded weights change no draft here
+
+
+def test_fused_prologue_is_megatrons_concat_embeddings(trained_model):
+    from mtpd_megatron.inference.fused import FusedHeadPrologue
+
+    layer = trained_model.mtp.layers[1]
+    g = torch.Generator().manual_seed(2)
+    hidden, embedded = torch.randn(3, 2, 32, generator=g), torch.randn(3, 2, 32, generator=g)
+    with torch.no_grad():
+        ref = layer._concat_embeddings(hidden, embedded)
+        assert torch.allclose(FusedHeadPrologue(layer)(hidden, embedded), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_chunked_greedy_matches_argmax_and_softmax():
+    from mtpd_megatron.inference.fused import chunked_greedy
+
+    g = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(3, 2, 16, generator=g), torch.randn(100, 16, generator=g)
+    weight[77] = weight[12]  # an exact tie across chunks: the lower index wins, as torch.argmax
+    hidden[0, 0] = weight[12] * 3
+    logits = hidden @ weight[:90].t()
+    tokens, prob = chunked_greedy(hidden, weight, 90, 32, confidence=True)
+    assert torch.equal(tokens, logits.argmax(-1)) and tokens[0, 0] == 12
+    assert torch.allclose(prob, logits.softmax(-1).max(-1).values, atol=1e-6)
+
+
+@pytest.mark.parametrize("threshold,skips", [(0.2, 3), (0.24, 0), (0.27, 1)])  # this model: top-1 p 0.15-0.35
+def test_adaptive_draft_length_equals_greedy(trained_model, threshold, skips):
+    """Drafting stops at the first head whose top-1 probability is below the threshold: still exactly greedy,
+    never more accepted than proposed, and deeper heads are skipped in some steps (within max_skips)."""
+    from mtpd_megatron.inference import generate
+    from mtpd_megatron.inference.options import DecodeOptions
+
+    prompts = _trained_prompts()
+    greedy = generate(trained_model, prompts, 30, k=0)
+    fixed = generate(trained_model, prompts, 30, k=4)
+    opts = DecodeOptions(draft_threshold=threshold, max_skips=skips)
+    spec = generate(trained_model, prompts, 30, k=4, options=opts)
+    assert spec.tokens == greedy.tokens
+    pairs = [(a, d) for acc, ds in zip(spec.accepted, spec.proposed) for a, d in zip(acc, ds)]
+    assert all(0 <= a <= d <= 4 for a, d in pairs)
+    assert sum(d for _, d in pairs) < sum(4 for _ in pairs)  # some drafts were not proposed
+    assert 1.0 < spec.tokens_per_step <= fixed.tokens_per_step + 1e-9
+    steps = max(spec.steps) + 1  # + the prefill's draft
+    assert spec.depth_runs[0] == steps  # head 1 always drafts
+    if skips:
+        assert spec.depth_runs[-1] < steps  # the deepest head was skipped at some step
+    else:
+        assert spec.depth_runs == [steps] * 4  # no skips allowed: every head runs every step
+    for i, p in enumerate(prompts):  # batch 1 equals the ragged batch
+        assert generate(trained_model, [p], 30, k=4, options=opts).tokens[0] == greedy.tokens[i]
+
+
+def test_adaptive_and_exact_greedy_ragged_batch_with_eos(trained_model):
+    from mtpd_megatron.inference import generate
+    from mtpd_megatron.inference.options import DecodeOptions
+
+    prompts = _trained_prompts()
+    full = generate(trained_model, prompts, 30, k=0)
+    eos = full.tokens[1][5]
+    greedy = generate(trained_model, prompts, 30, k=0, eos_id=eos)
+    assert greedy.tokens[1] == full.tokens[1][:6] and any(len(t) == 30 for t in greedy.tokens)
+    for k, opts in ((4, DecodeOptions(draft_threshold=0.22)), (0, DecodeOptions(verify_width=5)),
+                    (2, DecodeOptions(verify_width=5, graph_scope="phase"))):
+        assert generate(trained_model, prompts, 30, k=k, eos_id=eos, options=opts).tokens == greedy.tokens, (k, opts)
+
+
+def test_compile_path_traces_megatron_layers(random_model):
+    """The regional-compile path (DecodeOptions.compile, CUDA only) run through dynamo with its eager backend on
+    CPU: megatron's layers trace, the only graph break is our cache attention, and the tokens are unchanged."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from mtpd_megatron.inference import SpeculativeDecoder
+    from mtpd_megatron.inference.decoder import _compiled
+
+    prompts = PROMPTS_RANDOM[1:2]
+    ref = SpeculativeDecoder(random_model, k=1, max_length=30).generate(prompts, 6)
+    torch._dynamo.reset()
+    counters.clear()
+    dec = SpeculativeDecoder(random_model, k=1, max_length=30)
+    with _compiled(random_model, True, backend="eager"):
+        assert dec.generate(prompts, 6).tokens == ref.tokens
+    assert counters["stats"]["unique_graphs"] > 0
+    breaks = [str(reason) for reason in counters["unimplemented"]]
+    assert breaks and all("CachedCoreAttention.forward" in b for b in breaks), breaks
+    assert all(layer._compiled_call_impl is None for layer in random_model.decoder.layers)  # restored
+    torch._dynamo.reset()
+
+
+def test_decode_options_refuse_bad_values_and_cuda_only_switches_on_cpu(random_model):
+    from mtpd_megatron.inference import SpeculativeDecoder
+    from mtpd_megatron.inference.options import DecodeOptions
+
+    for bad, phrase in (({"graph_scope": "layer"}, "graph_scope"), ({"sync_every": 0}, "sync_every"),
+                        ({"draft_threshold": 1.5}, "draft_threshold"), ({"argmax_chunk": -1}, "argmax_chunk"),
+                        ({"verify_width": 0}, "verify_width"), ({"max_skips": -1}, "max_skips")):
+        with pytest.raises(ValueError, match=phrase):
+            DecodeOptions(**bad)
+    with pytest.raises(ValueError, match="verify_width=3 < k\\+1=5"):
+        SpeculativeDecoder(random_model, k=4, options=DecodeOptions(verify_width=3))
+    with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
+        SpeculativeDecoder(random_model, k=2, options=DecodeOptions(cuda_graphs=True))
+    with pytest.raises(ValueError, match="compile=True needs a CUDA device"):
+        SpeculativeDecoder(random_model, k=2, options=DecodeOptions(compile=True))
+
+
 def test_speculative_demo(trained_model):
     from mtpd_megatron.inference import speculative_demo
 
@@ -436,6 +564,11 @@ def test_speculative_demo(trained_model):
     out = speculative_demo(trained_model, ByteTokenizer(), "ABC", k=3, max_new_tokens=20)
     assert out["identical_to_greedy"] and out["new_tokens"] == 20 and len(out["text"]) == 20
     assert out["tokens_per_step"] >= 1.0 and len(out["per_position_acceptance"]) == 3
+    from mtpd_megatron.inference.options import DecodeOptions
+
+    adaptive = speculative_demo(trained_model, ByteTokenizer(), "ABC", k=3, max_new_tokens=20,
+                                options=DecodeOptions(draft_threshold=0.22))
+    assert adaptive["identical_to_greedy"] and adaptive["text"] == out["text"]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -572,12 +705,74 @@ def test_bench_decode_cli_and_errors(cli_checkpoint):
     assert too_many.returncode == 2 and "the model has 4 MTP heads" in too_many.stderr
 
 
+def test_bench_decode_issue12_rows(cli_checkpoint):
+    """Profile, switch ablation, fixed vs adaptive K, exact greedy and batches in one CPU run: every row's
+    tokens equal greedy's (fp32), and the main-head loss is reported with the figures."""
+    import json
+
+    root, corpus, loaded, _ = cli_checkpoint
+    out, md, prof = root / "bench12.json", root / "bench12.md", root / "prof"
+    proc = _run_tool("bench_decode.py", "--ckpt", loaded.path, "--jsonl", corpus, "--num-prompts", 2,
+                     "--prompt-len", 8, "--new-tokens", 8, "--k", 2, "--main-k", 2, "--repeats", 1, "--loss-samples", 4,
+                     "--profile", prof, "--ablate", "graph_per_phase", "fused_prologue", "argmax_chunk",
+                     "--draft-threshold", 0.3, "--exact-greedy", "--batch", 1, 2, "--out", out, "--markdown", md)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["main_loss"] > 0 and "computed on 4 valid sequences" in r["main_loss_source"]
+    assert r["cuda_graphs"] is False and r["options"]["cuda_graphs"] is False  # --cuda-graphs (default): no-op on CPU
+    assert r["complete"] is True
+    assert [p["label"] for p in r["profile"]] == ["greedy", "k2"]
+    assert r["profile"][1]["by_region_ms"]["draft.depth2"] > 0 and r["profile"][0]["kernels_per_step"] > 0
+    assert "aten::" in (prof / "k2_kernels.txt").read_text() and (prof / "summary.md").is_file()
+    assert [a["switch"] for a in r["ablation"]] == ["baseline", "graph_per_phase", "fused_prologue", "argmax_chunk"]
+    assert all(a["greedy_matching_baseline_greedy"] == a["k2_matching_baseline_greedy"] == 2 for a in r["ablation"])
+    assert [a["mode"] for a in r["adaptive"]] == ["greedy", "fixed K=1", "fixed K=2", "adaptive P=0.3 (K<=2)"]
+    assert all(a["greedy_matching"] == 2 for a in r["adaptive"][1:])
+    e = r["exact"]
+    assert e["speculative_mismatches_vs_fast_greedy"] == e["speculative_mismatches_vs_exact_greedy"] == 0
+    assert [b["batch"] for b in r["batches"]] == [1, 2]
+    assert all(b["speculative"]["greedy_same_batch_matching"] == b["samples"] for b in r["batches"])
+    assert all(b["speculative"]["greedy_batch1_matching"] == b["samples"] for b in r["batches"])
+    text = md.read_text()
+    assert "Switch ablation" in text and "Exact greedy" in text and f"{r['main_loss']:.4f}" in text
+
+
+@pytest.mark.parametrize("args,phrase", [
+    (["--k", "0"], "--k 0: every K must be >= 1"),
+    (["--draft-threshold", "1.5"], "--draft-threshold 1.5: each must be a probability in (0, 1)"),
+    (["--compile", "--device", "cpu"], "--compile needs a CUDA device"),
+    (["--ablate", "warp_drive"], "--ablate warp_drive: unknown switch"),
+    (["--empty-jsonl"], "every prompt needs at least one token"),
+    (["--prompt-len", "300"], "exceed the model's context of 256 tokens"),
+])
+def test_bench_decode_refuses_bad_requests_in_one_line(cli_checkpoint, args, phrase):
+    import json
+
+    root, corpus, loaded, _ = cli_checkpoint
+    if args == ["--empty-jsonl"]:
+        empty = root / "empty.jsonl"
+        empty.write_text('{"text": ""}\n{"text": ""}\n')
+        corpus, args = empty, []
+    if args[:1] == ["--prompt-len"]:  # one long text so that the prompt really has 300 tokens
+        long = root / "long.jsonl"
+        texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+        long.write_text(json.dumps({"text": " ".join(texts)}) + "\n")
+        corpus = long
+    out = root / "refused.json"
+    proc = _run_tool("bench_decode.py", "--ckpt", loaded.path, "--jsonl", corpus, "--new-tokens", 4, "--k", 1,
+                     *args, "--out", out)
+    assert proc.returncode == 2 and not out.exists(), proc.stdout[-1000:] + proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("bench_decode: error: ") and phrase in lines[0], proc.stderr
+
+
 @pytest.mark.parametrize("args,phrase", [
     (["--k", "0"], "--k 0: draft at least one token"),
     (["--k", "9"], "k=9 drafted tokens but the model has 4 MTP heads"),
     (["--prompt", " "], "--prompt is empty"),
     (["--prompt", "word " * 200], "exceed the model's context"),
     (["--device", "cuda"], "--device cuda: no GPU is visible"),
+    (["--draft-threshold", "0"], "--draft-threshold 0.0: must be a probability in (0, 1)"),
 ])
 def test_speculative_decode_refuses_bad_requests_in_one_line(cli_checkpoint, args, phrase):
     root, _, loaded, _ = cli_checkpoint

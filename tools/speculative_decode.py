@@ -30,12 +30,16 @@ def _main(argv=None) -> int:
     p.add_argument("--k", type=int, default=4, help="drafted tokens per step (<= MTP heads)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--draft-threshold", type=float, default=None, metavar="P",
+                   help="adaptive drafting: stop at the first head whose top-1 probability is below P")
     p.add_argument("--json", default=None, help="also write the result as JSON here")
     a = p.parse_args(argv)
     if a.k < 1:
         p.error(f"--k {a.k}: draft at least one token per step (1 <= K <= the model's MTP heads)")
     if a.new_tokens < 1:
         p.error(f"--new-tokens {a.new_tokens}: must be >= 1")
+    if a.draft_threshold is not None and not 0.0 < a.draft_threshold < 1.0:
+        p.error(f"--draft-threshold {a.draft_threshold}: must be a probability in (0, 1)")
     if not a.prompt.strip():
         p.error("--prompt is empty: give some text to continue")
     from mtpd_megatron.cli import check_device
@@ -47,7 +51,10 @@ def _main(argv=None) -> int:
 
     loaded = load_for_inference(a.ckpt, device=a.device)
     tokenizer = load_tokenizer_for(loaded)
-    result = speculative_demo(loaded.model, tokenizer, a.prompt, a.k, a.new_tokens, vocab_limit=loaded.vocab_size)
+    from mtpd_megatron.inference.options import DecodeOptions
+
+    result = speculative_demo(loaded.model, tokenizer, a.prompt, a.k, a.new_tokens, vocab_limit=loaded.vocab_size,
+                              options=DecodeOptions(draft_threshold=a.draft_threshold))
     accept = " ".join(f"{x:.2f}" for x in result["per_position_acceptance"])
     print(f"prompt: {a.prompt!r}")
     print(f"continuation: {result['text']!r}")

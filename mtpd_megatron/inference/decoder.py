@@ -12,7 +12,8 @@ How: megatron's modules do all the math (embedding, every TransformerLayer forwa
 layer's `forward_single_position` = enorm/hnorm/eh_proj/layer/final norm, the shared output layer); only
 core attention is swapped for a static KV cache (kv_cache.py). State lives in device tensors, every shape is
 static, so one decoding step (verify + draft) can be captured in a CUDA graph and replayed with no host sync;
-the host only looks at the lengths between rounds of steps.
+the host only looks at the lengths between rounds of steps. How a step is executed (graphs, their scope,
+compile, fused pieces, adaptive drafting, exact-greedy width) is a `DecodeOptions` (options.py).
 
 Bookkeeping (per sample): tokens x_0..x_{n-1} are committed; the main model has hidden states h0 for
 positions 0..p with p = n-2 (x_{n-1}, the last bonus token, has not been fed yet).
@@ -20,16 +21,18 @@ positions 0..p with p = n-2 (x_{n-1}, the last bonus token, has not been fed yet
   and predicts d_k (token p+k+1). Head k attends over its own depth's past, so its cache holds entries for
   positions < p too; entries j <= p+1-k have only committed inputs and are kept ("committed", start
   c_k = p+2-k next time); entries p+2-k..p depend on this step's drafts and are recomputed next step. Each
-  depth runs over a fixed window of K+k positions from c_k (positions past p are padding and never read).
-* verify: the main model runs positions p+1..p+1+K (x_{p+1}, d_1..d_K) in one forward; the longest prefix
-  of drafts equal to the main greedy tokens is accepted plus one bonus token; n += a + 1. Rejected entries
-  are left in place and masked (rollback = the length pointer).
+  depth runs over a fixed window of K+k positions from c_k (positions past p are padding and never read);
+  with adaptive drafting a head may be skipped for up to `max_skips` steps, so its window is K+k+S(K+1).
+* verify: the main model runs positions p+1..p+W (x_{p+1}, d_1..d_K, then padding up to `verify_width` W)
+  in one forward; the longest prefix of proposed drafts equal to the main greedy tokens is accepted plus one
+  bonus token; n += a + 1. Rejected entries are left in place and masked (rollback = the length pointer).
 So the output is token-for-token the greedy output, and the drafts are exactly the teacher-forced head
 predictions on the decoded text (tests/test_inference.py checks both).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -40,7 +43,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtpd_megatron.inference.acceptance import greedy_tokens, logits_argmax, num_heads, output_weight_of, tp_group_of
+from mtpd_megatron.inference.fused import FusedHeadPrologue, chunked_greedy, top1_probability
 from mtpd_megatron.inference.kv_cache import AttendState, KVCache, cached_attention
+from mtpd_megatron.inference.options import DecodeOptions
 
 
 @dataclass
@@ -57,6 +62,8 @@ class Generation:
     tokens_per_step: float = 0.0  # mean of (accepted + 1) over all steps of all samples
     per_position_acceptance: list = field(default_factory=list)  # CAR_k measured: P(accepted >= k)
     per_head_acceptance: list = field(default_factory=list)  # a_k measured: P(>= k | >= k-1)
+    proposed: list = field(default_factory=list)  # per sample: drafts proposed at each step (adaptive: <= k)
+    depth_runs: list = field(default_factory=list)  # per head: steps in which it ran (adaptive skips heads)
 
     @property
     def new_tokens(self) -> int:
@@ -77,18 +84,26 @@ class SpeculativeDecoder:
     """Greedy (k=0) or self-speculative (1 <= k <= heads) decoding with static caches on one model.
 
     One instance holds buffers for sequences of up to `max_length` tokens (prompt + new) at the batch size
-    of its last call (re-allocated when the batch size changes). `cuda_graphs=True` captures one decoding
-    step the first time it is needed (CUDA, TP=1; checked on dense models -- MoE token dispatch may sync
-    with the host, then use eager). The greedy baseline (k=0) gets exactly the same treatment.
+    of its last call (re-allocated when the batch size changes). `options.cuda_graphs` captures the step
+    (or its pieces, `graph_scope`) the first time they are needed (CUDA, TP=1; checked on dense models --
+    MoE token dispatch may sync with the host, then use eager). The greedy baseline (k=0) gets exactly the
+    same treatment.
 
     Exactness: in fp32 the tokens equal greedy decoding bit for bit (and a full recompute without cache).
-    In bf16 the verify forward (K+1 positions) and a greedy step (1 position) round differently, so where
-    the top two logits are tied to within bf16 rounding the two may pick different tokens -- as a KV-cached
-    greedy decoder and a full recompute already do. Trained models rarely have such ties.
+    In bf16 the verify forward (K+1 positions) and a greedy step (1 position) run different GEMM kernels, so
+    where the top two logits are tied to within bf16 rounding they may pick different tokens. A greedy
+    decoder with `verify_width=K+1` runs the verify's kernels (the "exact greedy"), and equals the K-draft
+    speculative output in bf16 too.
     """
 
     def __init__(self, model, *, k: int = 0, max_length: int = 1024, vocab_limit: Optional[int] = None,
-                 cuda_graphs: bool = False, fp32_logits: bool = False):
+                 options: Optional[DecodeOptions] = None, cuda_graphs: Optional[bool] = None,
+                 fp32_logits: Optional[bool] = None):
+        opts = options or DecodeOptions()
+        if cuda_graphs is not None:
+            opts = opts.with_(cuda_graphs=bool(cuda_graphs))
+        if fp32_logits is not None:
+            opts = opts.with_(fp32_logits=bool(fp32_logits))
         cfg = model.config
         heads = num_heads(model)
         if k < 0:
@@ -107,23 +122,55 @@ class SpeculativeDecoder:
         self.vocab_limit = vocab_limit
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.use_graphs = bool(cuda_graphs)
-        if self.use_graphs and (self.device.type != "cuda" or tp_group_of(model) is not None):
-            raise ValueError("cuda_graphs=True needs the model on a CUDA device at TP=1")
+        tp = tp_group_of(model)
+        cuda = self.device.type == "cuda"
+        if opts.cuda_graphs and (not cuda or tp is not None):
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device at TP=1 (use cuda_graphs=False)")
+        if opts.compile and not cuda:
+            raise ValueError("compile=True needs a CUDA device (inductor's CPU path needs a C++ toolchain and is "
+                             "not what is measured): leave it off on CPU")
+        needs_tp1 = [n for n, on in (("fused_prologue", opts.fused_prologue), ("argmax_chunk", opts.argmax_chunk),
+                                     ("draft_threshold", opts.adaptive)) if on]
+        if needs_tp1 and tp is not None:
+            raise ValueError(f"{', '.join(needs_tp1)} need TP=1 (the model is tensor-parallel)")
+        if opts.verify_width is not None and opts.verify_width < k + 1:
+            raise ValueError(f"verify_width={opts.verify_width} < k+1={k + 1}: the verify forward needs a position "
+                             "for x_{p+1} and each draft")
+        self.options = opts
+        self.use_graphs = opts.cuda_graphs
+        self.width = opts.verify_width or k + 1  # positions per verify forward
+        self.skips = opts.max_skips if (opts.adaptive and k) else 0
         # fp32_logits: the argmax is taken over fp32 logits (bf16 weights, fp32 accumulate and output) instead of
         # megatron's bf16 ones, whose rounding ties top-2 logits often enough that the verify forward and a
         # greedy step can break a tie differently. With mm(out_dtype=fp32) (CUDA) it costs no extra weight read.
-        self.fp32_logits = bool(fp32_logits) and self.dtype != torch.float32
-        if self.fp32_logits:
+        self.fp32_logits = bool(opts.fp32_logits) and self.dtype != torch.float32
+        if self.fp32_logits or opts.argmax_chunk or opts.adaptive:
             weight = output_weight_of(model)
             self._out_weight = weight if weight is not None else model.output_layer.weight
+        if self.fp32_logits and not opts.argmax_chunk:
             self._mm_fp32_out = self._mm_out_dtype_works()
             if not self._mm_fp32_out:
                 self._out_weight = self._out_weight.float()  # one fp32 copy, made once
+        self._prologues = None
+        if opts.fused_prologue and k:
+            mtp = model.mtp
+            layers = [mtp.layers[0 if mtp.mtp_use_repeated_layer else d] for d in range(k)]
+            self._prologues = [FusedHeadPrologue(layer) for layer in layers]
         # Token buffer, caches and hidden buffers cover drafts and window padding past the last position.
-        self.capacity = self.max_length + 3 * k + 2
+        # A sample may end up to k tokens past its limit (the last step's accepted drafts), and a finished sample
+        # keeps running windows from there: p <= max_length + k - 2, verify writes up to p + width + 1, a depth
+        # reads tokens up to p + window + k.
+        self.capacity = self.max_length + 2 + k + max(self.width + 1, self._max_window() + k + 1)
+        self.annotate = False  # record_function regions for the profiler (profile.py)
+        self._phase = "step"
         self._batch = None
-        self._graph = None
+        self._graphs = {}
+
+    def _max_window(self) -> int:
+        return max(self._widths(), default=0)
+
+    def _widths(self) -> list:
+        return [self.k + d + self.skips * (self.k + 1) for d in range(1, self.k + 1)]
 
     # ---------------------------------------------------------------------------------------------------
     # Buffers
@@ -148,20 +195,29 @@ class SpeculativeDecoder:
         self.n = torch.zeros(batch, dtype=torch.long, device=dev)
         self.limit = torch.zeros(batch, dtype=torch.long, device=dev)
         self.cstart = torch.zeros(batch, max(self.k, 1), dtype=torch.long, device=dev)
+        self.proposed = torch.full((batch,), self.k, dtype=torch.long, device=dev)
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
         self.log_a = torch.full((self.max_length + 1, batch), -1, dtype=torch.long, device=dev)
         self.log_p = torch.zeros(self.max_length + 1, batch, dtype=torch.long, device=dev)
+        self.log_d = torch.zeros(self.max_length + 1, batch, dtype=torch.long, device=dev)
+        self.arange = torch.arange(T, device=dev)
+        self.rows = torch.arange(batch, device=dev)
         rope = m.rotary_pos_emb(T)  # [T, 1, 1, d] fp32, same values megatron uses in training
         self.rope_table = rope.reshape(T, rope.shape[-1])
         self.state = AttendState()
         self._batch = batch
-        self._graph = None
-        self._warm = 0
+        self._graphs = {}
+        self._warm = {}
         self._stream = torch.cuda.Stream(device=self.device) if self.use_graphs else None
 
     # ---------------------------------------------------------------------------------------------------
     # Forwards (megatron modules, our cache)
     # ---------------------------------------------------------------------------------------------------
+
+    def _region(self, name: str):
+        if not self.annotate:
+            return contextlib.nullcontext()
+        return torch.profiler.record_function(name)
 
     def _rope(self, positions: Tensor) -> Tensor:
         return self.rope_table[positions.t()].unsqueeze(2)  # [s, b, 1, d]
@@ -184,10 +240,18 @@ class SpeculativeDecoder:
         layer = mtp.layers[0 if mtp.mtp_use_repeated_layer else k - 1]
         self.state.set_positions(positions, self.capacity)
         self.state.kv = self.mtp_caches[k - 1]
-        out = layer.forward_single_position(
-            hidden_states=hidden, next_token_ids=tokens, position_ids=positions,
-            embedding=self.model.embedding, rotary_pos_emb=self._rope(positions),
-        )
+        rope = self._rope(positions)
+        if self._prologues is None:
+            out = layer.forward_single_position(
+                hidden_states=hidden, next_token_ids=tokens, position_ids=positions,
+                embedding=self.model.embedding, rotary_pos_emb=rope,
+            )
+        else:  # the same modules, with enorm/hnorm/concat/eh_proj fused (fused.py)
+            with self._region("head_prologue"):
+                embedded = self.model.embedding(input_ids=tokens, position_ids=positions)
+                x = self._prologues[k - 1](hidden, embedded)
+            x, _ = layer.mtp_model_layer(hidden_states=x, attention_mask=None, rotary_pos_emb=rope)
+            out = layer.final_layernorm(x)
         self.state.kv = None
         return out
 
@@ -198,16 +262,37 @@ class SpeculativeDecoder:
         except (TypeError, RuntimeError, NotImplementedError):
             return False
 
-    def _greedy(self, hidden: Tensor) -> Tensor:
-        if not self.fp32_logits:
+    def _greedy(self, hidden: Tensor, confidence: bool = False):
+        """[s, b, h] -> greedy tokens [s, b] (and, with `confidence`, their softmax probability [s, b])."""
+        opts = self.options
+        if opts.argmax_chunk:
+            limit = self.vocab_limit or self._out_weight.shape[0]
+            with self._region(f"{self._phase}.output_layer+argmax"):
+                tokens, prob = chunked_greedy(hidden, self._out_weight, limit, opts.argmax_chunk,
+                                              scale=self.model._scale_logits, fp32=self.fp32_logits,
+                                              confidence=confidence)
+            return (tokens, prob) if confidence else tokens
+        if not self.fp32_logits and not confidence and not self.annotate:
             return greedy_tokens(self.model, hidden, vocab_limit=self.vocab_limit)
         s, b, h = hidden.shape
-        flat = hidden.reshape(s * b, h)
-        if self._mm_fp32_out:
-            logits = torch.mm(flat, self._out_weight.t(), out_dtype=torch.float32)
-        else:
-            logits = F.linear(flat.float(), self._out_weight)
-        return logits_argmax(self.model, logits.view(s, b, -1), vocab_limit=self.vocab_limit)
+        with self._region(f"{self._phase}.output_layer"):
+            if self.fp32_logits:
+                flat = hidden.reshape(s * b, h)
+                if self._mm_fp32_out:
+                    logits = torch.mm(flat, self._out_weight.t(), out_dtype=torch.float32)
+                else:
+                    logits = F.linear(flat.float(), self._out_weight)
+                logits = logits.view(s, b, -1)
+            else:
+                logits, _ = self.model.output_layer(hidden, weight=output_weight_of(self.model))
+        with self._region(f"{self._phase}.argmax"):
+            tokens = logits_argmax(self.model, logits, vocab_limit=self.vocab_limit)
+            if not confidence:
+                return tokens
+            logits = self.model._scale_logits(logits)
+            if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
+                logits = logits[..., : self.vocab_limit]
+            return tokens, top1_probability(logits)
 
     @staticmethod
     def _gather_rows(buf: Tensor, index: Tensor) -> Tensor:
@@ -219,51 +304,64 @@ class SpeculativeDecoder:
         """buf[b, index[b, i]] = rows[i, b] for rows [s, b, h]."""
         buf.scatter_(1, index.unsqueeze(-1).expand(-1, -1, buf.shape[-1]), rows.transpose(0, 1).to(buf.dtype))
 
-    def _draft(self, widths: Sequence[int]) -> None:
-        """Heads 1..K at position p = n-2, each over its window from its committed start."""
-        p = self.n - 2
-        batch = torch.arange(p.shape[0], device=self.device)
-        for k in range(1, self.k + 1):
+    def _draft_depth(self, k: int, width: int) -> None:
+        """Head k at position p = n-2, over its window of `width` positions from its committed start."""
+        self._phase = f"draft{k}"
+        with self._region(f"draft.depth{k}"):
+            p = self.n - 2
             start = self.cstart[:, k - 1]
-            window = start.unsqueeze(1) + torch.arange(widths[k - 1], device=self.device)
+            window = start.unsqueeze(1) + self.arange[:width]
             hidden_in = self._gather_rows(self.hid[k - 1], window)
             out = self._depth(k, hidden_in, self.seq.gather(1, window + k), window)  # [W, b, h]
             if k < self.k:
                 self._scatter_rows(self.hid[k], window, out)
-            at_p = out[(p - start).clamp(min=0), batch].unsqueeze(0)  # [1, b, h] (clamp: finished rows)
-            draft = self._greedy(at_p)[0]  # [b]
-            self.seq.scatter_(1, (p + 1 + k).unsqueeze(1), draft.unsqueeze(1))
+            at_p = out[(p - start).clamp(min=0), self.rows].unsqueeze(0)  # [1, b, h] (clamp: finished rows)
+            if self.options.adaptive:
+                draft, prob = self._greedy(at_p, confidence=True)
+                confident = (self.proposed == k - 1) & (prob[0] >= self.options.draft_threshold)
+                self.proposed.copy_(torch.where(confident, self.proposed + 1, self.proposed))
+            else:
+                draft = self._greedy(at_p)
+            self.seq.scatter_(1, (p + 1 + k).unsqueeze(1), draft[0].unsqueeze(1))
             self.cstart[:, k - 1] = (p + 2 - k).clamp(min=0)
 
+    def _draft(self, widths: Sequence[int]) -> None:
+        for k in range(1, self.k + 1):
+            self._draft_depth(k, widths[k - 1])
+
     def _verify(self) -> None:
-        """Main model over x_{p+1}, d_1..d_K; accept the agreeing prefix + a bonus token."""
-        K = self.k
-        p = self.n - 2
-        window = (p + 1).unsqueeze(1) + torch.arange(K + 1, device=self.device)  # [b, K+1]
-        tokens = self.seq.gather(1, window)
-        hidden = self._main(tokens, window)
-        self._scatter_rows(self.hid[0], window, hidden)
-        greedy = self._greedy(hidden).t()  # [b, K+1]
-        if K:
-            match = (tokens[:, 1:] == greedy[:, :K]).long()
-            accepted = match.cumprod(dim=1).sum(dim=1)
-        else:
-            accepted = torch.zeros_like(p)
-        self.seq.scatter_(1, window + 1, greedy)  # d_1..d_a (unchanged), the bonus, then junk past n
-        active = self.n < self.limit
-        row = self.step_idx.clamp(max=self.log_a.shape[0] - 1)
-        self.log_a.index_copy_(0, row, torch.where(active, accepted, -1).unsqueeze(0))
-        self.log_p.index_copy_(0, row, p.unsqueeze(0))
-        self.n.copy_(torch.where(active, self.n + accepted + 1, self.n))
-        self.step_idx.add_(1)
+        """Main model over x_{p+1}, d_1..d_K (+ padding to the verify width); accept the agreeing prefix + a bonus."""
+        self._phase = "verify"
+        with self._region("verify"):
+            K = self.k
+            p = self.n - 2
+            window = (p + 1).unsqueeze(1) + self.arange[: self.width]  # [b, W]
+            tokens = self.seq.gather(1, window)
+            hidden = self._main(tokens, window)
+            self._scatter_rows(self.hid[0], window, hidden)
+            greedy = self._greedy(hidden).t()  # [b, W]
+            if K:
+                match = tokens[:, 1 : K + 1] == greedy[:, :K]
+                if self.options.adaptive:
+                    match = match & (self.arange[:K] < self.proposed.unsqueeze(1))
+                accepted = match.long().cumprod(dim=1).sum(dim=1)
+            else:
+                accepted = torch.zeros_like(p)
+            self.seq.scatter_(1, window + 1, greedy)  # d_1..d_a (unchanged), the bonus, then junk past n
+            active = self.n < self.limit
+            row = self.step_idx.clamp(max=self.log_a.shape[0] - 1)
+            self.log_a.index_copy_(0, row, torch.where(active, accepted, -1).unsqueeze(0))
+            self.log_p.index_copy_(0, row, p.unsqueeze(0))
+            self.log_d.index_copy_(0, row, self.proposed.unsqueeze(0))
+            self.n.copy_(torch.where(active, self.n + accepted + 1, self.n))
+            self.step_idx.add_(1)
+            if self.options.adaptive:
+                self.proposed.zero_()
 
     def _step(self) -> None:
         self._verify()
         if self.k:
             self._draft(self._widths())
-
-    def _widths(self) -> list:
-        return [self.k + d for d in range(1, self.k + 1)]
 
     def step_phases(self) -> dict:
         """The two halves of a decoding step as callables, for benchmarks that time them apart.
@@ -279,6 +377,7 @@ class SpeculativeDecoder:
         return phases
 
     def _prefill(self, prompts: list) -> None:
+        self._phase = "prefill"
         b = len(prompts)
         lengths = torch.tensor([len(x) for x in prompts], device=self.device)
         width = int(lengths.max())
@@ -294,52 +393,77 @@ class SpeculativeDecoder:
         self.seq.scatter_(1, lengths.unsqueeze(1), self._greedy(last).t())
         self.n.copy_(lengths + 1)
         self.cstart.zero_()
+        self.proposed.fill_(0 if self.options.adaptive else self.k)
         if self.k:
             self._draft([width] * self.k)
+        self._last_run = [0] * (self.k + 1)  # adaptive: the step at which each head last ran (prefill = 0)
+        self._step_no = 0
+        self._depth_runs = [1] * self.k
 
     # ---------------------------------------------------------------------------------------------------
-    # CUDA graph
+    # Execution: one graph per step, or one per piece (verify, each depth), or eager
     # ---------------------------------------------------------------------------------------------------
 
-    def _advance(self) -> None:
-        """One decoding step: a graph replay once captured; before that, real eager steps.
+    def _run(self, name: str, fn) -> None:
+        """Run one piece: a graph replay once captured; before that, real eager runs.
 
-        With graphs on, the first two steps run eagerly on a side stream (they warm up cuBLAS and the caching
-        allocator for that stream, as torch.cuda.graph asks) and are real steps of the generation; then the
-        step is recorded (recording does not execute it) and every later step, in this and later `generate`
-        calls of the same batch size, is a replay.
+        With graphs on, the first two runs of a piece are eager on a side stream (they warm up cuBLAS, the
+        caching allocator and torch.compile for that stream, as torch.cuda.graph asks) and are real work of the
+        generation; then the piece is recorded (recording does not execute it) and every later run, in this and
+        later `generate` calls of the same batch size, is a replay.
         """
-        if self._graph is not None:
-            self._graph.replay()
+        graph = self._graphs.get(name)
+        if graph is not None:
+            graph.replay()
             return
         if not self.use_graphs:
-            self._step()
+            fn()
             return
         stream = self._stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            self._step()
+            fn()
         torch.cuda.current_stream().wait_stream(stream)
-        self._warm += 1
-        if self._warm >= 2:
+        self._warm[name] = self._warm.get(name, 0) + 1
+        if self._warm[name] >= 2:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
-                self._step()
-            self._graph = graph
+                fn()
+            self._graphs[name] = graph
+
+    def _host_sync(self) -> None:
+        self.seq[:, :1].sum().item()  # a device -> host read, as a host-side acceptance check would make
+
+    def _advance(self) -> None:
+        """One decoding step."""
+        opts = self.options
+        if not opts.per_phase:
+            self._run("step", self._step)
+            return
+        self._run("verify", self._verify)
+        if not self.k:
+            return
+        widths = self._widths()
+        self._step_no += 1
+        t = self._step_no
+        # Adaptive: a head that has been skipped for max_skips steps runs now (its window covers no more).
+        forced = max([d for d in range(1, self.k + 1) if t - self._last_run[d] > self.skips] or [0])
+        for d in range(1, self.k + 1):
+            if opts.adaptive and d > 1 and d > forced and not bool((self.proposed == d - 1).any()):
+                break  # no sample is still drafting and no deeper head must catch up
+            self._run(f"depth{d}", lambda d=d: self._draft_depth(d, widths[d - 1]))
+            self._last_run[d] = t
+            self._depth_runs[d - 1] += 1
+            if opts.host_sync_per_depth:
+                self._host_sync()
 
     # ---------------------------------------------------------------------------------------------------
     # Public
     # ---------------------------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def generate(self, prompts: Union[Sequence[Sequence[int]], Tensor], max_new_tokens: int,
-                 eos_id: Optional[int] = None, max_steps_per_sync: int = 64) -> Generation:
-        """Decode every prompt greedily (k=0) or speculatively; the tokens are the same either way."""
-        if isinstance(prompts, Tensor):
-            prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
-        prompts = [list(map(int, x)) for x in prompts]
+    def _check_request(self, prompts: list, max_new_tokens: int) -> None:
         if not prompts or any(len(x) == 0 for x in prompts):
-            raise ValueError("every prompt needs at least one token")
+            raise ValueError("every prompt needs at least one token (an empty prompt has nothing to continue)")
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
         longest = max(len(x) for x in prompts) + max_new_tokens
@@ -350,15 +474,28 @@ class SpeculativeDecoder:
                              "prompt or ask for fewer new tokens")
         if longest > self.max_length:
             raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds max_length={self.max_length}")
+
+    @torch.no_grad()
+    def generate(self, prompts: Union[Sequence[Sequence[int]], Tensor], max_new_tokens: int,
+                 eos_id: Optional[int] = None, max_steps_per_sync: Optional[int] = None) -> Generation:
+        """Decode every prompt greedily (k=0) or speculatively; the tokens are the same either way."""
+        if isinstance(prompts, Tensor):
+            prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
+        prompts = [list(map(int, x)) for x in prompts]
+        self._check_request(prompts, max_new_tokens)
+        per_sync = max_steps_per_sync or self.options.sync_every
         model = self.model
         was_training = model.training
         model.eval()
         self._allocate(len(prompts))
+        if self._prologues is not None:
+            for prologue in self._prologues:
+                prologue.refresh()  # the folded weights follow the megatron parameters
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()
         try:
-            with cached_attention(model, self.state):
+            with cached_attention(model, self.state), _compiled(model, self.options.compile):
                 self._prefill(prompts)
                 sync()
                 prefill_seconds = time.perf_counter() - t0
@@ -371,7 +508,7 @@ class SpeculativeDecoder:
                     if max(left) <= 0 or (eos_id is not None and self._all_ended(prompts, n, eos_id)):
                         break
                     # Each step adds at most k+1 tokens: this many steps cannot overshoot the slowest sample.
-                    rounds = min(max_steps_per_sync, max(1, math.ceil(max(left) / (self.k + 1))))
+                    rounds = min(per_sync, max(1, math.ceil(max(left) / (self.k + 1))))
                     for _ in range(rounds):
                         self._advance()
                 sync()
@@ -388,8 +525,8 @@ class SpeculativeDecoder:
 
     def _result(self, prompts, max_new_tokens, eos_id, seconds) -> Generation:
         seq, n = self.seq.tolist(), self.n.tolist()
-        log_a, log_p = self.log_a.t().tolist(), self.log_p.t().tolist()
-        tokens, steps, accepted, positions = [], [], [], []
+        log_a, log_p, log_d = self.log_a.t().tolist(), self.log_p.t().tolist(), self.log_d.t().tolist()
+        tokens, steps, accepted, positions, proposed = [], [], [], [], []
         for i, x in enumerate(prompts):
             out = seq[i][len(x) : min(n[i], len(x) + max_new_tokens)]
             if eos_id is not None and eos_id in out:
@@ -398,6 +535,7 @@ class SpeculativeDecoder:
             acc = [a for a in log_a[i] if a >= 0]
             accepted.append(acc)
             positions.append([p for a, p in zip(log_a[i], log_p[i]) if a >= 0])
+            proposed.append([d for a, d in zip(log_a[i], log_d[i]) if a >= 0])
             steps.append(len(acc))
         flat = [a for acc in accepted for a in acc]
         total = len(flat)
@@ -407,20 +545,57 @@ class SpeculativeDecoder:
         return Generation(
             tokens=tokens, k=self.k, steps=steps, accepted=accepted, draft_positions=positions,
             seconds=seconds, tokens_per_step=(sum(flat) + total) / total if total else 0.0,
-            per_position_acceptance=car, per_head_acceptance=per_head,
+            per_position_acceptance=car, per_head_acceptance=per_head, proposed=proposed,
+            depth_runs=list(getattr(self, "_depth_runs", [])) if self.options.per_phase else [],
         )
 
 
+@contextlib.contextmanager
+def _compiled(model, on: bool, backend: str = "inductor"):
+    """Regional torch.compile while decoding: every megatron TransformerLayer (main and MTP) compiled in place.
+
+    Layers share one compiled code object (dynamo inlines nn.Module calls, so parameters are inputs, not
+    guards): compile time is that of one layer per distinct shape. Our CachedCoreAttention is excluded (graph
+    break) so its Python state never enters a dynamo guard. Restored on exit.
+    """
+    if not on:
+        yield
+        return
+    import torch._dynamo
+
+    from mtpd_megatron.inference.kv_cache import CachedCoreAttention
+
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
+    if not getattr(CachedCoreAttention, "_dynamo_disabled", False):  # once per process; eager cost: none
+        CachedCoreAttention.forward = torch._dynamo.disable(CachedCoreAttention.forward, recursive=True)
+        CachedCoreAttention._dynamo_disabled = True
+    layers = list(model.decoder.layers)
+    mtp = getattr(model, "mtp", None)
+    if mtp is not None:
+        layers += [layer.mtp_model_layer for layer in mtp.layers]
+    try:
+        for layer in layers:
+            layer.compile(backend=backend)  # automatic dynamic shapes: a window width seen twice compiles once more, not per width
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
+
+
 def generate(model, prompts, max_new_tokens: int, *, k: int = 0, eos_id: Optional[int] = None,
-             vocab_limit: Optional[int] = None, cuda_graphs: bool = False) -> Generation:
+             vocab_limit: Optional[int] = None, cuda_graphs: bool = False,
+             options: Optional[DecodeOptions] = None) -> Generation:
     """One-off decoding (builds a decoder sized for this call)."""
     if isinstance(prompts, Tensor):
         prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
-    length = max(len(x) for x in prompts) + max_new_tokens
-    decoder = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit, cuda_graphs=cuda_graphs)
+    length = max((len(x) for x in prompts), default=0) + max_new_tokens
+    options = options or DecodeOptions()
+    if cuda_graphs:
+        options = options.with_(cuda_graphs=True)
+    decoder = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit, options=options)
     return decoder.generate(prompts, max_new_tokens, eos_id=eos_id)
-
-
 def _encode(tokenizer, text: str) -> list:
     for name in ("tokenize", "encode"):
         fn = getattr(tokenizer, name, None)
@@ -439,7 +614,7 @@ def _decode(tokenizer, ids: list) -> str:
 
 
 def speculative_demo(model, tokenizer, prompt: str, k: int, max_new_tokens: int, *,
-                     vocab_limit: Optional[int] = None) -> dict:
+                     vocab_limit: Optional[int] = None, options: Optional[DecodeOptions] = None) -> dict:
     """Decode `prompt` greedily and with k drafts; check they agree; report speed and acceptance.
 
     Returns dict(text, tokens_per_step, identical_to_greedy, per_position_acceptance, per_head_acceptance,
@@ -450,7 +625,8 @@ def speculative_demo(model, tokenizer, prompt: str, k: int, max_new_tokens: int,
         vocab_limit = getattr(tokenizer, "vocab_size", None)
     length = len(ids) + max_new_tokens
     greedy = SpeculativeDecoder(model, k=0, max_length=length, vocab_limit=vocab_limit).generate([ids], max_new_tokens)
-    spec = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit).generate([ids], max_new_tokens)
+    spec = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit,
+                              options=options).generate([ids], max_new_tokens)
     return {
         "prompt": prompt,
         "text": _decode(tokenizer, spec.tokens[0]),

@@ -48,6 +48,7 @@ class AttendState:
     kv: Optional[KVCache] = None
     positions: Optional[Tensor] = None
     mask: Optional[Tensor] = None
+    annotate: bool = False  # a record_function("attention") region per call, for the profiler (profile.py)
 
     def set_positions(self, positions: Tensor, max_len: int) -> None:
         self.positions = positions
@@ -76,6 +77,10 @@ class CachedCoreAttention(torch.nn.Module):
                                  attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("cached decoding supports neither attention_bias nor packed sequences")
+        with torch.profiler.record_function("attention") if st.annotate else contextlib.nullcontext():
+            return self._attend(st, query, key, value)
+
+    def _attend(self, st: AttendState, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
         s, b, heads, dim = query.shape
         kv = st.kv
         groups = kv.k.shape[1]
