@@ -29,6 +29,9 @@ class MoEConfig:
     aux_loss_coeff: float = doc("Load-balancing loss coefficient.", 1e-2)
     expert_bias: bool = doc("Aux-loss-free balancing with a learned-free expert bias (needs sigmoid).", False)
     token_dispatcher: str = doc("alltoall or allgather (alltoall is the one to use with EP > 1).", "alltoall")
+    experts_backend: str = doc("auto (torch grouped GEMM on the torch-native path, i.e. when TE is absent; "
+                               "megatron's experts with TE), grouped, or sequential (megatron's SequentialMLP "
+                               "loop). Same parameters and checkpoint keys either way.", "auto")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mtpd_megatron.config.schema import Config
+from mtpd_megatron.model.grouped_experts import resolve_experts_backend
 from mtpd_megatron.model.specs import build_specs, resolve_backend
 
 
@@ -106,7 +107,9 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    block_spec, mtp_spec = build_specs(tcfg, backend, vp_stage=vp_stage)
+    grouped = bool(cfg.model.moe.num_experts) and resolve_experts_backend(
+        cfg.model.moe.experts_backend, backend) == "grouped"
+    block_spec, mtp_spec = build_specs(tcfg, backend, vp_stage=vp_stage, grouped_experts=grouped)
     gpt_logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
     previous = gpt_logger.level
     gpt_logger.setLevel(logging.ERROR)  # the deprecation warning is answered in docs/design.md
