@@ -17,7 +17,8 @@ Paths: on CUDA with bf16 activations, `torch.nn.functional.grouped_mm` (torch >=
 before), the cuBLAS/CUTLASS grouped kernel on Hopper. Everywhere else (CPU, fp32) a loop of per-expert matmuls
 on the same stacked weights: the numerics reference (torch 2.13's CPU grouped_mm has a forward but its
 backward fails) and what the CPU tests exercise. The math is megatron's MLP exactly: fc1 -> SwiGLU
-(`silu(x_glu) * x_linear`) -> times the router prob in the activation's dtype -> fc2, no biases.
+(`silu(x_glu) * x_linear`) -> times the router prob in the activation's dtype -> fc2, no biases; with
+`bias_activation_fusion` (model.compile_layers) megatron's own fused `weighted_bias_swiglu_impl`, as MLP does.
 Configurations this module does not cover (expert TP > 1, biases, non-gated activations, FP8/FP4, probs
 applied on the input, clamped/offset GLU) fall back to SequentialMLP's own forward.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.transformer.moe.experts import SequentialMLP
 
 try:  # torch >= 2.10
@@ -67,7 +69,6 @@ class GroupedGemmExperts(SequentialMLP):
             and c.activation_func is F.silu
             and not c.add_bias_linear
             and not getattr(c, "use_te_activation_func", False)
-            and not c.bias_activation_fusion
             and not (c.fp8 or getattr(c, "fp4", None))
             and not c.moe_apply_probs_on_input
             and getattr(c, "activation_func_clamp_value", None) is None
@@ -88,9 +89,13 @@ class GroupedGemmExperts(SequentialMLP):
         w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2F, H]
         w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F]
         h = grouped_linear(x, w1, counts, offsets, use_gmm)
-        x_glu, x_linear = torch.chunk(h, 2, dim=-1)
-        h = self.config.activation_func(x_glu) * x_linear
-        h = (h * permuted_probs.unsqueeze(-1)).to(h.dtype)  # as MLP.forward: scale in the activation's dtype
+        if self.config.bias_activation_fusion:  # model.compile_layers: megatron's fused weighted SwiGLU, as MLP
+            h = weighted_bias_swiglu_impl(h, None, permuted_probs.unsqueeze(-1),
+                                          self.config.activation_func_fp8_input_store)
+        else:
+            x_glu, x_linear = torch.chunk(h, 2, dim=-1)
+            h = self.config.activation_func(x_glu) * x_linear
+            h = (h * permuted_probs.unsqueeze(-1)).to(h.dtype)  # as MLP.forward: scale in the activation's dtype
         return grouped_linear(h, w2, counts, offsets, use_gmm), None
 
     def reference_forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
