@@ -56,6 +56,8 @@ def test_dense_arms_profile_and_head_switches(tmp_path):
     assert runs["mtp"]["losses"][0] == pytest.approx(runs["mtpd"]["losses"][0], abs=1e-6)  # same model, same batch
     _same_losses(runs, "fused_output_layer", 1e-5)  # share_teacher_logits: tests/test_fused_head.py
     _same_losses(runs, "fused_adam", 1e-5)
+    assert runs["mtpd+fused_adam=off"]["same_run_as"] == "mtpd"  # off is the default: not run twice
+    assert "same_run_as" not in runs["mtpd+fused_adam=on"]
     profile = Path(runs["mtpd"]["profile"])
     assert profile.is_file() and "Self CPU" in profile.read_text()
     assert result["data"].startswith("synthetic")
@@ -71,6 +73,7 @@ def test_moe_layers_override_and_grouped_gemm_switch(tmp_path):
     assert check is not None and not check["grouped_mm"]  # CPU: the loop fallback
     assert check["max_abs_diff"] <= 1e-6 * max(1.0, check["max_abs_ref"])
     assert runs["mtpd+grouped_gemm=off"]["grouped_check"] is None  # SequentialMLP: nothing to check
+    assert runs["mtpd+grouped_gemm=on"]["same_run_as"] == "mtpd"  # auto = grouped without TE
     assert result["layers"] == 2
 
 

@@ -5,7 +5,7 @@ torch.compile itself is not exercised here: on 2 CPU cores inductor takes tens o
 `torch._dynamo.config.disable` the compiled callables run their Python bodies eagerly, so what is checked is
 the switch's code path (megatron's `bias_swiglu_impl` / `weighted_bias_swiglu_impl` with their hand-written
 backward instead of MLP's plain SwiGLU, inside SequentialMLP and GroupedGemmExperts alike, and the norms
-wrapped by `Module.compile`); the compiled kernels' numerics are measured on the GPU by tools/bench_train.py
+routed through one compiled `F.rms_norm`); the compiled kernels' numerics are measured on the GPU by tools/bench_train.py
 (`--compare compile_layers` reports each run's losses). training.fused_adam is checked end to end through the
 real trainer in tests/test_bench_train.py.
 """
@@ -26,7 +26,7 @@ def _grads(cfg) -> dict:
     tokens, position_ids, labels = _batch()
     loss = model(tokens, position_ids, None, labels=labels)
     loss.mean().backward()
-    compiled = sum(1 for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None)
+    compiled = sum(1 for m in model.modules() if getattr(m, "_mtpd_compiled", False))
     return {"loss": loss.detach(), "compiled": compiled, "fusion": model.config.bias_activation_fusion,
             "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
 

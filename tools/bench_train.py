@@ -31,7 +31,10 @@ Reported per run (printed, and in <out>/bench.json):
   mfu           tflops / device peak (H200 / H100 bf16 dense: 989 TFLOP/s; null on CPU);
   peak_gib      torch.cuda.max_memory_allocated over the run (null on CPU);
   losses        the main loss of every step (same seed and data: runs of one --compare must agree).
-`--compare a,b` runs the MTP-D arm once more per switch with it on and once with it off (SWITCHES below).
+`--compare a,b` runs the MTP-D arm with each switch on and with it off (SWITCHES below); a run whose
+effective configuration equals one already measured (the off run of a switch that is off by default is the
+MTP-D baseline itself) is not repeated: its entry is a copy with `same_run_as` naming the measured run.
+bench.json is rewritten after every run, so a run cut short by a timeout keeps what was measured.
 `--profile ARM` profiles one extra step of that arm with torch.profiler and writes the key-averages table
 (top kernels by device time) to <out>/profile_<ARM>.txt. For MoE configs with grouped experts,
 `grouped_check` holds the max abs difference of one MoE layer's experts between torch grouped_mm and
@@ -155,11 +158,26 @@ def base_config(args, data_tok: Path, data_prefix: Path, extra: list):
 def runs_to_do(args) -> list[tuple[str, str, list]]:
     """(name, arm, overrides) for every run, arms first (the baselines), then each switch off/on."""
     runs = [(arm, arm, ARM_OVERRIDES[arm]) for arm in args.arms]
+    if args.compare and "mtpd" not in args.arms:
+        runs.append(("mtpd", "mtpd", ARM_OVERRIDES["mtpd"]))
     for switch in args.compare:
         on, off = SWITCHES[switch]
         runs.append((f"mtpd+{switch}=off", "mtpd", [off]))
         runs.append((f"mtpd+{switch}=on", "mtpd", [on]))
     return runs
+
+
+def effective(cfg):
+    """The config as it runs: model.moe.experts_backend resolved (auto -> grouped/sequential), so that a
+    --compare run identical to the MTP-D baseline is recognised and not run twice."""
+    from dataclasses import replace
+
+    from mtpd_megatron.model.grouped_experts import resolve_experts_backend
+    from mtpd_megatron.model.specs import resolve_backend
+
+    moe = cfg.model.moe
+    resolved = resolve_experts_backend(moe.experts_backend, resolve_backend(cfg.model.attention_backend))
+    return replace(cfg, model=replace(cfg.model, moe=replace(moe, experts_backend=resolved)))
 
 
 def _sync(device):
@@ -205,6 +223,7 @@ def run_one(name: str, arm: str, cfg, tokenizer, device, args, out: Path) -> dic
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    start_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
     trainer = Trainer(cfg, tokenizer, device, resume="none")
     try:
         times, losses = [], []
@@ -231,7 +250,7 @@ def run_one(name: str, arm: str, cfg, tokenizer, device, args, out: Path) -> dic
             "name": name, "arm": arm, "step_ms": 1e3 * step_s, "step_ms_each": [1e3 * t for t in times],
             "tokens_per_s": tps, "tflops": tflops, "mfu": tflops / peak if peak else None,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "flops_per_token": fpt, "losses": losses, "profile": profile_file, "grouped_check": check,
+            "allocated_at_start_gib": start_gib, "flops_per_token": fpt, "losses": losses, "profile": profile_file, "grouped_check": check,
             "num_layers": cfg.model.num_layers, "mtp_heads": cfg.mtp.num_heads,
             "mtpd": bool(cfg.mtp.num_heads and cfg.mtp.mtpd.enabled),
         }
@@ -288,17 +307,7 @@ def main(argv=None) -> int:
         tok_path, prefix = write_synthetic_data(tmp, vocab, needed, probe.training.seed)
         tokenizer = load_tokenizer(tok_path)
         out.mkdir(parents=True, exist_ok=True)
-        results = []
-        for name, arm, extra in runs_to_do(args):
-            cfg = base_config(args, tok_path, prefix, [*ARM_OVERRIDES[arm], *extra])
-            launch.set_seed(cfg.training.seed)
-            res = run_one(name, arm, cfg, tokenizer, device, args, out)
-            results.append(res)
-            print(f"{name:34s} step {res['step_ms']:9.1f} ms  {res['tokens_per_s']:10.4g} tok/s  "
-                  f"{res['tflops']:8.4g} TFLOP/s  MFU {_fmt(res['mfu'], '.1%')}  peak {_fmt(res['peak_gib'], '.1f')} GiB  "
-                  f"loss[0] {res['losses'][0]:.5f}", flush=True)
-            if res["grouped_check"]:
-                print(f"{'':34s} grouped experts vs SequentialMLP: {res['grouped_check']}", flush=True)
+        results, done = [], {}  # done: effective config -> name of the run that measured it
         summary = {
             "config": args.config, "layers": probe.model.num_layers, "seq_length": probe.data.seq_length,
             "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size,
@@ -306,6 +315,24 @@ def main(argv=None) -> int:
             if device.type == "cuda" else "cpu", "torch": torch.__version__, "commit": _commit(),
             "data": "synthetic uniform random tokens", "overrides": args.overrides, "runs": results,
         }
+        for name, arm, extra in runs_to_do(args):
+            cfg = base_config(args, tok_path, prefix, [*ARM_OVERRIDES[arm], *extra])
+            key = repr(effective(cfg))
+            if key in done:  # e.g. a switch's off run when off is the default: the baseline already measured it
+                twin = next(r for r in results if r["name"] == done[key])
+                results.append(dict(twin, name=name, same_run_as=twin["name"]))
+                print(f"{name:34s} = {twin['name']} (same configuration)", flush=True)
+                continue
+            launch.set_seed(cfg.training.seed)
+            res = run_one(name, arm, cfg, tokenizer, device, args, out)
+            done[key] = name
+            results.append(res)
+            (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")  # kept if a later run dies
+            print(f"{name:34s} step {res['step_ms']:9.1f} ms  {res['tokens_per_s']:10.4g} tok/s  "
+                  f"{res['tflops']:8.4g} TFLOP/s  MFU {_fmt(res['mfu'], '.1%')}  peak {_fmt(res['peak_gib'], '.1f')} GiB  "
+                  f"loss[0] {res['losses'][0]:.5f}", flush=True)
+            if res["grouped_check"]:
+                print(f"{'':34s} grouped experts vs SequentialMLP: {res['grouped_check']}", flush=True)
         base = {r["arm"]: r for r in results if r["name"] == r["arm"]}
         if "nomtp" in base:
             for r in results:

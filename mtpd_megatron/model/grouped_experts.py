@@ -81,11 +81,12 @@ class GroupedGemmExperts(SequentialMLP):
         x = permuted_local_hidden_states
         if not self._supported(x):
             return super().forward(x, tokens_per_expert, permuted_probs)
-        counts = tokens_per_expert.tolist()
         use_gmm = grouped_mm_available(x.device, x.dtype) and not self.force_loop
-        offsets = None
-        if use_gmm:
+        offsets = counts = None
+        if use_gmm:  # no host sync: the kernel reads the group ends on the device
             offsets = torch.cumsum(tokens_per_expert.to(device=x.device, dtype=torch.int32), dim=0, dtype=torch.int32)
+        else:
+            counts = tokens_per_expert.tolist()
         w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2F, H]
         w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F]
         h = grouped_linear(x, w1, counts, offsets, use_gmm)
