@@ -31,7 +31,8 @@ Reported per run (printed, and in <out>/bench.json):
   mfu           tflops / device peak (H200 / H100 bf16 dense: 989 TFLOP/s; null on CPU);
   peak_gib      torch.cuda.max_memory_allocated over the run (null on CPU);
   losses        the main loss of every step (same seed and data: runs of one --compare must agree).
-`--compare a,b` runs the MTP-D arm with each switch on and with it off (SWITCHES below); a run whose
+`--compare a,b,a+b` runs the MTP-D arm with each switch (or each +-joined group of switches together) on
+and off (SWITCHES below); a run whose
 effective configuration equals one already measured (the off run of a switch that is off by default is the
 MTP-D baseline itself) is not repeated: its entry is a copy with `same_run_as` naming the measured run.
 bench.json is rewritten after every run, so a run cut short by a timeout keeps what was measured.
@@ -87,9 +88,11 @@ def parse_args(argv=None):
     for arm in args.arms:
         if arm not in ARMS:
             ap.error(f"--arms: unknown arm {arm!r} (choose from {', '.join(ARMS)})")
-    for switch in args.compare:
-        if switch not in SWITCHES:
-            ap.error(f"--compare: unknown switch {switch!r} (choose from {', '.join(SWITCHES)})")
+    for item in args.compare:
+        for switch in item.split("+"):
+            if switch not in SWITCHES:
+                ap.error(f"--compare: unknown switch {switch!r} (choose from {', '.join(SWITCHES)}; "
+                         "join several with + to switch them together)")
     if args.profile is not None and args.profile not in ARMS:
         ap.error(f"--profile: unknown arm {args.profile!r} (choose from {', '.join(ARMS)})")
     if args.steps < 1 or args.warmup < 0:
@@ -160,10 +163,10 @@ def runs_to_do(args) -> list[tuple[str, str, list]]:
     runs = [(arm, arm, ARM_OVERRIDES[arm]) for arm in args.arms]
     if args.compare and "mtpd" not in args.arms:
         runs.append(("mtpd", "mtpd", ARM_OVERRIDES["mtpd"]))
-    for switch in args.compare:
-        on, off = SWITCHES[switch]
-        runs.append((f"mtpd+{switch}=off", "mtpd", [off]))
-        runs.append((f"mtpd+{switch}=on", "mtpd", [on]))
+    for item in args.compare:  # "a+b": a and b switched together
+        names = item.split("+")
+        runs.append((f"mtpd+{item}=off", "mtpd", [SWITCHES[n][1] for n in names]))
+        runs.append((f"mtpd+{item}=on", "mtpd", [SWITCHES[n][0] for n in names]))
     return runs
 
 
