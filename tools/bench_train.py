@@ -180,6 +180,8 @@ def effective(cfg):
 
     moe = cfg.model.moe
     resolved = resolve_experts_backend(moe.experts_backend, resolve_backend(cfg.model.attention_backend))
+    if not moe.num_experts:  # a dense model has no experts to choose for
+        resolved = "none"
     return replace(cfg, model=replace(cfg.model, moe=replace(moe, experts_backend=resolved)))
 
 
