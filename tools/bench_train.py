@@ -15,6 +15,8 @@ tokenizer.json of the model's vocabulary) into a temporary directory, read throu
 pipeline. Throughput does not depend on the token values except through MoE routing: random tokens route
 roughly uniformly (real text routes less evenly, so an MoE run on text can be slower).
 
+Weights are drawn on the GPU (model.init_on_device=true, megatron's own default; `--init cpu` for the
+trainer's host initialisation, ~10 s per billion parameters): every run builds a fresh model.
 Parallelism: one process (torchrun is not needed); `parallel.*` is reset to world size 1 (EP 1, TP 1) unless
 given as overrides. `--layers N` overrides model.num_layers (and cuts a list model.moe.layer_freq to N).
 
@@ -81,6 +83,9 @@ def parse_args(argv=None):
     ap.add_argument("--compare", default="", help=f"comma list of switches: {', '.join(SWITCHES)}")
     ap.add_argument("--profile", default=None, help="profile one step of this arm")
     ap.add_argument("--device", default="auto", help="auto, cuda or cpu")
+    ap.add_argument("--init", default="device", choices=("device", "cpu"),
+                    help="where the initial weights are drawn (model.init_on_device): device = on the GPU "
+                         "(seconds for billions of parameters; default), cpu = the trainer's default host init")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (after the flags)")
     args = ap.parse_args(argv)
     args.arms = [a for a in args.arms.split(",") if a]
@@ -145,6 +150,7 @@ def base_config(args, data_tok: Path, data_prefix: Path, extra: list):
         f"training.train_iters={args.warmup + args.steps + 2}", "training.lr_warmup_iters=1",
         "training.eval_interval=0",
         f"training.device={args.device}", "checkpoint.save=null", "checkpoint.load=null",
+        f"model.init_on_device={'false' if args.init == 'cpu' else 'true'}",
         "logging.progress_bar=off", "logging.log_interval=1000000", "logging.tensorboard_dir=null",
         "logging.wandb_project=null",
     ]

@@ -54,6 +54,9 @@ class ModelConfig:
     compile_layers: bool = doc("Fused elementwise kernels without TE: megatron's torch.compile'd SwiGLU "
                                "(bias_activation_fusion) and torch.compile'd RMSNorm modules "
                                "(tools/bench_train.py --compare compile_layers measures it).", False)
+    init_on_device: bool = doc("Draw the initial weights on the GPU (megatron's default; fast for billions of "
+                               "parameters) instead of on the host (the default here: the same weights for every "
+                               "TP/EP layout). Ignored without a GPU.", False)
     moe: MoEConfig = doc("Mixture-of-experts settings.", factory=MoEConfig)
 
 

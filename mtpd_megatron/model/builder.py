@@ -30,8 +30,13 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32, use_cpu_init: bool = True) -> TransformerConfig:
-    """Translate our Config into megatron-core's TransformerConfig."""
+def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32,
+                       use_cpu_init: Optional[bool] = None) -> TransformerConfig:
+    """Translate our Config into megatron-core's TransformerConfig. `use_cpu_init` None: CPU initialisation
+    (full matrices drawn on the host, identical weights whatever the TP layout) unless
+    `model.init_on_device` and a GPU is visible (megatron's default: each rank draws its shards on the GPU)."""
+    if use_cpu_init is None:
+        use_cpu_init = not (cfg.model.init_on_device and torch.cuda.is_available())
     m, p, moe = cfg.model, cfg.parallel, cfg.model.moe
     bf16 = params_dtype == torch.bfloat16
     kwargs = dict(
