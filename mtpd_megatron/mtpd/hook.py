@@ -31,6 +31,11 @@ Two ablation switches change where the KL's gradient goes (docs/design.md, "Wher
     A forward hook on megatron's MTP block runs the block a second time on the detached decoder output with
     detached embeddings; the KL is computed on that pass (and with the output weight detached), the CE on
     megatron's own pass. Costs one more forward/backward of the heads.
+
+Two cost switches dispatch into mtpd/fused_head.py (same loss and gradients): `fused_output_layer` computes a
+head's output layer + loss chunk by chunk with the gradients formed in the forward (no [tokens, V] logits of
+a head kept for backward); `share_teacher_logits` computes the main logits once for the teacher and megatron's
+main loss (the heads' losses then ride on those logits instead of the hidden states).
 """
 
 from __future__ import annotations
