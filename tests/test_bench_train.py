@@ -36,6 +36,10 @@ def _same_losses(runs: dict, switch: str, atol: float) -> None:
     off, on = runs[f"mtpd+{switch}=off"]["losses"], runs[f"mtpd+{switch}=on"]["losses"]
     assert len(off) == len(on) == 2
     assert on == pytest.approx(off, abs=atol), switch
+    heads_off, heads_on = runs[f"mtpd+{switch}=off"]["heads"], runs[f"mtpd+{switch}=on"]["heads"]
+    assert heads_off and set(heads_on) == set(heads_off)
+    for key, value in heads_off.items():
+        assert heads_on[key] == pytest.approx(value, abs=1e-4), (switch, key)
 
 
 def test_dense_arms_profile_and_head_switches(tmp_path):

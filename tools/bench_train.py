@@ -32,7 +32,9 @@ Reported per run (printed, and in <out>/bench.json):
                 the same formula for every switch (a switch that skips work shows up as more TFLOP/s);
   mfu           tflops / device peak (H200 / H100 bf16 dense: 989 TFLOP/s; null on CPU);
   peak_gib      torch.cuda.max_memory_allocated over the run (null on CPU);
-  losses        the main loss of every step (same seed and data: runs of one --compare must agree).
+  losses        the main loss of every step (same seed and data: runs of one --compare must agree; from the
+                second step on they carry the previous steps' gradients, heads' included);
+  heads         the MTP-D hook's per-head CE, KL and acceptance over the run's steps (exact switches: equal).
 `--compare a,b,a+b` runs the MTP-D arm with each switch (or each +-joined group of switches together) on
 and off (SWITCHES below); a run whose
 effective configuration equals one already measured (the off run of a switch that is off by default is the
@@ -246,6 +248,7 @@ def run_one(name: str, arm: str, cfg, tokenizer, device, args, out: Path) -> dic
             if step >= args.warmup:
                 times.append(time.perf_counter() - start)
             losses.append(result.loss)
+        heads = trainer._head_metrics()  # per-head CE / KL / acceptance over the run's steps (the hook's sums)
         profile_file = None
         if args.profile == arm and name == arm:
             profile_file = str(out / f"profile_{arm}.txt")
@@ -261,7 +264,7 @@ def run_one(name: str, arm: str, cfg, tokenizer, device, args, out: Path) -> dic
             "name": name, "arm": arm, "step_ms": 1e3 * step_s, "step_ms_each": [1e3 * t for t in times],
             "tokens_per_s": tps, "tflops": tflops, "mfu": tflops / peak if peak else None,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "allocated_at_start_gib": start_gib, "flops_per_token": fpt, "losses": losses, "profile": profile_file, "grouped_check": check,
+            "allocated_at_start_gib": start_gib, "flops_per_token": fpt, "losses": losses, "heads": heads, "profile": profile_file, "grouped_check": check,
             "num_layers": cfg.model.num_layers, "mtp_heads": cfg.mtp.num_heads,
             "mtpd": bool(cfg.mtp.num_heads and cfg.mtp.mtpd.enabled),
         }
