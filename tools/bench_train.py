@@ -285,9 +285,17 @@ def profile_step(trainer, device, path: str) -> None:
     with profile(activities=activities, record_shapes=False) as prof:
         trainer.train_step()
         _sync(device)
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=80)
-    Path(path).write_text(f"# one train_step, key averages sorted by {sort}\n{table}\n")
+    averages = prof.key_averages()
+    sections = []
+    sorts = ("self_device_time_total", "device_time_total") if device.type == "cuda" else ("self_cpu_time_total",)
+    for sort in sorts:  # kernels by their own time first, then operators including their children
+        try:
+            table = averages.table(sort_by=sort, row_limit=40, max_name_column_width=80)
+        except (AttributeError, KeyError):  # older torch names the device columns cuda_*
+            sort = sort.replace("device", "cuda")
+            table = averages.table(sort_by=sort, row_limit=40, max_name_column_width=80)
+        sections.append(f"# one train_step, key averages sorted by {sort}\n{table}\n")
+    Path(path).write_text("\n".join(sections))
 
 
 def _fmt(x, spec):
