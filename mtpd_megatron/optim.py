@@ -40,7 +40,30 @@ def optimizer_config(cfg: Config, params_dtype: torch.dtype) -> OptimizerConfig:
 def build_optimizer(cfg: Config, model_chunks: list, params_dtype: torch.dtype) -> MegatronOptimizer:
     """AdamW over the DDP-wrapped model chunks (a ChainedOptimizer when there are expert parameters)."""
     with cpu_compat.optimizer_scope():
-        return get_megatron_optimizer(optimizer_config(cfg, params_dtype), model_chunks)
+        optimizer = get_megatron_optimizer(optimizer_config(cfg, params_dtype), model_chunks)
+    if cfg.training.fused_adam:
+        use_fused_adamw(optimizer)
+    return optimizer
+
+
+def use_fused_adamw(optimizer: MegatronOptimizer) -> int:
+    """Switch the torch AdamW inside megatron's optimizer(s) to torch's fused kernel; returns how many.
+
+    Without TE/apex megatron builds `torch.optim.AdamW` with torch's default (foreach) implementation
+    (megatron/core/optimizer/__init__.py); `fused` is read per param group at every step, so flipping it
+    after construction selects `torch._fused_adamw_` with the same state (exp_avg, exp_avg_sq, step) and the
+    same update rule. TE's/apex's FusedAdam (when megatron found one) is left alone."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    switched = 0
+    for opt in inner:
+        torch_opt = getattr(opt, "optimizer", None)
+        if not isinstance(torch_opt, torch.optim.AdamW):
+            continue
+        for group in torch_opt.param_groups:
+            group["fused"], group["foreach"] = True, False
+        torch_opt.defaults["fused"], torch_opt.defaults["foreach"] = True, False
+        switched += 1
+    return switched
 
 
 def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:

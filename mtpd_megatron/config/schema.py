@@ -29,6 +29,9 @@ class MoEConfig:
     aux_loss_coeff: float = doc("Load-balancing loss coefficient.", 1e-2)
     expert_bias: bool = doc("Aux-loss-free balancing with a learned-free expert bias (needs sigmoid).", False)
     token_dispatcher: str = doc("alltoall or allgather (alltoall is the one to use with EP > 1).", "alltoall")
+    experts_backend: str = doc("auto (torch grouped GEMM on the torch-native path, i.e. when TE is absent; "
+                               "megatron's experts with TE), grouped, or sequential (megatron's SequentialMLP "
+                               "loop). Same parameters and checkpoint keys either way.", "auto")
 
 
 @dataclass
@@ -48,6 +51,12 @@ class ModelConfig:
     tie_embeddings: bool = doc("Share the input embedding and the output layer.", False)
     init_method_std: float = doc("Std of the normal weight init.", 0.02)
     attention_backend: str = doc("auto (TE if importable, else torch SDPA), sdpa, te or local.", "auto")
+    compile_layers: bool = doc("Fused elementwise kernels without TE: megatron's torch.compile'd SwiGLU "
+                               "(bias_activation_fusion) and torch.compile'd RMSNorm modules "
+                               "(tools/bench_train.py --compare compile_layers measures it).", False)
+    init_on_device: bool = doc("Draw the initial weights on the GPU (megatron's default; fast for billions of "
+                               "parameters) instead of on the host (the default here: the same weights for every "
+                               "TP/EP layout). Ignored without a GPU.", False)
     moe: MoEConfig = doc("Mixture-of-experts settings.", factory=MoEConfig)
 
 
@@ -79,6 +88,12 @@ class MTPDConfig:
     kl_to_trunk: bool = doc("The KL's gradient reaches the shared trunk (decoder, embeddings, output layer) "
                             "through the heads. false = it trains the heads only (CE still flows); costs "
                             "a second forward/backward of the heads.", True)
+    fused_output_layer: bool = doc("Each head's output layer + CE + TopN KL chunk by chunk over tokens with "
+                                   "the gradients computed in the forward (mtpd/fused_head.py): no [tokens, V] "
+                                   "logits of a head are kept for backward.", False)
+    share_teacher_logits: bool = doc("Compute the main head's logits once: the teacher is their detached copy "
+                                     "and megatron's main loss reuses them (instead of a second output layer "
+                                     "pass).", False)
 
 
 @dataclass
@@ -115,6 +130,8 @@ class TrainingConfig:
     adam_beta1: float = doc("AdamW beta1.", 0.9)
     adam_beta2: float = doc("AdamW beta2.", 0.95)
     adam_eps: float = doc("AdamW epsilon.", 1e-8)
+    fused_adam: bool = doc("torch's fused AdamW kernel (fused=True) where megatron falls back to torch's "
+                           "foreach AdamW (no TE/apex); same update, fewer kernel launches.", False)
     clip_grad: float = doc("Global gradient-norm clip; 0 disables.", 1.0)
     precision: str = doc("auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", "auto")
     seed: int = doc("Seed for weights, data order and dropout.", 1234)

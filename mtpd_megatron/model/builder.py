@@ -9,6 +9,7 @@ See docs/design.md.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional
 
@@ -19,6 +20,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mtpd_megatron.config.schema import Config
+from mtpd_megatron.model.grouped_experts import resolve_experts_backend
 from mtpd_megatron.model.specs import build_specs, resolve_backend
 
 
@@ -28,8 +30,13 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32, use_cpu_init: bool = True) -> TransformerConfig:
-    """Translate our Config into megatron-core's TransformerConfig."""
+def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32,
+                       use_cpu_init: Optional[bool] = None) -> TransformerConfig:
+    """Translate our Config into megatron-core's TransformerConfig. `use_cpu_init` None: CPU initialisation
+    (full matrices drawn on the host, identical weights whatever the TP layout) unless
+    `model.init_on_device` and a GPU is visible (megatron's default: each rank draws its shards on the GPU)."""
+    if use_cpu_init is None:
+        use_cpu_init = not (cfg.model.init_on_device and torch.cuda.is_available())
     m, p, moe = cfg.model, cfg.parallel, cfg.model.moe
     bf16 = params_dtype == torch.bfloat16
     kwargs = dict(
@@ -49,7 +56,7 @@ def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_method_std,
-        bias_activation_fusion=False,
+        bias_activation_fusion=m.compile_layers,  # megatron's torch.compile'd SwiGLU (fused_bias_swiglu.py)
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=False,
@@ -106,7 +113,9 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    block_spec, mtp_spec = build_specs(tcfg, backend, vp_stage=vp_stage)
+    grouped = bool(cfg.model.moe.num_experts) and resolve_experts_backend(
+        cfg.model.moe.experts_backend, backend) == "grouped"
+    block_spec, mtp_spec = build_specs(tcfg, backend, vp_stage=vp_stage, grouped_experts=grouped)
     gpt_logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
     previous = gpt_logger.level
     gpt_logger.setLevel(logging.ERROR)  # the deprecation warning is answered in docs/design.md
@@ -128,4 +137,29 @@ def build_model(
         )
     finally:
         gpt_logger.setLevel(previous)
+    if cfg.model.compile_layers:
+        compile_norms(model)
     return model
+
+
+def compile_norms(model: torch.nn.Module) -> int:
+    """Route every torch RMSNorm's forward through one shared torch.compile'd `F.rms_norm` (a fused kernel
+    per norm without TE); returns how many. One compiled function for all norms rather than
+    `Module.compile()` per module: dynamo guards on the module instance, so 100+ norms would exceed its
+    recompile limit and fall back to eager. Parameters, state_dict keys and the math are unchanged."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.RMSNorm) and not getattr(module, "_mtpd_compiled", False):
+            module.forward = functools.partial(_compiled_rms_norm_forward, module)
+            module._mtpd_compiled = True
+            count += 1
+    return count
+
+
+@functools.cache
+def _compiled_rms_norm():
+    return torch.compile(torch.nn.functional.rms_norm, dynamic=None)
+
+
+def _compiled_rms_norm_forward(module: torch.nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
+    return _compiled_rms_norm()(x, module.normalized_shape, module.weight, module.eps)

@@ -31,6 +31,11 @@ Two ablation switches change where the KL's gradient goes (docs/design.md, "Wher
     A forward hook on megatron's MTP block runs the block a second time on the detached decoder output with
     detached embeddings; the KL is computed on that pass (and with the output weight detached), the CE on
     megatron's own pass. Costs one more forward/backward of the heads.
+
+Two cost switches dispatch into mtpd/fused_head.py (same loss and gradients): `fused_output_layer` computes a
+head's output layer + loss chunk by chunk with the gradients formed in the forward (no [tokens, V] logits of
+a head kept for backward); `share_teacher_logits` computes the main logits once for the teacher and megatron's
+main loss (the heads' losses then ride on those logits instead of the hidden states).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from megatron.core.models.gpt import gpt_model as _gpt_model
 from megatron.core.transformer import multi_token_prediction as _mtp
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, roll_tensor
 
+from mtpd_megatron.mtpd import fused_head
 from mtpd_megatron.mtpd.collectives import global_argmax, tp_size
 from mtpd_megatron.mtpd.kl import DistillSpec, TeacherStats, head_loss, teacher_stats, vocab_shard
 from mtpd_megatron.mtpd.metrics import MTPDMetrics
@@ -84,6 +90,8 @@ class MTPDSettings:
     trained: tuple  # per head: False = frozen (looped extension): no loss, metrics only
     detach_teacher: bool = True
     guard: Optional[GuardedPass] = None  # set when the KL must not reach the trunk (kl_to_trunk=False)
+    fused_output_layer: bool = False  # mtpd/fused_head.py: heads' output layer + loss over token chunks
+    share_teacher_logits: bool = False  # mtpd/fused_head.py: main logits computed once, teacher = their alias
 
     @classmethod
     def from_config(cls, mtp_cfg, trained: Optional[tuple] = None) -> "MTPDSettings":
@@ -101,7 +109,9 @@ class MTPDSettings:
                            objective=d.objective, lk_lambda=d.lk_lambda)
         guard = GuardedPass() if d.enabled and not d.kl_to_trunk and not mtp_cfg.detach_heads else None
         return cls(spec=spec, alphas=per_head(d.alpha, "alpha"), betas=betas, trained=trained or (True,) * n,
-                   detach_teacher=d.detach_teacher or not d.enabled, guard=guard)
+                   detach_teacher=d.detach_teacher or not d.enabled, guard=guard,
+                   fused_output_layer=getattr(d, "fused_output_layer", False),
+                   share_teacher_logits=getattr(d, "share_teacher_logits", False))
 
 
 def install() -> None:
@@ -167,7 +177,13 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
         out, _ = output_layer(h, weight=weight, runtime_gather_output=False)
         return scale_logits_fn(out) if scale_logits_fn is not None else out
 
-    if settings.detach_teacher:
+    carrier = hidden_states  # what the heads' losses ride on (the main logits when they are shared)
+    share = (settings.share_teacher_logits and settings.detach_teacher and scale_logits_fn is None
+             and not runtime_gather_output)
+    if share:  # fused_head.py: the main logits once; the teacher is their detached alias
+        carrier = fused_head.main_logits(output_layer, chunks[0], output_weight)
+        teacher = carrier.detach()
+    elif settings.detach_teacher:
         with torch.no_grad():  # the teacher: main head, gradient-detached (no "seesaw" pull on the main head)
             teacher = logits_of(chunks[0].detach(), None if output_weight is None else output_weight.detach())
     else:  # seesaw ablation: the KL's gradient reaches the main head through the teacher's logits
@@ -207,16 +223,26 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
         if n <= 0:
             break
         head = k - 1
+        fused = (settings.fused_output_layer and settings.trained[head] and guarded is None and lookahead is None
+                 and scale_logits_fn is None and settings.detach_teacher)
         with contextlib.nullcontext() if settings.trained[head] else torch.no_grad():
-            logits = logits_of(chunks[k], output_weight)
-        student = logits[:rows].reshape(n, v_local)
+            logits = None if fused else logits_of(chunks[k], output_weight)
+        student = None if fused else logits[:rows].reshape(n, v_local)
         lab = mtp_labels.t()[:rows].reshape(n)
         mask = loss_mask.t()[:rows].reshape(n).to(torch.float64 if teacher.dtype == torch.float64 else torch.float32)
         if settings.trained[head]:
             common = dict(spec=spec, vocab_size=vocab_size, vocab_start=vocab_start, group=tp_group,
                           inplace_grad=True, teacher_grad=not settings.detach_teacher, **aligned)
             alpha, beta = settings.alphas[head], settings.betas[head]
-            if guarded is None:
+            if fused:  # no [tokens, V] logits kept: the weighted loss sum rides on the carrier
+                factor = (scale * (original_num_tokens / num_tokens.clamp(min=1)) if config.calculate_per_token_loss
+                          else scale / num_tokens.clamp(min=1))
+                weighted, out = fused_head.head_loss_from_hidden(
+                    chunks[k], output_layer, output_weight, rows=rows, labels=lab, row_weights=mask * factor,
+                    alpha=alpha, beta=beta, spec=spec, vocab_size=vocab_size, vocab_start=vocab_start,
+                    group=tp_group, teacher=aligned["teacher"], stats=aligned["stats"])
+                carrier = MTPLossAutoScaler.apply(carrier, weighted)
+            elif guarded is None:
                 out = head_loss(student, labels=lab, alpha=alpha, beta=beta, **common)
                 loss = out.loss
             else:  # CE on megatron's pass (reaches the trunk), KL on the guarded pass (heads only)
@@ -225,14 +251,15 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
                 kl_out = head_loss(kl_student, labels=lab, alpha=0.0, beta=beta, **common)
                 loss = out.loss + kl_out.loss
                 out = out._replace(kl=kl_out.kl)
-            mtp_loss = (loss * mask).view(rows, batch)
-            if config.calculate_per_token_loss:  # as megatron: renormalise to the unrolled token count
-                mtp_loss = scale * mtp_loss * (original_num_tokens / num_tokens.clamp(min=1))
-            elif cp == 1:
-                mtp_loss = scale * mtp_loss / num_tokens.clamp(min=1)
-            else:  # the sequence's mean over CP ranks; DDP averages gradients over DP x CP, hence x CP
-                mtp_loss = (scale * cp) * mtp_loss / num_tokens.clamp(min=1)
-            hidden_states = MTPLossAutoScaler.apply(hidden_states, mtp_loss)
+            if not fused:
+                mtp_loss = (loss * mask).view(rows, batch)
+                if config.calculate_per_token_loss:  # as megatron: renormalise to the unrolled token count
+                    mtp_loss = scale * mtp_loss * (original_num_tokens / num_tokens.clamp(min=1))
+                elif cp == 1:
+                    mtp_loss = scale * mtp_loss / num_tokens.clamp(min=1)
+                else:  # the sequence's mean over CP ranks; DDP averages gradients over DP x CP, hence x CP
+                    mtp_loss = (scale * cp) * mtp_loss / num_tokens.clamp(min=1)
+                carrier = MTPLossAutoScaler.apply(carrier, mtp_loss)
             ce, kl, draft = out.ce, out.kl, out.student_argmax
         else:  # frozen head: its forward feeds the cascade; only its acceptance is measured
             draft = global_argmax(student, vocab_start, tp_group)
@@ -251,7 +278,10 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
             accept_base=(chain[:n].double() * valid).sum(),
         )
         chain = accepted
-    return hidden_states
+    if share:  # megatron's main output layer call on hidden_states returns the carrier (fused_head.py)
+        fused_head.SharedMainLogits.of(output_layer).put(hidden_states, fused_head.for_main_loss(carrier))
+        return hidden_states
+    return carrier
 
 
 def _sum_over(value: torch.Tensor, group) -> torch.Tensor:

@@ -1,0 +1,92 @@
+"""tools/bench_train.py end to end on CPU: the real trainer for 2 timed steps of the tiny presets.
+
+Checks the JSON it writes (every run's fields, the baselines in the same run), the profile table, the
+grouped-experts numerics check, and that each --compare switch leaves the training losses unchanged
+(same seed, same synthetic data: on and off must agree; fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIELDS = ("step_ms", "tokens_per_s", "tflops", "mfu", "peak_gib", "flops_per_token", "losses")
+
+
+def _bench(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py"), "--out", str(out),
+                           "--steps", "2", "--warmup", "0", "--device", "cpu", *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote" in proc.stdout
+    return json.loads((out / "bench.json").read_text()) | {"_out": str(out), "_stdout": proc.stdout}
+
+
+def _by_name(result: dict) -> dict:
+    return {r["name"]: r for r in result["runs"]}
+
+
+def _same_losses(runs: dict, switch: str, atol: float) -> None:
+    off, on = runs[f"mtpd+{switch}=off"]["losses"], runs[f"mtpd+{switch}=on"]["losses"]
+    assert len(off) == len(on) == 2
+    assert on == pytest.approx(off, abs=atol), switch
+    heads_off, heads_on = runs[f"mtpd+{switch}=off"]["heads"], runs[f"mtpd+{switch}=on"]["heads"]
+    assert heads_off and set(heads_on) == set(heads_off)
+    for key, value in heads_off.items():
+        assert heads_on[key] == pytest.approx(value, abs=1e-4), (switch, key)
+
+
+def test_dense_arms_profile_and_head_switches(tmp_path):
+    result = _bench(tmp_path, "--config", "configs/tiny_dense.yaml", "--profile", "mtpd",
+                    "--compare", "fused_output_layer,fused_adam", "training.global_batch_size=4")
+    runs = _by_name(result)
+    assert list(runs)[:3] == ["nomtp", "mtp", "mtpd"]
+    for run in runs.values():
+        for field in FIELDS:
+            assert field in run
+        assert run["step_ms"] > 0 and run["tokens_per_s"] > 0 and run["tflops"] > 0
+        assert run["mfu"] is None and run["peak_gib"] is None  # CPU: no peak, no CUDA allocator
+        assert "step_time_vs_nomtp" in run
+    assert runs["nomtp"]["mtp_heads"] == 0 and not runs["nomtp"]["mtpd"]
+    assert runs["mtp"]["mtp_heads"] > 0 and not runs["mtp"]["mtpd"] and runs["mtpd"]["mtpd"]
+    # the heads' and the teacher's FLOPs are counted
+    assert runs["nomtp"]["flops_per_token"] < runs["mtp"]["flops_per_token"] < runs["mtpd"]["flops_per_token"]
+    assert runs["mtp"]["losses"][0] == pytest.approx(runs["mtpd"]["losses"][0], abs=1e-6)  # same model, same batch
+    _same_losses(runs, "fused_output_layer", 1e-5)  # share_teacher_logits: tests/test_fused_head.py
+    _same_losses(runs, "fused_adam", 1e-5)
+    assert runs["mtpd+fused_adam=off"]["same_run_as"] == "mtpd"  # off is the default: not run twice
+    assert "same_run_as" not in runs["mtpd+fused_adam=on"]
+    profile = Path(runs["mtpd"]["profile"])
+    assert profile.is_file() and "Self CPU" in profile.read_text()
+    assert result["data"].startswith("synthetic")
+
+
+def test_moe_layers_override_and_grouped_gemm_switch(tmp_path):
+    result = _bench(tmp_path, "--config", "configs/tiny_moe.yaml", "--layers", "2", "--arms", "mtpd",
+                    "--compare", "grouped_gemm", "training.global_batch_size=4")
+    runs = _by_name(result)
+    assert set(runs) == {"mtpd", "mtpd+grouped_gemm=off", "mtpd+grouped_gemm=on"}
+    _same_losses(runs, "grouped_gemm", 1e-5)
+    check = runs["mtpd+grouped_gemm=on"]["grouped_check"]
+    assert check is not None and not check["grouped_mm"]  # CPU: the loop fallback
+    assert check["max_abs_diff"] <= 1e-6 * max(1.0, check["max_abs_ref"])
+    assert runs["mtpd+grouped_gemm=off"]["grouped_check"] is None  # SequentialMLP: nothing to check
+    assert runs["mtpd+grouped_gemm=on"]["same_run_as"] == "mtpd"  # auto = grouped without TE
+    assert result["layers"] == 2
+
+
+def test_bad_flags_are_one_line_errors(tmp_path):
+    for args, needle in ((["--config", "configs/tiny_dense.yaml", "--compare", "warp_drive"], "--compare"),
+                         (["--config", "configs/tiny_dense.yaml", "--arms", "mtp,xyz"], "--arms"),
+                         (["--config", "configs/nope.yaml"], "--config")):
+        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py"), "--out", str(tmp_path / "x"),
+                               *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert proc.returncode == 2
+        assert f"bench_train.py: error: {needle}" in proc.stderr
+        assert not (tmp_path / "x").exists()
