@@ -53,7 +53,7 @@ from mtpd_megatron.mtpd import hook as mtpd_hook
 from mtpd_megatron.mtpd.metrics import FIELDS as MTPD_FIELDS
 from mtpd_megatron.mtpd.metrics import summarize as summarize_mtpd
 from mtpd_megatron.optim import build_optimizer, build_scheduler, current_lr, optimizer_step
-from mtpd_megatron.parallel import context, cpu_compat
+from mtpd_megatron.parallel import context
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
@@ -185,8 +185,7 @@ class Trainer:
 
     def _build_model(self) -> DistributedDataParallel:
         cfg = self.cfg
-        with cpu_compat.optimizer_scope():  # PP: language_module.py:307 moves the shared embedding with .cuda()
-            model = build_model(cfg, self.padded_vocab, params_dtype=self.dtype)
+        model = build_model(cfg, self.padded_vocab, params_dtype=self.dtype)
         if cfg.mtp.num_heads:  # MTP-D, or plain MTP (beta = 0) with the same per-head metrics
             mtpd_hook.attach(model.config, cfg.mtp, trained=self.trained_heads, mtp_block=getattr(model, "mtp", None))
         if self.prepare_model is not None:
@@ -255,20 +254,15 @@ class Trainer:
         dist.all_reduce(vec)
         return vec[0].item(), bool(vec[1].item() > 0), bool(vec[2].item() > 0)
 
-    def _schedule_scope(self):
-        # schedules.py:749 allocates its token counter with device="cuda"; on CPU map it (cpu_compat).
-        return cpu_compat.optimizer_scope()
-
     def train_step(self) -> StepResult:
         t = self.cfg.training
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        with self._schedule_scope():
-            outputs = self.forward_backward(
-                forward_step_func=self._forward_step, data_iterator=self.train_iter, model=self.model,
-                num_microbatches=self.num_micro, seq_length=self.cfg.data.seq_length,
-                micro_batch_size=t.micro_batch_size, forward_only=False)
+        outputs = self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=self.train_iter, model=self.model,
+            num_microbatches=self.num_micro, seq_length=self.cfg.data.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_only=False)
         loss, nonfinite, stop = self._agree(outputs, check_grads=True)
         if nonfinite:  # skip the update: the grads of this step are dropped
             for chunk in self.model:
@@ -362,7 +356,7 @@ class Trainer:
         for chunk in self.model:
             chunk.eval()
         try:
-            with torch.no_grad(), self._schedule_scope():
+            with torch.no_grad():
                 outputs = self.forward_backward(
                     forward_step_func=self._forward_step, data_iterator=iter(loader), model=self.model,
                     num_microbatches=t.eval_iters, seq_length=self.cfg.data.seq_length,

@@ -34,9 +34,6 @@ def _hook_case(seq, cu, mtpd, detach, frozen=False, cp_rank=None):
     import torch.distributed as dist
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from mtpd_megatron.parallel import cpu_compat
-
-    cpu_compat.enable()
     torch.manual_seed(0)
     heads = 3
     alphas, betas = [1.0, 0.5, 0.8], [1.0, 2.0, 0.3]
@@ -116,9 +113,8 @@ def _attention_case():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from mtpd_megatron.model.sdpa_attention import SDPAttention
-    from mtpd_megatron.parallel import context, cpu_compat
+    from mtpd_megatron.parallel import context
 
-    cpu_compat.enable()
     ps.initialize_model_parallel(context_parallel_size=CP)
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                                context_parallel_size=CP, attention_dropout=0.0, use_cpu_initialization=True)

@@ -98,9 +98,6 @@ def _make_checkpoints(root: str, vocab: int, tokenizer: str) -> dict:
     from mtpd_megatron.config import config_from_dict
     from mtpd_megatron.convert.from_hf import checkpoint_meta, save_model_checkpoint
     from mtpd_megatron.model.builder import build_model, padded_vocab_size
-    from mtpd_megatron.parallel import cpu_compat
-
-    cpu_compat.enable()
     out = {}
     tokens = torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(3))
     for name, raw in (("dense", DENSE), ("moe", MOE)):
@@ -177,9 +174,6 @@ def _reload(root: str, tokens) -> dict:
     from mtpd_megatron.config import config_from_dict
     from mtpd_megatron.convert.from_hf import checkpoint_meta, save_model_checkpoint
     from mtpd_megatron.model.builder import build_model
-    from mtpd_megatron.parallel import cpu_compat
-
-    cpu_compat.enable()
     r = Path(root)
     out = {}
     pp2 = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2}
@@ -194,10 +188,7 @@ def _reload(root: str, tokens) -> dict:
                                      expert_model_parallel_size=p.expert_model_parallel_size,
                                      expert_tensor_parallel_size=p.expert_tensor_parallel_size)
         model_parallel_cuda_manual_seed(1)
-        # optimizer_scope maps Tensor.cuda() to CPU: with PP and MTP the last stage's embedding copy is synced
-        # through language_module.py:307 `weight.data.cuda()`, which cpu_compat does not patch otherwise.
-        with cpu_compat.optimizer_scope():
-            model = build_model(cfg, vocab_size=meta["padded_vocab_size"])
+        model = build_model(cfg, vocab_size=meta["padded_vocab_size"])
         sd = {"model": model.sharded_state_dict(metadata=sharded_metadata())}
         model.load_state_dict(dist_checkpointing.load(sd, str(ckpt))["model"], strict=True)
         if name == "moe":

@@ -53,9 +53,6 @@ def _cyclic(generator, b, s):
 @pytest.fixture(scope="module")
 def world():
     """gloo world of one + megatron groups at TP=1, torn down after this module."""
-    from mtpd_megatron.parallel import cpu_compat
-
-    cpu_compat.enable()
     from megatron.core import parallel_state
 
     threads = torch.get_num_threads()
@@ -158,9 +155,6 @@ def test_vocab_limit_masks_padding_rows():
 
 def _tp2_worker(prompts, tokens):
     """At TP=2 (and then DP=2): argmax over shards with cross-shard ties, teacher-forced counts, decoding."""
-    from mtpd_megatron.parallel import cpu_compat
-
-    cpu_compat.enable()
     from megatron.core import parallel_state
 
     from mtpd_megatron.inference import evaluate_acceptance, generate, vocab_parallel_argmax

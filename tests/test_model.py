@@ -196,7 +196,6 @@ def _attention_pair() -> dict:
 
 def _rank_main_world1() -> dict:
     """Single process: parameter counts, attention equivalence, the TP=1 reference runs, vocab padding."""
-    cpu_compat.enable()
     from mtpd_megatron.config.params import padded_vocab
     from mtpd_megatron.model.builder import padded_vocab_size
 
@@ -209,7 +208,6 @@ def _rank_main_world1() -> dict:
 
 
 def _rank_main_world2() -> dict:
-    cpu_compat.enable()
     return {name: _train_step(tiny(preset, extra)) for name, (preset, extra) in LAYOUTS.items()}
 
 

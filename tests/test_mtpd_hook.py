@@ -127,9 +127,6 @@ def _model_metrics(tp: int, sp: bool, moe: bool, ep: int = 1, dispatcher: str = 
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mtpd_megatron.model.builder import build_model
-    from mtpd_megatron.parallel import cpu_compat
-
-    cpu_compat.enable()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
                                  expert_tensor_parallel_size=1 if moe else None)
     model_parallel_cuda_manual_seed(7)
@@ -181,9 +178,6 @@ def _trunk_and_head_grads(beta: float, kl_to_trunk: bool, detach_heads: bool = F
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mtpd_megatron.model.builder import build_model
-    from mtpd_megatron.parallel import cpu_compat
-
-    cpu_compat.enable()
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
     model_parallel_cuda_manual_seed(7)
     torch.manual_seed(7)

@@ -58,7 +58,6 @@ from mtpd_megatron.checkpoint.layout import CheckpointError
 from mtpd_megatron.checkpoint.optimizer_state import load_optimizer_state, prime_adam_state
 from mtpd_megatron.config.load import config_to_dict
 from mtpd_megatron.config.schema import Config
-from mtpd_megatron.parallel import cpu_compat
 from mtpd_megatron.parallel.cpu_compat import installed_megatron_version
 
 FORMAT_VERSION = 1
@@ -423,8 +422,7 @@ class CheckpointManager:
             raise NotImplementedError("virtual pipeline stages (several model chunks) are not supported yet")
         md = sharded_metadata()
         model_sd = unwrap_model(model[0]).sharded_state_dict(metadata=md)  # GPTModel keys, as Megatron-LM
-        with cpu_compat.optimizer_scope():  # the optimizer gathers its state with device='cuda' literals
-            optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=md)
+        optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=md)
         sd = {
             "model": model_sd,
             "optimizer": optimizer_sd,

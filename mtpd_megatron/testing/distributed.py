@@ -35,6 +35,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
         LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(1)
+    if not torch.cuda.is_available():  # the CPU layer, entered once for this process (cpu_compat.py)
+        from mtpd_megatron.parallel import cpu_compat
+
+        cpu_compat.enable()
     result: dict[str, Any]
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
