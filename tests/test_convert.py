@@ -96,7 +96,8 @@ def _make_checkpoints(root: str, vocab: int, tokenizer: str) -> dict:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mtpd_megatron.config import config_from_dict
-    from mtpd_megatron.convert.from_hf import checkpoint_meta, save_model_checkpoint
+    from mtpd_megatron.checkpoint.metadata import build_meta
+    from mtpd_megatron.checkpoint.weights import save_model_weights
     from mtpd_megatron.model.builder import build_model, padded_vocab_size
     out = {}
     tokens = torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(3))
@@ -113,8 +114,8 @@ def _make_checkpoints(root: str, vocab: int, tokenizer: str) -> dict:
         _perturb(model)
         model.eval()
         main, mtp = _megatron_logits(model, tokens)
-        meta = checkpoint_meta(cfg, iteration=5, vocab_size=vocab, padded_vocab_size=padded, stage="test")
-        save_model_checkpoint(model, Path(root) / f"ck_{name}", meta)
+        meta = build_meta(cfg, iteration=5, vocab_size=vocab, padded_vocab_size=padded, stage="test")
+        save_model_weights(model, Path(root) / f"ck_{name}", meta)
         out[name] = {"main": main, "mtp": mtp}
         ps.destroy_model_parallel()
     out["tokens"] = tokens
@@ -172,7 +173,8 @@ def _reload(root: str, tokens) -> dict:
     from mtpd_megatron.checkpoint import layout
     from mtpd_megatron.checkpoint.manager import sharded_metadata
     from mtpd_megatron.config import config_from_dict
-    from mtpd_megatron.convert.from_hf import checkpoint_meta, save_model_checkpoint
+    from mtpd_megatron.checkpoint.metadata import build_meta
+    from mtpd_megatron.checkpoint.weights import save_model_weights
     from mtpd_megatron.model.builder import build_model
     r = Path(root)
     out = {}
@@ -195,7 +197,7 @@ def _reload(root: str, tokens) -> dict:
             model.eval()
             out["moe"] = _megatron_logits(model, tokens)[0]
         else:
-            save_model_checkpoint(model, r / "ck_dense_pp2", checkpoint_meta(
+            save_model_weights(model, r / "ck_dense_pp2", build_meta(
                 cfg, iteration=1, vocab_size=meta["vocab_size"], padded_vocab_size=meta["padded_vocab_size"],
                 stage="test"))
         ps.destroy_model_parallel()
@@ -382,7 +384,7 @@ def test_import_loads_at_other_layouts(built, tmp_path):
 def test_checkpoint_metadata_matches_manager(built):
     """The imported checkpoint passes the CheckpointManager's own verification and compatibility check."""
     from mtpd_megatron.checkpoint import layout
-    from mtpd_megatron.checkpoint.manager import check_compatible
+    from mtpd_megatron.checkpoint.metadata import check_compatible
     from mtpd_megatron.config import config_from_dict
 
     ckpt = built["root"] / "rt_ck_moe" / "iter_0000000"

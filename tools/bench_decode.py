@@ -144,7 +144,7 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from mtpd_megatron.checkpoint.layout import write_atomic
+    from mtpd_megatron.checkpoint.atomic import write_atomic
     from mtpd_megatron.inference.acceptance import num_heads
 
     dtype = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]

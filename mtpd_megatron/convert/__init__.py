@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -35,23 +33,13 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
 
     On any exception (or Ctrl-C) the temporary directory is removed, so no partial output is ever left.
     """
+    from mtpd_megatron.checkpoint.atomic import atomic_dir
+
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise ConvertError(f"--out {out} already exists (remove it or pass --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # --overwrite: the old one is moved aside, then deleted after the rename
         yield tmp
-        if out.exists():  # --overwrite: move the old one out of the way first, delete it after the rename
-            old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager
