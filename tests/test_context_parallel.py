@@ -49,7 +49,8 @@ def _hook_case(seq, cu, mtpd, detach, frozen=False, cp_rank=None):
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t)
     cfg = _fake_config(heads, alphas, betas, detach_teacher=detach, **mtpd)
     if frozen:  # looped extension: head 1 frozen (no loss, acceptance still measured)
-        cfg.mtpd_settings = dataclasses.replace(cfg.mtpd_settings, trained=(False, True, True))
+        entry = hook.attached(cfg)
+        entry.settings = dataclasses.replace(entry.settings, trained=(False, True, True))
         alphas, betas = [0.0] + alphas[1:], [0.0] + betas[1:]
 
     def output_layer(h, weight=None, runtime_gather_output=None):
@@ -66,7 +67,7 @@ def _hook_case(seq, cu, mtpd, detach, frozen=False, cp_rank=None):
                                      cp_group=group, packed_seq_params=params)
     (out * 0).sum().backward()
     got = hidden.grad.view(1 + heads, len(idx), H) / cp  # the hook scales by CP (DDP averages over DP x CP)
-    sums = hook.metrics(cfg).raw(group)
+    sums = hook.attached(cfg).metrics.raw(group)
 
     # the reference objective on the whole sequence, by autograd
     ref_hidden = full.clone().requires_grad_(True)
@@ -204,7 +205,7 @@ def _run_trainer(cfg_dict: dict, resume: str, steps: int, save_after: int = 0) -
     trainer = Trainer(cfg, load_tokenizer(cfg.data.tokenizer), torch.device("cpu"), resume=resume)
     module = trainer.model[0].module
     dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    finalize, grads = trainer.config.finalize_model_grads_func, []
+    finalize, grads = trainer.megatron_config.finalize_model_grads_func, []
 
     def capture(*args, **kwargs):  # before DDP's reduction: sum over DP x CP / its size = the reduced gradient
         if not grads:
@@ -215,7 +216,7 @@ def _run_trainer(cfg_dict: dict, resume: str, steps: int, save_after: int = 0) -
             grads.append(local)
         return finalize(*args, **kwargs)
 
-    trainer.config.finalize_model_grads_func = capture
+    trainer.megatron_config.finalize_model_grads_func = capture
     trainer.train_iter = _uneven_loss_mask(trainer.train_iter)
     losses, metrics = [], None
     for step in range(steps):

@@ -232,10 +232,12 @@ def test_teacher_forced_equals_training_time_metric(trained_model):
     definition, label-aligned loss mask included) gives the same a_k and tau."""
     from mtpd_megatron.inference import evaluate_acceptance
     from mtpd_megatron.mtpd import hook
+    from mtpd_megatron.mtpd.metrics import MTPDMetrics
 
-    model = _build(seed=7)  # a separate model object: attaching the hook changes its config
+    model = _build(seed=7)  # a separate model object: attaching the hook changes its loss
     model.load_state_dict(trained_model.state_dict())
-    hook.attach(model.config, _config().mtp)
+    mtp_cfg = _config().mtp
+    hook.attach(model.config, hook.MTPDSettings.from_config(mtp_cfg), MTPDMetrics(mtp_cfg.num_heads))
     g = torch.Generator().manual_seed(2)
     x = _cyclic(g, 4, 33)
     tokens, labels = x[:, :-1], x[:, 1:]
@@ -243,7 +245,7 @@ def test_teacher_forced_equals_training_time_metric(trained_model):
     mask[1, 5:9] = 0
     with torch.no_grad():
         model(tokens, torch.arange(32).expand_as(tokens), None, labels=labels, loss_mask=mask)
-    training = hook.metrics(model.config).summary()
+    training = hook.attached(model.config).metrics.summary()
     ours = evaluate_acceptance(model, [{"tokens": tokens, "loss_mask": mask}])
     assert 0.3 < ours["car"][-1] < 1.0
     for k in range(1, HEADS + 1):

@@ -65,8 +65,8 @@ def gather_kl(logits, teacher, labels, group, args):
     total.backward()
 
 
-def mtpd(logits, teacher, labels, group, args, direction="forward", mode="renorm"):
-    spec = DistillSpec(topn=args.topn, direction=direction, mode=mode)
+def mtpd(logits, teacher, labels, group, args, direction="forward", mode="renorm", compile=True):
+    spec = DistillSpec(topn=args.topn, direction=direction, mode=mode, compile=compile)
     start, _ = vocab_shard(args.vocab, group)
     stats = teacher_stats(teacher, spec, args.vocab, start, group)
     flat = labels.reshape(-1)
@@ -122,12 +122,11 @@ def main():
         "megatron_ce": megatron_ce,
         "gather_kl": gather_kl,
         "mtpd": mtpd,
-        "mtpd_eager": mtpd,
+        "mtpd_eager": lambda *a: mtpd(*a, compile=False),
         "mtpd_reverse_tail": lambda *a: mtpd(*a, direction="reverse", mode="tail"),
     }
     results = {}
     for name in args.methods.split(","):
-        os.environ["MTPD_COMPILE"] = "0" if name.endswith("_eager") else "1"
         times, peaks = [], []
         for it in range(args.warmup + args.iters):
             logits = [p.clone().requires_grad_(True) for p in pristine]
@@ -148,7 +147,6 @@ def main():
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        os.environ["MTPD_COMPILE"] = "1"
         logits = [p.clone().requires_grad_(True) for p in pristine]
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             mtpd(logits, teacher, labels, group, args)

@@ -79,6 +79,10 @@ class MTPDConfig:
     kl_to_trunk: bool = doc("The KL's gradient reaches the shared trunk (decoder, embeddings, output layer) "
                             "through the heads. false = it trains the heads only (CE still flows); costs "
                             "a second forward/backward of the heads.", True)
+    compile: bool = doc("torch.compile the MTP-D loss's chunk kernels on CUDA (false = eager, for debugging or "
+                        "timing); CPU runs are always eager.", True)
+    chunk_elems: Optional[int] = doc("Logits per chunk of the MTP-D loss (memory vs. launches); null = by device "
+                                     "(256M compiled on CUDA, 32M eager).", None)
 
 
 @dataclass
