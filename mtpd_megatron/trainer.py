@@ -474,7 +474,9 @@ class Trainer:
         if self.rank == 0:
             import sys
 
-            print(f"error: {line}", file=sys.stderr, flush=True)
+            from mtpd_megatron.cli import TRAIN_PROG, error_line
+
+            print(error_line(TRAIN_PROG, line), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Publish any background save (collective) and close the log sinks."""

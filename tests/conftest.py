@@ -1,7 +1,7 @@
 """Test-suite set-up shared by the test files: the CPU layer, and the `--record-golden` option.
 
 The pytest process is one of the entry points that enter the CPU compatibility layer (cpu_compat.py), once,
-when no GPU is visible; spawned ranks enter it in the harness (tests/distributed.py) and trainer processes
+when no GPU is visible; spawned ranks enter it in the harness (tests/distributed_harness.py) and trainer processes
 in `launch.init_distributed`.
 """
 

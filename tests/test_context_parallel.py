@@ -11,7 +11,7 @@ import torch
 
 from mtpd_megatron.config import config_from_dict
 from mtpd_megatron.mtpd import hook
-from mtpd_megatron.testing.distributed import run_distributed
+from distributed_harness import run_distributed
 from test_mtpd_hook import MTPD, V, H, _fake_config, _reference_objective
 
 CP = 2

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mtpd_megatron.testing.distributed import free_port, run_distributed
+from distributed_harness import free_port, run_distributed
 
 V = 128  # vocabulary (already a multiple of 128: no padding)
 HEADS = 4

@@ -15,7 +15,7 @@ import torch
 from mtpd_megatron.config import load_config
 from mtpd_megatron.config.params import count_parameters
 from mtpd_megatron.parallel import cpu_compat
-from mtpd_megatron.testing.distributed import run_distributed
+from distributed_harness import run_distributed
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 VOCAB = 1000  # tokenizer size; padded to 1024 at TP 1 and 2

@@ -10,7 +10,7 @@ from mtpd_megatron.config import config_from_dict
 from mtpd_megatron.mtpd import hook
 from mtpd_megatron.mtpd.metrics import MTPDMetrics
 from mtpd_megatron.mtpd.reference import reference_head_loss
-from mtpd_megatron.testing.distributed import run_distributed
+from distributed_harness import run_distributed
 
 V, H = 40, 6
 MTPD = dict(topn=9, direction="forward", mode="renorm", temperature=1.0)

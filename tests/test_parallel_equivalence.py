@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from mtpd_megatron.testing.distributed import run_distributed
+from distributed_harness import run_distributed
 from train_helpers import make_data, tiny_config
 
 STEPS = 3

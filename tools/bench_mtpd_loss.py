@@ -13,7 +13,6 @@ Time is the median of CUDA-event timings; memory is the peak allocated above the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -23,12 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mtpd_megatron  # noqa: F401  (import shims)
+from mtpd_megatron.cli import cli_parser
 from mtpd_megatron.mtpd.kl import DistillSpec, head_loss, teacher_stats, vocab_shard
 from mtpd_megatron.mtpd.reference import reference_head_loss
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli_parser("bench_mtpd_loss.py", __doc__.splitlines()[0])
     p.add_argument("--vocab", type=int, default=122_880)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--batch", type=int, default=2)

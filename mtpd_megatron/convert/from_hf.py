@@ -29,7 +29,7 @@ import torch
 
 from mtpd_megatron.config.load import config_from_dict, config_to_dict, load_config
 from mtpd_megatron.config.schema import Config
-from mtpd_megatron.convert import ConvertError, atomic_output_dir, check_finite, cli_parser, megatron_world, run_cli
+from mtpd_megatron.convert import ConvertError, atomic_output_dir, check_finite, cli_parser, megatron_world
 from mtpd_megatron.checkpoint.metadata import HF_IMPORT_STAGE as STAGE
 from mtpd_megatron.checkpoint.metadata import build_meta
 from mtpd_megatron.convert import mapping
@@ -439,4 +439,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(main, argv)
+    from mtpd_megatron.cli import run_cli
+
+    return run_cli("convert_from_hf.py", main, argv)  # ConvertError/ConfigError (ValueError), CheckpointError, OSError

@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Optional, Sequence
 
 from mtpd_megatron.checkpoint.atomic import atomic_files
-from mtpd_megatron.data import DataError, cli_parser, run_cli
+from mtpd_megatron.cli import run_cli
+from mtpd_megatron.data import DataError, cli_parser
 
 DEFAULT_MAX_BYTES = 1_000_000
 DEFAULT_MAX_DOC_BYTES = 32_768
@@ -598,4 +599,5 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of tools/fetch_corpus.py: exit code 0, or 2 with a one-line error."""
-    return run_cli("fetch_corpus.py", _main, argv)
+    # DataError/OSError -> one line; quiet: megatron's import-time TE/Apex notes would bury it
+    return run_cli("fetch_corpus.py", _main, argv, errors=(DataError, OSError), quiet=False)

@@ -24,7 +24,8 @@ from typing import Iterable, Iterator, Optional, Sequence
 import numpy as np
 
 from mtpd_megatron.checkpoint.atomic import atomic_files
-from mtpd_megatron.data import DataError, cli_parser, ensure_megatron_importable, run_cli
+from mtpd_megatron.cli import run_cli
+from mtpd_megatron.data import DataError, cli_parser, ensure_megatron_importable
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron/core/datasets/indexed_dataset.py: _INDEX_HEADER
 _HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
@@ -300,4 +301,5 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of tools/preprocess_data.py: exit code 0, or 2 with a one-line error."""
-    return run_cli("preprocess_data.py", _main, argv)
+    # DataError/OSError -> one line; quiet: megatron's import-time TE/Apex notes would bury it
+    return run_cli("preprocess_data.py", _main, argv, errors=(DataError, OSError), quiet=True)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
 from mtpd_megatron.checkpoint.atomic import atomic_files
-from mtpd_megatron.data import DataError, cli_parser, ensure_megatron_importable, run_cli
+from mtpd_megatron.cli import run_cli
+from mtpd_megatron.data import DataError, cli_parser, ensure_megatron_importable
 
 if TYPE_CHECKING:
     import tokenizers
@@ -367,4 +368,5 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of tools/train_tokenizer.py: exit code 0, or 2 with a one-line error."""
-    return run_cli("train_tokenizer.py", _main, argv)
+    # DataError/OSError -> one line; quiet: megatron's import-time TE/Apex notes would bury it
+    return run_cli("train_tokenizer.py", _main, argv, errors=(DataError, OSError), quiet=True)

@@ -10,7 +10,7 @@ Rules:
 * Switched on once per process by `enable()`, from the entry points only: `launch.init_distributed` (train,
   looped, tools that start a world) when the run's device is the CPU, `convert.megatron_world` (converters),
   and the test harness (tests/conftest.py for the pytest process, the spawned ranks of
-  mtpd_megatron/testing/distributed.py). No other module enters it: megatron's CUDA literals are
+  tests/distributed_harness.py). No other module enters it: megatron's CUDA literals are
   answered here, inside megatron's own functions (`_MAPPED`), not around our call sites.
 * Refuses to run when a GPU is visible (it must never change GPU behaviour) and when the installed
   megatron-core is not the pinned version (each patch is written against that version's lines).
