@@ -1,8 +1,10 @@
-"""Plumbing shared by the command-line tools: every failure a user can fix is one line and exit code 2.
+"""Plumbing shared by every command-line entry point (tools/, `python -m mtpd_megatron.train|config|looped`,
+the converters): every failure a user can fix is one line `prog: error: <message>` and exit code 2.
 
-Usage errors come from `cli_parser` (argparse, one line); errors raised while running (a bad config,
-checkpoint, data file or path) are printed by `run_cli` as `prog: error: <one line>`; Ctrl-C exits with 130
-and no traceback. Kept free of heavy imports so that `--help` stays instant.
+Usage errors come from `cli_parser` (argparse, one line naming the flag); errors raised while running (a bad
+config, checkpoint, data file or path) are printed by `run_cli` (or `report_error` where the entry point
+handles them itself) in the same form; Ctrl-C exits with 130 and no traceback. Kept free of heavy imports
+so that `--help` and usage errors stay instant and print nothing before their line.
 """
 
 from __future__ import annotations
@@ -12,16 +14,43 @@ import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
 
-class _OneLineParser(argparse.ArgumentParser):
+TRAIN_PROG = "mtpd-train"  # python -m mtpd_megatron.train (and the trainer's own error lines)
+
+
+class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage error is a single line (the contract of every CLI here) and exits with 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        self.exit(2, error_line(self.prog, f"{message} (see {self.prog} --help)") + "\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """As argparse, but a flag this parser does not know is named first: argparse would otherwise report
+        the required arguments it misses and never mention the typo the user made."""
+        if self._subparsers is None:  # a parser with subcommands leaves their flags to them
+            for arg in sys.argv[1:] if args is None else args:
+                if arg == "--":
+                    break
+                flag = arg.split("=", 1)[0]
+                if (flag.startswith("-") and len(flag) > 1 and not flag[1].isdigit()
+                        and not any(known.startswith(flag) for known in self._option_string_actions)):
+                    self.error(f"unrecognized arguments: {arg}")
+        return super().parse_known_args(args, namespace)
 
 
 def cli_parser(prog: str, description: Optional[str]) -> argparse.ArgumentParser:
     """An ArgumentParser whose usage errors print one line and exit with code 2."""
-    return _OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return OneLineParser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def error_line(prog: str, message) -> str:
+    """`prog: error: <message on one line>`."""
+    return f"{prog}: error: {' '.join(str(message).split())}"
+
+
+def report_error(prog: str, error, code: int = 2) -> int:
+    """Print `error_line` on stderr; return the exit code (2: the user can fix it)."""
+    print(error_line(prog, error), file=sys.stderr, flush=True)
+    return code
 
 
 def check_device(parser: argparse.ArgumentParser, device: str, flag: str = "--device") -> None:
@@ -57,8 +86,7 @@ def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv: Opt
     try:
         return main(argv)
     except errors as err:
-        print(f"{prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return report_error(prog, err)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

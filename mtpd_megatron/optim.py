@@ -15,7 +15,6 @@ from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_mega
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from mtpd_megatron.config.schema import Config
-from mtpd_megatron.parallel import cpu_compat
 
 _DECAY_STYLE = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
 
@@ -39,8 +38,7 @@ def optimizer_config(cfg: Config, params_dtype: torch.dtype) -> OptimizerConfig:
 
 def build_optimizer(cfg: Config, model_chunks: list, params_dtype: torch.dtype) -> MegatronOptimizer:
     """AdamW over the DDP-wrapped model chunks (a ChainedOptimizer when there are expert parameters)."""
-    with cpu_compat.optimizer_scope():
-        optimizer = get_megatron_optimizer(optimizer_config(cfg, params_dtype), model_chunks)
+    optimizer = get_megatron_optimizer(optimizer_config(cfg, params_dtype), model_chunks)
     if cfg.training.fused_adam:
         use_fused_adamw(optimizer)
     return optimizer
@@ -94,8 +92,7 @@ def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> OptimizerParam
 
 def optimizer_step(optimizer: MegatronOptimizer) -> tuple[bool, float | None]:
     """One update (clip + AdamW); returns (applied, grad norm before clipping)."""
-    with cpu_compat.optimizer_scope():
-        applied, grad_norm, _ = optimizer.step()
+    applied, grad_norm, _ = optimizer.step()
     return bool(applied), (float(grad_norm) if grad_norm is not None else None)
 
 

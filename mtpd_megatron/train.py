@@ -22,20 +22,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import Optional, Sequence
 
+from mtpd_megatron.cli import TRAIN_PROG, cli_parser, report_error
 from mtpd_megatron.config.load import ConfigError, load_config
 
 EXIT_PREEMPTED = 75  # also mtpd_megatron.trainer.EXIT_PREEMPTED
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    p = _Parser(prog="mtpd-train", description=__doc__.split("\n")[0])
+    p = cli_parser(TRAIN_PROG, __doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny_dense.yaml")
     p.add_argument("--resume", default=None, help="auto | none | checkpoint directory (default: checkpoint.resume)")
     p.add_argument("--nproc-per-node", type=int, default=None,
@@ -88,11 +84,11 @@ def _check(cfg, world_size: int):
     return tokenizer, launch.resolve_device(cfg.training.device)
 
 
-def _user_error(error: Exception) -> int:
+def _user_error(error: Exception, prog: str = TRAIN_PROG) -> int:
     from mtpd_megatron.parallel.launch import read_env
 
     if read_env().rank == 0:  # every rank finds the same problem; one of them says it
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        report_error(prog, error)
     return 2
 
 

@@ -51,9 +51,10 @@ from mtpd_megatron.logging_utils import RunLogger, flops_per_token, peak_tflops
 from mtpd_megatron.model.builder import build_model, padded_vocab_size
 from mtpd_megatron.mtpd import hook as mtpd_hook
 from mtpd_megatron.mtpd.metrics import FIELDS as MTPD_FIELDS
+from mtpd_megatron.mtpd.metrics import MTPDMetrics
 from mtpd_megatron.mtpd.metrics import summarize as summarize_mtpd
 from mtpd_megatron.optim import build_optimizer, build_scheduler, current_lr, optimizer_step
-from mtpd_megatron.parallel import context, cpu_compat
+from mtpd_megatron.parallel import context
 
 EXIT_OK = 0
 EXIT_USER_ERROR = 2
@@ -113,7 +114,8 @@ class Trainer:
                  prepare_model: Optional[Callable] = None, trained_heads: Optional[tuple] = None):
         """`prepare_model(gpt_model)` runs on the bare model before DDP wraps it (looped extension: load the
         previous stage, initialise new heads, freeze); `trained_heads` marks heads without a loss (frozen)."""
-        self.cfg, self.device, self.stage = cfg, device, stage
+        # run_config: our typed YAML config (schema.py); megatron_config: megatron's TransformerConfig of the model
+        self.run_config, self.device, self.stage = cfg, device, stage
         self.prepare_model, self.trained_heads = prepare_model, trained_heads
         self.preemption = preemption or Preemption()
         self.rank = dist.get_rank()
@@ -126,6 +128,8 @@ class Trainer:
         self.num_micro = t.global_batch_size // (t.micro_batch_size * self.dp_size)
         self.dtype = params_dtype_for(cfg, device)
         self.log = self._print if self.rank == 0 else (lambda line: None)
+        self.mtpd_settings: Optional[mtpd_hook.MTPDSettings] = None  # set in _build_model when there are MTP heads
+        self.mtpd_metrics: Optional[MTPDMetrics] = None
 
         # 1. Data and vocabulary: user errors surface here, before anything is written.
         self.vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
@@ -148,14 +152,14 @@ class Trainer:
 
         # 3. Model, DDP, optimizer, schedule.
         self.model = [self._build_model()]
-        self.config = self.model[0].config
+        self.megatron_config = self.model[0].config
         self.optimizer = build_optimizer(cfg, self.model, self.dtype)
         self.scheduler = build_scheduler(cfg, self.optimizer)
-        self.config.grad_scale_func = self.optimizer.scale_loss
-        self.config.finalize_model_grads_func = finalize_model_grads
+        self.megatron_config.grad_scale_func = self.optimizer.scale_loss
+        self.megatron_config.finalize_model_grads_func = finalize_model_grads
         if self.model[0].ddp_config.overlap_grad_reduce:
-            self.config.no_sync_func = self.model[0].no_sync
-            self.config.grad_sync_func = self.model[0].start_grad_sync
+            self.megatron_config.no_sync_func = self.model[0].no_sync
+            self.megatron_config.grad_sync_func = self.model[0].start_grad_sync
         self.forward_backward = get_forward_backward_func()
 
         # 4. Resume, then the data position.
@@ -184,11 +188,15 @@ class Trainer:
     # ------------------------------------------------------------------ build
 
     def _build_model(self) -> DistributedDataParallel:
-        cfg = self.cfg
-        with cpu_compat.optimizer_scope():  # PP: language_module.py:307 moves the shared embedding with .cuda()
-            model = build_model(cfg, self.padded_vocab, params_dtype=self.dtype)
+        cfg = self.run_config
+        model = build_model(cfg, self.padded_vocab, params_dtype=self.dtype)
         if cfg.mtp.num_heads:  # MTP-D, or plain MTP (beta = 0) with the same per-head metrics
-            mtpd_hook.attach(model.config, cfg.mtp, trained=self.trained_heads, mtp_block=getattr(model, "mtp", None))
+            # The MTP heads' loss (mtpd/hook.py, in place of megatron's process_mtp_loss): its settings and the
+            # per-head metrics it adds to are built here and handed to the hook.
+            self.mtpd_settings = mtpd_hook.MTPDSettings.from_config(cfg.mtp, trained=self.trained_heads)
+            self.mtpd_metrics = MTPDMetrics(cfg.mtp.num_heads)
+            mtpd_hook.attach(model.config, self.mtpd_settings, self.mtpd_metrics,
+                             mtp_block=getattr(model, "mtp", None))
         if self.prepare_model is not None:
             self.prepare_model(model)
         if self.init_weights_from is not None:
@@ -255,20 +263,15 @@ class Trainer:
         dist.all_reduce(vec)
         return vec[0].item(), bool(vec[1].item() > 0), bool(vec[2].item() > 0)
 
-    def _schedule_scope(self):
-        # schedules.py:749 allocates its token counter with device="cuda"; on CPU map it (cpu_compat).
-        return cpu_compat.optimizer_scope()
-
     def train_step(self) -> StepResult:
-        t = self.cfg.training
+        t = self.run_config.training
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        with self._schedule_scope():
-            outputs = self.forward_backward(
-                forward_step_func=self._forward_step, data_iterator=self.train_iter, model=self.model,
-                num_microbatches=self.num_micro, seq_length=self.cfg.data.seq_length,
-                micro_batch_size=t.micro_batch_size, forward_only=False)
+        outputs = self.forward_backward(
+            forward_step_func=self._forward_step, data_iterator=self.train_iter, model=self.model,
+            num_microbatches=self.num_micro, seq_length=self.run_config.data.seq_length,
+            micro_batch_size=t.micro_batch_size, forward_only=False)
         loss, nonfinite, stop = self._agree(outputs, check_grads=True)
         if nonfinite:  # skip the update: the grads of this step are dropped
             for chunk in self.model:
@@ -290,13 +293,13 @@ class Trainer:
     def _head_metrics(self) -> dict:
         """The MTP-D hook's per-head summary over the data- and context-parallel ranks, delivered to rank 0;
         then reset."""
-        if not self.cfg.mtp.num_heads:
+        if not self.run_config.mtp.num_heads:
             return {}
-        tracker = mtpd_hook.metrics(self.config)
+        tracker = self.mtpd_metrics
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             summary = tracker.summary(group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         else:  # no heads on this stage; same keys, values come from the last stage below
-            summary = summarize_mtpd(torch.zeros(self.cfg.mtp.num_heads, len(MTPD_FIELDS), dtype=torch.float64))
+            summary = summarize_mtpd(torch.zeros(self.run_config.mtp.num_heads, len(MTPD_FIELDS), dtype=torch.float64))
         tracker.reset()
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:  # the heads live on the last stage
             keys = sorted(summary)
@@ -306,7 +309,7 @@ class Trainer:
         return summary
 
     def _moe_metrics(self, steps: int) -> dict:
-        moe = self.cfg.model.moe
+        moe = self.run_config.model.moe
         name = _MOE_LOSS_NAMES.get(moe.load_balancing_type)
         if not moe.num_experts or name is None or moe.aux_loss_coeff <= 0:
             return {}
@@ -315,8 +318,8 @@ class Trainer:
         totals: dict = {}
         get_moe_metrics_tracker().report(
             loss_scale=1.0 / (self.num_micro * max(steps, 1)), iteration=self.state.iteration,
-            force_initialize=True, track_names=[name], num_layers=self.cfg.model.num_layers,
-            moe_layer_freq=moe.layer_freq, mtp_num_layers=self.cfg.mtp.num_heads or None, total_loss_dict=totals)
+            force_initialize=True, track_names=[name], num_layers=self.run_config.model.num_layers,
+            moe_layer_freq=moe.layer_freq, mtp_num_layers=self.run_config.mtp.num_heads or None, total_loss_dict=totals)
         return {f"moe/{k}": float(v) for k, v in totals.items()}
 
     def _log_interval(self, result: StepResult, step_time: float) -> None:
@@ -326,11 +329,11 @@ class Trainer:
         if math.isfinite(result.loss):
             iv["losses"].append(result.loss)
         self.logger.advance()
-        t = self.cfg.training
-        if self.state.iteration % self.cfg.logging.log_interval and self.state.iteration != t.train_iters:
+        t = self.run_config.training
+        if self.state.iteration % self.run_config.logging.log_interval and self.state.iteration != t.train_iters:
             return
         steps, seconds = iv["steps"], max(iv["time"], 1e-9)
-        tokens_per_s = steps * t.global_batch_size * self.cfg.data.seq_length / seconds
+        tokens_per_s = steps * t.global_batch_size * self.run_config.data.seq_length / seconds
         tflops = tokens_per_s * self.flops_per_token / 1e12
         per_gpu = tflops / dist.get_world_size()
         metrics = {
@@ -353,8 +356,8 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Main loss and per-head metrics on the first `eval_iters` validation micro-batches of each DP rank."""
-        t = self.cfg.training
-        tracker = mtpd_hook.metrics(self.config) if self.cfg.mtp.num_heads else None
+        t = self.run_config.training
+        tracker = self.mtpd_metrics
         saved = tracker.raw() if tracker is not None else None  # training sums of the current log interval
         if tracker is not None:
             tracker.reset()
@@ -362,10 +365,10 @@ class Trainer:
         for chunk in self.model:
             chunk.eval()
         try:
-            with torch.no_grad(), self._schedule_scope():
+            with torch.no_grad():
                 outputs = self.forward_backward(
                     forward_step_func=self._forward_step, data_iterator=iter(loader), model=self.model,
-                    num_microbatches=t.eval_iters, seq_length=self.cfg.data.seq_length,
+                    num_microbatches=t.eval_iters, seq_length=self.run_config.data.seq_length,
                     micro_batch_size=t.micro_batch_size, forward_only=True)
         finally:
             for chunk in self.model:
@@ -412,11 +415,11 @@ class Trainer:
             raise
 
     def _fit(self) -> int:
-        t, c = self.cfg.training, self.cfg.checkpoint
+        t, c = self.run_config.training, self.run_config.checkpoint
         self._last_saved = self.state.iteration if self.resume_path is not None else None
         nan_run, last_eval, last = 0, self.state.iteration, None
         if self.state.iteration >= t.train_iters:
-            self.log(f"[{self.cfg.name}] already at iteration {self.state.iteration} >= training.train_iters="
+            self.log(f"[{self.run_config.name}] already at iteration {self.state.iteration} >= training.train_iters="
                      f"{t.train_iters}: nothing to do (raise training.train_iters to train further)")
         while self.state.iteration < t.train_iters:
             start = time.perf_counter()
@@ -438,7 +441,7 @@ class Trainer:
                     where = f"not saving: {blocker} ({self._kept()})"
                 else:
                     where = f"saving at step {self.state.iteration}"
-                self.log(f"[{self.cfg.name}] signal {self.preemption.signal or 'on another rank'}: {where}; exiting "
+                self.log(f"[{self.run_config.name}] signal {self.preemption.signal or 'on another rank'}: {where}; exiting "
                          f"with {EXIT_PREEMPTED} (resume with --resume auto)")
                 if c.save and not blocker:
                     self.save()
@@ -471,7 +474,9 @@ class Trainer:
         if self.rank == 0:
             import sys
 
-            print(f"error: {line}", file=sys.stderr, flush=True)
+            from mtpd_megatron.cli import TRAIN_PROG, error_line
+
+            print(error_line(TRAIN_PROG, line), file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Publish any background save (collective) and close the log sinks."""

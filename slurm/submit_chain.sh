@@ -97,7 +97,7 @@ try:
     n = len(stages_of(cfg))
     print(n, stage_dir(cfg, n - 1))
 except ConfigError as e:
-    sys.exit(f"error: {e}")
+    sys.exit(f"submit_chain.sh: error: {e}")
 ' "$config" "${overrides[@]}"
 ) || true
 [[ -n ${count:-} ]] || mtpd_die "cannot read looped.stages from $config (see above)"

@@ -145,7 +145,7 @@ def test_tp2_checkpoint_resumes_at_tp1(data, tp2_run, tmp_path):
 
 def _one_line_error(rc: int, err: str, *needles: str) -> None:  # exit 2, one line
     lines = err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("mtpd-train: error: "), err
     for needle in needles:
         assert needle in lines[0], lines[0]
 

@@ -78,7 +78,7 @@ def test_bad_config_is_one_line_exit_2_and_writes_nothing(request, bad_results, 
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
+    assert lines[0].startswith("python -m mtpd_megatron.config: error: ")
     assert field in lines[0] and phrase in lines[0], lines[0]
     assert result.stdout == ""
     assert written == []
@@ -112,7 +112,7 @@ def test_machine_checks_can_be_skipped_for_other_nodes(tmp_path):
 def test_bad_override_from_the_command_line(tmp_path):
     result = run_checker([str(CONFIGS / "tiny_dense.yaml"), "model.num_layer=4", "--vocab-size", "1000"], tmp_path)
     assert result.returncode == 2
-    assert result.stderr.splitlines() == ["error: model.num_layer: unknown key (did you mean 'num_layers'?)"]
+    assert result.stderr.splitlines() == ["python -m mtpd_megatron.config: error: model.num_layer: unknown key (did you mean 'num_layers'?)"]
     result = run_checker([str(CONFIGS / "tiny_dense.yaml"), "--world-size", "two"], tmp_path)
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and "--world-size" in result.stderr
 
@@ -330,4 +330,4 @@ def test_help_config_prints_the_schema_docs():
     everything = run_checker(["--help-config"], ROOT)
     assert everything.returncode == 0 and "training.lr (float" in everything.stdout
     bad = run_checker(["--help-config", "mtp.nope"], ROOT)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --help-config mtp.nope: no section 'nope'")
+    assert bad.returncode == 2 and bad.stderr.startswith("python -m mtpd_megatron.config: error: --help-config mtp.nope: no section 'nope'")

@@ -11,7 +11,7 @@ import torch
 
 from mtpd_megatron.config import config_from_dict
 from mtpd_megatron.mtpd import hook
-from mtpd_megatron.testing.distributed import run_distributed
+from distributed_harness import run_distributed
 from test_mtpd_hook import MTPD, V, H, _fake_config, _reference_objective
 
 CP = 2
@@ -34,9 +34,6 @@ def _hook_case(seq, cu, mtpd, detach, frozen=False, cp_rank=None):
     import torch.distributed as dist
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    from mtpd_megatron.parallel import cpu_compat
-
-    cpu_compat.enable()
     torch.manual_seed(0)
     heads = 3
     alphas, betas = [1.0, 0.5, 0.8], [1.0, 2.0, 0.3]
@@ -52,7 +49,8 @@ def _hook_case(seq, cu, mtpd, detach, frozen=False, cp_rank=None):
         params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t)
     cfg = _fake_config(heads, alphas, betas, detach_teacher=detach, **mtpd)
     if frozen:  # looped extension: head 1 frozen (no loss, acceptance still measured)
-        cfg.mtpd_settings = dataclasses.replace(cfg.mtpd_settings, trained=(False, True, True))
+        entry = hook.attached(cfg)
+        entry.settings = dataclasses.replace(entry.settings, trained=(False, True, True))
         alphas, betas = [0.0] + alphas[1:], [0.0] + betas[1:]
 
     def output_layer(h, weight=None, runtime_gather_output=None):
@@ -69,7 +67,7 @@ def _hook_case(seq, cu, mtpd, detach, frozen=False, cp_rank=None):
                                      cp_group=group, packed_seq_params=params)
     (out * 0).sum().backward()
     got = hidden.grad.view(1 + heads, len(idx), H) / cp  # the hook scales by CP (DDP averages over DP x CP)
-    sums = hook.metrics(cfg).raw(group)
+    sums = hook.attached(cfg).metrics.raw(group)
 
     # the reference objective on the whole sequence, by autograd
     ref_hidden = full.clone().requires_grad_(True)
@@ -116,9 +114,8 @@ def _attention_case():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     from mtpd_megatron.model.sdpa_attention import SDPAttention
-    from mtpd_megatron.parallel import context, cpu_compat
+    from mtpd_megatron.parallel import context
 
-    cpu_compat.enable()
     ps.initialize_model_parallel(context_parallel_size=CP)
     config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
                                context_parallel_size=CP, attention_dropout=0.0, use_cpu_initialization=True)
@@ -208,7 +205,7 @@ def _run_trainer(cfg_dict: dict, resume: str, steps: int, save_after: int = 0) -
     trainer = Trainer(cfg, load_tokenizer(cfg.data.tokenizer), torch.device("cpu"), resume=resume)
     module = trainer.model[0].module
     dp_cp = parallel_state.get_data_parallel_group(with_context_parallel=True)
-    finalize, grads = trainer.config.finalize_model_grads_func, []
+    finalize, grads = trainer.megatron_config.finalize_model_grads_func, []
 
     def capture(*args, **kwargs):  # before DDP's reduction: sum over DP x CP / its size = the reduced gradient
         if not grads:
@@ -219,7 +216,7 @@ def _run_trainer(cfg_dict: dict, resume: str, steps: int, save_after: int = 0) -
             grads.append(local)
         return finalize(*args, **kwargs)
 
-    trainer.config.finalize_model_grads_func = capture
+    trainer.megatron_config.finalize_model_grads_func = capture
     trainer.train_iter = _uneven_loss_mask(trainer.train_iter)
     losses, metrics = [], None
     for step in range(steps):

@@ -31,7 +31,7 @@ from mtpd_megatron.data import corpus
 from mtpd_megatron.data.corpus import (Document, Source, build_corpus, fetch_archive, mix_documents, split_document,
                                        write_corpus)
 from mtpd_megatron.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe, train_tokenizer
-from mtpd_megatron.testing.distributed import run_distributed
+from distributed_harness import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mtpd_megatron.parallel import cpu_compat
-from mtpd_megatron.testing.distributed import run_distributed
+from distributed_harness import run_distributed
 
 from test_model import SINGLE, _batch, _build, tiny
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mtpd_megatron.testing.distributed import run_distributed
+from distributed_harness import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtpd_megatron.parallel import cpu_compat
-from mtpd_megatron.testing.distributed import run_distributed
+from distributed_harness import run_distributed
 
 from test_model import SINGLE, _build, _train_step, tiny  # the model tests' seeded tiny builds
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mtpd_megatron.testing.distributed import free_port, run_distributed
+from distributed_harness import free_port, run_distributed
 
 V = 128  # vocabulary (already a multiple of 128: no padding)
 HEADS = 4
@@ -53,9 +53,6 @@ def _cyclic(generator, b, s):
 @pytest.fixture(scope="module")
 def world():
     """gloo world of one + megatron groups at TP=1, torn down after this module."""
-    from mtpd_megatron.parallel import cpu_compat
-
-    cpu_compat.enable()
     from megatron.core import parallel_state
 
     threads = torch.get_num_threads()
@@ -158,9 +155,6 @@ def test_vocab_limit_masks_padding_rows():
 
 def _tp2_worker(prompts, tokens):
     """At TP=2 (and then DP=2): argmax over shards with cross-shard ties, teacher-forced counts, decoding."""
-    from mtpd_megatron.parallel import cpu_compat
-
-    cpu_compat.enable()
     from megatron.core import parallel_state
 
     from mtpd_megatron.inference import evaluate_acceptance, generate, vocab_parallel_argmax
@@ -238,10 +232,12 @@ def test_teacher_forced_equals_training_time_metric(trained_model):
     definition, label-aligned loss mask included) gives the same a_k and tau."""
     from mtpd_megatron.inference import evaluate_acceptance
     from mtpd_megatron.mtpd import hook
+    from mtpd_megatron.mtpd.metrics import MTPDMetrics
 
-    model = _build(seed=7)  # a separate model object: attaching the hook changes its config
+    model = _build(seed=7)  # a separate model object: attaching the hook changes its loss
     model.load_state_dict(trained_model.state_dict())
-    hook.attach(model.config, _config().mtp)
+    mtp_cfg = _config().mtp
+    hook.attach(model.config, hook.MTPDSettings.from_config(mtp_cfg), MTPDMetrics(mtp_cfg.num_heads))
     g = torch.Generator().manual_seed(2)
     x = _cyclic(g, 4, 33)
     tokens, labels = x[:, :-1], x[:, 1:]
@@ -249,7 +245,7 @@ def test_teacher_forced_equals_training_time_metric(trained_model):
     mask[1, 5:9] = 0
     with torch.no_grad():
         model(tokens, torch.arange(32).expand_as(tokens), None, labels=labels, loss_mask=mask)
-    training = hook.metrics(model.config).summary()
+    training = hook.attached(model.config).metrics.summary()
     ours = evaluate_acceptance(model, [{"tokens": tokens, "loss_mask": mask}])
     assert 0.3 < ours["car"][-1] < 1.0
     for k in range(1, HEADS + 1):

@@ -163,5 +163,5 @@ def test_every_stage_is_validated_before_stage_0_trains(tmp_path, data_dir, stag
     path = th.write_config(tmp_path / "looped.yaml", cfg)
     for command in (["run-chain"], ["run-stage", "--stage", "0"]):
         [(rc, out, err)] = th.run([*command, "--config", str(path)], fork=True, module="mtpd_megatron.looped")
-        assert rc == 2 and err.strip().splitlines() == [f"error: {message}"], (rc, out, err)
+        assert rc == 2 and err.strip().splitlines() == [f"python -m mtpd_megatron.looped: error: {message}"], (rc, out, err)
     assert not (tmp_path / "ckpt").exists()

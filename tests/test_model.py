@@ -15,7 +15,7 @@ import torch
 from mtpd_megatron.config import load_config
 from mtpd_megatron.config.params import count_parameters
 from mtpd_megatron.parallel import cpu_compat
-from mtpd_megatron.testing.distributed import run_distributed
+from distributed_harness import run_distributed
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 VOCAB = 1000  # tokenizer size; padded to 1024 at TP 1 and 2
@@ -196,7 +196,6 @@ def _attention_pair() -> dict:
 
 def _rank_main_world1() -> dict:
     """Single process: parameter counts, attention equivalence, the TP=1 reference runs, vocab padding."""
-    cpu_compat.enable()
     from mtpd_megatron.config.params import padded_vocab
     from mtpd_megatron.model.builder import padded_vocab_size
 
@@ -209,7 +208,6 @@ def _rank_main_world1() -> dict:
 
 
 def _rank_main_world2() -> dict:
-    cpu_compat.enable()
     return {name: _train_step(tiny(preset, extra)) for name, (preset, extra) in LAYOUTS.items()}
 
 

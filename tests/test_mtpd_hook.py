@@ -8,8 +8,9 @@ import torch
 
 from mtpd_megatron.config import config_from_dict
 from mtpd_megatron.mtpd import hook
+from mtpd_megatron.mtpd.metrics import MTPDMetrics
 from mtpd_megatron.mtpd.reference import reference_head_loss
-from mtpd_megatron.testing.distributed import run_distributed
+from distributed_harness import run_distributed
 
 V, H = 40, 6
 MTPD = dict(topn=9, direction="forward", mode="renorm", temperature=1.0)
@@ -19,10 +20,20 @@ def _fake_config(num_heads, alphas=None, betas=None, scaling=0.3, **mtpd):
     spec = {**MTPD, **mtpd}
     mtp = config_from_dict({"mtp": {"num_heads": num_heads, "mtpd": {
         "alpha": alphas or 1.0, "beta": betas or 1.0, **spec}}}).mtp
-    cfg = SimpleNamespace(mtp_num_layers=num_heads, mtp_loss_scaling_factor=scaling, mtp_detach_heads=False,
-                          calculate_per_token_loss=False)
-    hook.attach(cfg, mtp)
+    cfg = _FakeConfig(mtp_num_layers=num_heads, mtp_loss_scaling_factor=scaling, mtp_detach_heads=False,
+                      calculate_per_token_loss=False)
+    _attach(cfg, mtp)
     return cfg
+
+
+class _FakeConfig(SimpleNamespace):
+    """The TransformerConfig fields the loss reads (a subclass: the hook keeps a weak reference to it)."""
+
+
+def _attach(config, mtp_cfg, mtp_block=None) -> hook.Attached:
+    """As the trainer does: build the settings and metrics, hand them to the hook."""
+    return hook.attach(config, hook.MTPDSettings.from_config(mtp_cfg), MTPDMetrics(mtp_cfg.num_heads),
+                       mtp_block=mtp_block)
 
 
 def _reference_objective(chunks, weight, labels, mask, doc_ids, num_heads, scaling, alphas, betas, spec,
@@ -108,7 +119,7 @@ def test_metrics_hand_made_example():
     with torch.no_grad():
         hook.mtpd_process_mtp_loss(hidden, labels, None, lambda h, weight=None, runtime_gather_output=None: (h @ eye, None),
                                    None, None, False, None, cfg)
-    summary = hook.metrics(cfg).summary()
+    summary = hook.attached(cfg).metrics.summary()
     # head 1: 4 of 5 accepted. head 2 given head 1 accepted at t in {0,1} (t<4 valid, chain at 0,1,3):
     # positions valid for head 2 are t=0..3; chain1 there = {0,1,3}; head2 matches at {0,2,3} -> both at {0,3}.
     assert summary["mtp1/accept"] == pytest.approx(4 / 5)
@@ -127,9 +138,6 @@ def _model_metrics(tp: int, sp: bool, moe: bool, ep: int = 1, dispatcher: str = 
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mtpd_megatron.model.builder import build_model
-    from mtpd_megatron.parallel import cpu_compat
-
-    cpu_compat.enable()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
                                  expert_tensor_parallel_size=1 if moe else None)
     model_parallel_cuda_manual_seed(7)
@@ -142,7 +150,7 @@ def _model_metrics(tp: int, sp: bool, moe: bool, ep: int = 1, dispatcher: str = 
         "mtp": {"num_heads": 3, "mtpd": {"topn": 20, "beta": 1.0}},
     })
     model = build_model(cfg, vocab_size=128)
-    hook.attach(model.config, cfg.mtp)
+    _attach(model.config, cfg.mtp)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 128, (2, 16), generator=g)
     labels = torch.roll(tokens, -1, 1)
@@ -151,7 +159,7 @@ def _model_metrics(tp: int, sp: bool, moe: bool, ep: int = 1, dispatcher: str = 
     loss = model(tokens, pos, None, labels=labels, loss_mask=mask)
     ((loss * mask).sum() / mask.sum()).backward()
     grad_norm = sum(float(p.grad.double().pow(2).sum()) for p in model.parameters() if p.grad is not None)
-    return ((loss * mask).sum().item(), hook.metrics(model.config).summary(), grad_norm)
+    return ((loss * mask).sum().item(), hook.attached(model.config).metrics.summary(), grad_norm)
 
 
 @pytest.mark.parametrize("moe", [False, True])
@@ -181,9 +189,6 @@ def _trunk_and_head_grads(beta: float, kl_to_trunk: bool, detach_heads: bool = F
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mtpd_megatron.model.builder import build_model
-    from mtpd_megatron.parallel import cpu_compat
-
-    cpu_compat.enable()
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
     model_parallel_cuda_manual_seed(7)
     torch.manual_seed(7)
@@ -193,7 +198,7 @@ def _trunk_and_head_grads(beta: float, kl_to_trunk: bool, detach_heads: bool = F
                 "mtpd": {"topn": 20, "beta": beta, "kl_to_trunk": kl_to_trunk}},
     })
     model = build_model(cfg, vocab_size=128)
-    hook.attach(model.config, cfg.mtp, mtp_block=model.mtp)
+    _attach(model.config, cfg.mtp, mtp_block=model.mtp)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, 128, (2, 16), generator=g)
     labels = torch.roll(tokens, -1, 1)
@@ -203,7 +208,7 @@ def _trunk_and_head_grads(beta: float, kl_to_trunk: bool, detach_heads: bool = F
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     trunk = {n: v for n, v in grads.items() if not n.startswith("mtp.")}
     heads = {n: v for n, v in grads.items() if n.startswith("mtp.")}
-    return trunk, heads, hook.metrics(model.config).summary()
+    return trunk, heads, hook.attached(model.config).metrics.summary()
 
 
 def test_trunk_guard_keeps_the_kl_out_of_the_trunk():

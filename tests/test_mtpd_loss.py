@@ -11,7 +11,7 @@ import torch
 
 from mtpd_megatron.mtpd.kl import DistillSpec, head_loss, teacher_stats, vocab_shard
 from mtpd_megatron.mtpd.reference import reference_head_loss, topn_set
-from mtpd_megatron.testing.distributed import run_distributed
+from distributed_harness import run_distributed
 
 V, H, T = 48, 8, 19
 ALPHA, BETA = 0.7, 1.3

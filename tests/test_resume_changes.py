@@ -120,6 +120,6 @@ def test_changed_lr_schedule_and_weight_decay_keep_the_optimizer_state(data, bas
 def test_plain_checkpoint_into_the_distributed_optimizer_is_one_line(data, bases, tmp_path):
     rc, out, err, save = _resume_changed(data, bases["plain"], tmp_path, distributed=True)
     lines = err.strip().splitlines()
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("mtpd-train: error: "), err
     assert "parallel.use_distributed_optimizer=false" in lines[0] and "plain (non-distributed)" in lines[0]
     assert sorted(p.name for p in save.iterdir()) == ["iter_0000004"]  # nothing written

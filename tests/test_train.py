@@ -56,7 +56,7 @@ def test_nonfinite_steps_are_skipped_then_stop_with_exit_3(data, tmp_path):
         *data, save, training={"lr": 1e30, "min_lr": 0.0, "lr_warmup_iters": 0, "max_consecutive_nan_steps": 3}))
     [(rc, out, err)] = run(["--config", str(cfg)])
     assert rc == 3, err
-    assert err.strip().splitlines() == [line for line in err.strip().splitlines() if line.startswith("error: ")]
+    assert err.strip().splitlines() == [line for line in err.strip().splitlines() if line.startswith("mtpd-train: error: ")]
     assert "training.max_consecutive_nan_steps" in err
     assert [r["skipped_steps"] for _, r in sorted(read_metrics(save / "tensorboard").items())] == [0, 1, 2, 3]
     assert not list(save.glob("iter_*"))  # nothing saved from a diverged run
@@ -75,7 +75,7 @@ def test_config_errors_exit_2_before_anything_starts(data, tmp_path, capsys, ove
     rc = main(["--config", str(cfg), *overrides])
     lines = capsys.readouterr().err.strip().splitlines()
     err = "\n".join(lines)
-    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("mtpd-train: error: ") and needle in lines[0], err
     assert not save.exists()
 
 

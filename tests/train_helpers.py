@@ -138,7 +138,7 @@ class _ForkedProc:
 
 
 class ForkedRank(Rank):
-    """A rank forked by the fork server (mtpd_megatron/testing/forkserver.py): same interface as Rank."""
+    """A rank forked by the fork server (tests/forkserver.py): same interface as Rank."""
 
     def __init__(self, server, args: list[str], env: dict, out_dir: Path, rank: int, module: str,
                  prelude: Optional[str]):
@@ -157,7 +157,7 @@ def fork_server():
     if _SERVER is None or _SERVER.proc.poll() is not None:
         import tempfile
 
-        from mtpd_megatron.testing.forkserver import ForkServer
+        from forkserver import ForkServer
 
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                    PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -177,7 +177,7 @@ def start(args: list[str], world: int = 1, prelude: Optional[str] = None,
     """
     import tempfile
 
-    from mtpd_megatron.testing.distributed import free_port
+    from distributed_harness import free_port
 
     port = free_port()
     if fork:

@@ -1,3 +1,4 @@
+#!/usr/bin/env python3
 """Benchmark: how MTP-D's teacher crosses context-parallel ranks (docs/design.md, "Context parallelism").
 
 Three ways to give head k at local position t the main head's logits at global position t+k, measured on
@@ -23,22 +24,24 @@ GPU (NCCL, one GPU per rank; CUDA peak allocated above the inputs):
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import mtpd_megatron  # noqa: F401  (import shims)
+from mtpd_megatron.cli import cli_parser
 
 METHODS = ("lookahead", "roll_logits", "roll_hidden", "cp1")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli_parser("bench_cp_teacher.py", __doc__.splitlines()[0])
     p.add_argument("--cp", type=int, default=2)
     p.add_argument("--seq", type=int, default=2048, help="global sequence length (each rank holds seq / cp)")
     p.add_argument("--batch", type=int, default=1)
@@ -298,7 +301,8 @@ def main(argv=None):
             _report(results, args, torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
         dist.destroy_process_group()
         return
-    from mtpd_megatron.testing.distributed import run_distributed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the CPU run uses the test harness
+    from distributed_harness import run_distributed
 
     results = {}
     for m in methods:  # CPU: each method in fresh ranks (cp1 too: each rank alone, under the same load)

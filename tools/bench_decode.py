@@ -210,7 +210,7 @@ def _main(argv=None) -> int:
     args = parse_args(argv)
     import torch
 
-    from mtpd_megatron.checkpoint.layout import write_atomic
+    from mtpd_megatron.checkpoint.atomic import write_atomic
     from mtpd_megatron.inference.acceptance import num_heads
     from mtpd_megatron.inference.options import ABLATION_SWITCHES, DecodeOptions
 

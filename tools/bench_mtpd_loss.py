@@ -13,7 +13,6 @@ Time is the median of CUDA-event timings; memory is the peak allocated above the
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -23,12 +22,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import mtpd_megatron  # noqa: F401  (import shims)
+from mtpd_megatron.cli import cli_parser
 from mtpd_megatron.mtpd.kl import DistillSpec, head_loss, teacher_stats, vocab_shard
 from mtpd_megatron.mtpd.reference import reference_head_loss
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli_parser("bench_mtpd_loss.py", __doc__.splitlines()[0])
     p.add_argument("--vocab", type=int, default=122_880)
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--batch", type=int, default=2)
@@ -65,8 +65,8 @@ def gather_kl(logits, teacher, labels, group, args):
     total.backward()
 
 
-def mtpd(logits, teacher, labels, group, args, direction="forward", mode="renorm"):
-    spec = DistillSpec(topn=args.topn, direction=direction, mode=mode)
+def mtpd(logits, teacher, labels, group, args, direction="forward", mode="renorm", compile=True):
+    spec = DistillSpec(topn=args.topn, direction=direction, mode=mode, compile=compile)
     start, _ = vocab_shard(args.vocab, group)
     stats = teacher_stats(teacher, spec, args.vocab, start, group)
     flat = labels.reshape(-1)
@@ -122,12 +122,11 @@ def main():
         "megatron_ce": megatron_ce,
         "gather_kl": gather_kl,
         "mtpd": mtpd,
-        "mtpd_eager": mtpd,
+        "mtpd_eager": lambda *a: mtpd(*a, compile=False),
         "mtpd_reverse_tail": lambda *a: mtpd(*a, direction="reverse", mode="tail"),
     }
     results = {}
     for name in args.methods.split(","):
-        os.environ["MTPD_COMPILE"] = "0" if name.endswith("_eager") else "1"
         times, peaks = [], []
         for it in range(args.warmup + args.iters):
             logits = [p.clone().requires_grad_(True) for p in pristine]
@@ -148,7 +147,6 @@ def main():
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        os.environ["MTPD_COMPILE"] = "1"
         logits = [p.clone().requires_grad_(True) for p in pristine]
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             mtpd(logits, teacher, labels, group, args)

@@ -48,7 +48,6 @@ megatron's SequentialMLP loop (same weights, bf16 on GPU).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import json
@@ -75,7 +74,9 @@ DEFAULT_VOCAB = 1000  # configs whose vocab comes from a tokenizer (vocab_size: 
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="bench_train.py", description=__doc__.split("\n\n")[0])
+    from mtpd_megatron.cli import cli_parser
+
+    ap = cli_parser("bench_train.py", __doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True, help="preset YAML (configs/dense_2b.yaml, configs/moe_a1b.yaml, ...)")
     ap.add_argument("--out", required=True, help="directory for bench.json (and profile_<arm>.txt)")
     ap.add_argument("--arms", default="nomtp,mtp,mtpd", help="comma list of nomtp, mtp, mtpd")
@@ -303,6 +304,12 @@ def _fmt(x, spec):
 
 
 def main(argv=None) -> int:
+    from mtpd_megatron.cli import run_cli, shutdown_distributed
+
+    return run_cli("bench_train.py", _main, argv, cleanup=shutdown_distributed)
+
+
+def _main(argv=None) -> int:
     args, ap = parse_args(argv)
     out = Path(args.out)
     import torch

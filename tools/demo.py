@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from mtpd_megatron.cli import cli_parser
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -164,7 +166,7 @@ STAGES = [
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli_parser("demo.py", __doc__.split("\n")[0])
     p.add_argument("--out", default="runs/demo", help="where data, checkpoints and logs go")
     p.add_argument("--config", default="configs/tiny_dense.yaml")
     p.add_argument("--steps", type=int, default=400, help="pretraining steps")

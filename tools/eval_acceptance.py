@@ -106,7 +106,7 @@ def _main(argv=None) -> int:
     result = evaluate(args)
     import torch.distributed as dist
 
-    from mtpd_megatron.checkpoint.layout import write_atomic
+    from mtpd_megatron.checkpoint.atomic import write_atomic
     from mtpd_megatron.inference.evaluation import loss_gap_warning, plot_acceptance, summary_lines
 
     if not dist.is_initialized() or dist.get_rank() == 0:

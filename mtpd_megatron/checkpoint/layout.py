@@ -33,8 +33,11 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
-META_FILE = "mtpd_checkpoint.json"
-HF_IMPORT_STAGE = "hf_import"  # checkpoints written by tools/convert_from_hf.py: weights, no optimizer state
+from mtpd_megatron.checkpoint.atomic import replace_dir, write_atomic
+from mtpd_megatron.checkpoint.metadata import (  # noqa: F401 (re-exported: the names a reader of a checkpoint needs)
+    HF_IMPORT_STAGE, META_FILE, CheckpointError, meta_problem, read_meta,
+)
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 # megatron-core's manifest (dist_checkpointing/validation.py INTEGRITY_FNAME, _HASH_ALGORITHM); kept as
 # literals so that this module stays free of torch (tests/test_checkpoint.py checks they still agree).
@@ -44,10 +47,6 @@ _PART = re.compile(r"^\.integrity\.rank(\d+)\.json$")
 _NAME = re.compile(r"^iter_(\d{7,})$")
 _LEFTOVER = re.compile(r"^iter_\d{7,}\.(tmp|del)$")
 _CHUNK = 8 << 20
-
-
-class CheckpointError(RuntimeError):
-    """A user-facing checkpoint problem, one line (the CLI exits with code 2)."""
 
 
 def iter_dir_name(iteration: int) -> str:
@@ -66,51 +65,6 @@ def complete_checkpoints(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and iteration_of(p) is not None]
     return sorted(found, key=iteration_of)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a small file so that readers see the old or the new content, never a mix."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    write_atomic_with(path, write)
-
-
-def write_atomic_with(path: Path, write) -> None:
-    """`write(tmp_path)` produces the file's content at a temporary path in the same directory, which is then
-    renamed over `path`: readers (and an interrupted run) see the old file or the new one, never half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
-def read_meta(ckpt: Path) -> dict:
-    with open(Path(ckpt) / META_FILE) as f:
-        return json.load(f)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,12 +181,9 @@ def verify(ckpt: Path, checksums: bool = False) -> Optional[str]:
     spread over its ranks, manager.py).
     """
     ckpt = Path(ckpt)
-    try:
-        meta = read_meta(ckpt)
-    except (OSError, ValueError) as e:
-        return f"{META_FILE} unreadable ({e.__class__.__name__})"
-    if not isinstance(meta, dict) or "iteration" not in meta:
-        return f"{META_FILE} has no iteration"
+    _, problem = meta_problem(ckpt)
+    if problem:
+        return problem
     if not (ckpt / "metadata.json").is_file():
         return "metadata.json missing (torch_dist save did not finish)"
     try:
@@ -322,10 +273,8 @@ def publish(root: Path, iteration: int, meta: dict, keep_last: int) -> Path:
     final = root / iter_dir_name(iteration)
     write_atomic(tmp / META_FILE, json.dumps(meta, indent=1, sort_keys=True, default=str))
     _write_integrity_manifest(tmp)
-    if final.exists():  # the same step saved again (e.g. preempted right after a resume)
-        _remove(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    # the same step saved again (e.g. preempted right after a resume): the old one goes out as iter_N.del
+    replace_dir(tmp, final, aside=final.with_name(final.name + ".del"))
     write_atomic(root / TRACKER_FILE, f"{iteration}\n")
     if keep_last > 0:
         for old in complete_checkpoints(root)[:-keep_last]:

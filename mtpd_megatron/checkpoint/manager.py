@@ -55,21 +55,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from mtpd_megatron.checkpoint import layout
 from mtpd_megatron.checkpoint.layout import CheckpointError
-from mtpd_megatron.checkpoint.optimizer_state import load_optimizer_state, prime_adam_state
-from mtpd_megatron.config.load import config_to_dict
-from mtpd_megatron.config.schema import Config
-from mtpd_megatron.parallel import cpu_compat
-from mtpd_megatron.parallel.cpu_compat import installed_megatron_version
-
-FORMAT_VERSION = 1
-# Fields whose change makes a checkpoint belong to another model (weight shapes or what the heads mean).
-ARCHITECTURE_FIELDS = (
-    "model.num_layers", "model.hidden_size", "model.ffn_hidden_size", "model.num_attention_heads",
-    "model.num_query_groups", "model.kv_channels", "model.qk_layernorm", "model.tie_embeddings",
-    "model.moe.num_experts", "model.moe.ffn_hidden_size", "model.moe.shared_expert_hidden_size",
-    "model.moe.layer_freq", "mtp.num_heads",
+from mtpd_megatron.checkpoint.metadata import (  # noqa: F401 (check_compatible: re-exported)
+    FORMAT_VERSION, build_meta, check_compatible, lookup,
 )
-
+from mtpd_megatron.checkpoint.optimizer_state import load_optimizer_state, prime_adam_state
+from mtpd_megatron.config.schema import Config
 
 @dataclasses.dataclass
 class TrainState:
@@ -85,12 +75,6 @@ class TrainState:
         return self.iteration - self.skipped_steps
 
 
-def _lookup(tree: dict, dotted: str):
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
-
-
 def layout_signature(cfg: Config) -> dict:
     p = cfg.parallel
     return {
@@ -99,29 +83,6 @@ def layout_signature(cfg: Config) -> dict:
         "ep": p.expert_model_parallel_size, "etp": p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
         "cp": p.context_parallel_size,
     }
-
-
-def check_compatible(meta: dict, cfg: Config, vocab_size: int, padded_vocab_size: int, where: str) -> None:
-    """A checkpoint of another model -> CheckpointError naming the first differing field."""
-    saved = meta.get("config", {})
-    current = config_to_dict(cfg)
-    for field in ARCHITECTURE_FIELDS:
-        a, b = _lookup(saved, field), _lookup(current, field)
-        if a != b:
-            raise CheckpointError(
-                f"{where} belongs to another model: {field} is {a!r} in the checkpoint but {b!r} in the config "
-                f"(use the checkpoint's config, or --resume none / another checkpoint.save directory)"
-            )
-    if meta.get("vocab_size") != vocab_size:
-        raise CheckpointError(
-            f"{where} belongs to another model: vocabulary size {meta.get('vocab_size')} in the checkpoint but "
-            f"{vocab_size} for data.tokenizer (use the tokenizer the checkpoint was trained with)"
-        )
-    if meta.get("padded_vocab_size") != padded_vocab_size:
-        raise CheckpointError(
-            f"{where}: padded vocabulary {meta.get('padded_vocab_size')} in the checkpoint but {padded_vocab_size} "
-            f"at this TP size (set model.make_vocab_size_divisible_by so that both layouts pad alike)"
-        )
 
 
 def _rng_state() -> dict:
@@ -423,8 +384,7 @@ class CheckpointManager:
             raise NotImplementedError("virtual pipeline stages (several model chunks) are not supported yet")
         md = sharded_metadata()
         model_sd = unwrap_model(model[0]).sharded_state_dict(metadata=md)  # GPTModel keys, as Megatron-LM
-        with cpu_compat.optimizer_scope():  # the optimizer gathers its state with device='cuda' literals
-            optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=md)
+        optimizer_sd = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=md)
         sd = {
             "model": model_sd,
             "optimizer": optimizer_sd,
@@ -439,17 +399,9 @@ class CheckpointManager:
         return sd
 
     def _meta(self, state: TrainState) -> dict:
-        return {
-            "format": FORMAT_VERSION,
-            "iteration": state.iteration,
-            "consumed_samples": state.consumed_samples,
-            "stage": self.stage,
-            "megatron_core_version": installed_megatron_version(),
-            "vocab_size": self.vocab_size,
-            "padded_vocab_size": self.padded_vocab_size,
-            "layout": layout_signature(self.cfg),
-            "config": config_to_dict(self.cfg),
-        }
+        return build_meta(self.cfg, iteration=state.iteration, consumed_samples=state.consumed_samples,
+                          stage=self.stage, vocab_size=self.vocab_size, padded_vocab_size=self.padded_vocab_size,
+                          layout=layout_signature(self.cfg))
 
     # ------------------------------------------------------------------ save
 
@@ -604,7 +556,7 @@ class CheckpointManager:
     def _load_one(self, path: Path, meta: dict, model: list, optimizer, scheduler) -> Optional[str]:
         """(every rank) Load one checkpoint; None on success, else the agreed reason it failed."""
         same_layout = meta.get("layout") == layout_signature(self.cfg)
-        if _lookup(meta.get("config", {}), "parallel.use_distributed_optimizer") is False \
+        if lookup(meta.get("config", {}), "parallel.use_distributed_optimizer") is False \
                 and self.cfg.parallel.use_distributed_optimizer:
             raise CheckpointError(
                 f"checkpoint {path}: parallel.use_distributed_optimizer=true, but the checkpoint's optimizer state "

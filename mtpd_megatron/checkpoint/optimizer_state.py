@@ -33,7 +33,6 @@ from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 
 from mtpd_megatron.checkpoint.layout import CheckpointError
-from mtpd_megatron.parallel import cpu_compat
 
 _PARAM_STATE_LOADERS = {
     "fully_reshardable": "load_parameter_state_from_fully_reshardable",
@@ -193,28 +192,27 @@ def load_optimizer_state(optimizer: MegatronOptimizer, state_dict) -> None:
         states = _split_distributed(state_dict, len(subs))
     else:
         states = _split_plain(optimizer, state_dict)
-    with cpu_compat.optimizer_scope():
-        for opt, sd in zip(subs, states):
-            fresh = _adopt_current_groups(opt, sd)
-            torch_adam = isinstance(getattr(opt, "optimizer", None), torch.optim.Adam)
-            if not (isinstance(opt, DistributedOptimizer) and torch_adam and "param_state" in sd):
-                opt.load_state_dict(sd)
-                _restore_hyperparameters(opt, fresh)
-                continue
-            sd = dict(sd)
-            param_state, kind = sd.pop("param_state"), sd.pop("param_state_sharding_type")
+    for opt, sd in zip(subs, states):
+        fresh = _adopt_current_groups(opt, sd)
+        torch_adam = isinstance(getattr(opt, "optimizer", None), torch.optim.Adam)
+        if not (isinstance(opt, DistributedOptimizer) and torch_adam and "param_state" in sd):
             opt.load_state_dict(sd)
-            held = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
-            try:
-                getattr(opt, _PARAM_STATE_LOADERS[kind])(param_state)
-            finally:
-                for p, step in held.items():
-                    opt.optimizer.state[p]["step"] = step.clone()  # one tensor per parameter (gap 2)
             _restore_hyperparameters(opt, fresh)
-        if len(subs) > 1:
-            optimizer._synchronize_steps()
-        for opt in subs:
-            _unshare_steps(opt)
+            continue
+        sd = dict(sd)
+        param_state, kind = sd.pop("param_state"), sd.pop("param_state_sharding_type")
+        opt.load_state_dict(sd)
+        held = {p: s.pop("step") for p, s in opt.optimizer.state.items() if "step" in s}
+        try:
+            getattr(opt, _PARAM_STATE_LOADERS[kind])(param_state)
+        finally:
+            for p, step in held.items():
+                opt.optimizer.state[p]["step"] = step.clone()  # one tensor per parameter (gap 2)
+        _restore_hyperparameters(opt, fresh)
+    if len(subs) > 1:
+        optimizer._synchronize_steps()
+    for opt in subs:
+        _unshare_steps(opt)
 
 
 def _unshare_steps(opt) -> None:

@@ -16,8 +16,9 @@ import math
 import typing
 import os
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import Optional, Sequence
 
+from mtpd_megatron.cli import cli_parser, report_error
 from mtpd_megatron.config.load import ConfigError, dump_config, load_config
 from mtpd_megatron.config.params import count_parameters, format_count
 from mtpd_megatron.config.schema import Config
@@ -26,13 +27,8 @@ from mtpd_megatron.config.validate import validate
 PROG = "python -m mtpd_megatron.config"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see {PROG} --help)\n")
-
-
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Load, override and validate a config as the trainer will; print "
+    parser = cli_parser(PROG, "Load, override and validate a config as the trainer will; print "
                      "it with its parallel layout and parameter counts. Exit code 2 on a bad config.")
     parser.add_argument("config", nargs="?", help="YAML config file, e.g. configs/tiny_dense.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as model.num_layers=4")
@@ -140,8 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         try:
             print(config_reference(args.help_config))
         except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return report_error(PROG, err)
         return 0
     if args.config is None:
         parser.error("give a config file (or --help-config)")
@@ -151,8 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         vocab_size = args.vocab_size if args.vocab_size is not None else tokenizer_vocab_size(cfg)
         validate(cfg, world, vocab_size, environment=not args.no_env)
     except ConfigError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return report_error(PROG, err)
     sys.stdout.write(dump_config(cfg))
     print(summary(cfg, world, vocab_size))
     return 0

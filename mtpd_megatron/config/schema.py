@@ -94,6 +94,10 @@ class MTPDConfig:
     share_teacher_logits: bool = doc("Compute the main head's logits once: the teacher is their detached copy "
                                      "and megatron's main loss reuses them (instead of a second output layer "
                                      "pass).", False)
+    compile: bool = doc("torch.compile the MTP-D loss's chunk kernels on CUDA (false = eager, for debugging or "
+                        "timing); CPU runs are always eager.", True)
+    chunk_elems: Optional[int] = doc("Logits per chunk of the MTP-D loss (memory vs. launches); null = by device "
+                                     "(256M compiled on CUDA, 32M eager).", None)
 
 
 @dataclass

@@ -18,11 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import sys
-import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Iterator
 
 
 class ConvertError(ValueError):
@@ -35,23 +32,13 @@ def atomic_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterat
 
     On any exception (or Ctrl-C) the temporary directory is removed, so no partial output is ever left.
     """
+    from mtpd_megatron.checkpoint.atomic import atomic_dir
+
     out = Path(out).absolute()
     if out.exists() and not overwrite:
         raise ConvertError(f"--out {out} already exists (remove it or pass --overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:  # --overwrite: the old one is moved aside, then deleted after the rename
         yield tmp
-        if out.exists():  # --overwrite: move the old one out of the way first, delete it after the rename
-            old = Path(tempfile.mkdtemp(prefix=out.name + ".old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 @contextlib.contextmanager
@@ -73,7 +60,7 @@ def megatron_world() -> Iterator[None]:
 
     created_pg = created_ps = False
     if not dist.is_initialized():
-        from mtpd_megatron.testing.distributed import free_port
+        from mtpd_megatron.parallel.launch import free_port
 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
         created_pg = True
@@ -113,24 +100,4 @@ def cli_parser(prog: str, description: str):
     return one_line_parser(prog, description)
 
 
-def run_cli(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
-    """Run a converter's main: ConvertError (and the config/checkpoint errors) -> one line on stderr, exit 2."""
-    from mtpd_megatron.logging_utils import quiet_known_noise
-
-    # megatron-core announces at import time that TE/Apex are absent; a converter's stderr is for its own line.
-    # (The converter modules import megatron lazily, so this runs before the first of those warnings.)
-    quiet_known_noise()
-    from mtpd_megatron.checkpoint.layout import CheckpointError
-    from mtpd_megatron.config.load import ConfigError
-
-    try:
-        return main(argv)
-    except (ConvertError, ConfigError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted (no output written)", file=sys.stderr)
-        return 130
-
-
-__all__ = ["ConvertError", "atomic_output_dir", "check_finite", "cli_parser", "megatron_world", "run_cli"]
+__all__ = ["ConvertError", "atomic_output_dir", "check_finite", "cli_parser", "megatron_world"]

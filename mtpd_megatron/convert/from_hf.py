@@ -29,8 +29,9 @@ import torch
 
 from mtpd_megatron.config.load import config_from_dict, config_to_dict, load_config
 from mtpd_megatron.config.schema import Config
-from mtpd_megatron.convert import ConvertError, atomic_output_dir, check_finite, cli_parser, megatron_world, run_cli
-from mtpd_megatron.checkpoint.layout import HF_IMPORT_STAGE as STAGE
+from mtpd_megatron.convert import ConvertError, atomic_output_dir, check_finite, cli_parser, megatron_world
+from mtpd_megatron.checkpoint.metadata import HF_IMPORT_STAGE as STAGE
+from mtpd_megatron.checkpoint.metadata import build_meta
 from mtpd_megatron.convert import mapping
 from mtpd_megatron.inference.hf_mtp import head_index
 
@@ -205,50 +206,6 @@ def build_config(hf: dict, *, config_path: Optional[str], tp: Optional[int], ep:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Saving (also used by tests to write multi-rank checkpoints)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def checkpoint_meta(cfg: Config, *, iteration: int, vocab_size: int, padded_vocab_size: int, stage: str,
-                    layout: Optional[dict] = None, source: Optional[dict] = None) -> dict:
-    """The mtpd_checkpoint.json the CheckpointManager writes and checks (manager.py `_meta`)."""
-    from mtpd_megatron.checkpoint.manager import FORMAT_VERSION
-    from mtpd_megatron.parallel.cpu_compat import installed_megatron_version
-
-    meta = {
-        "format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": 0, "stage": stage,
-        "megatron_core_version": installed_megatron_version(), "vocab_size": vocab_size,
-        "padded_vocab_size": padded_vocab_size, "layout": layout, "config": config_to_dict(cfg),
-    }
-    if source:
-        meta["source"] = source
-    return meta
-
-
-def save_model_checkpoint(model, root: Path, meta: dict) -> Path:
-    """(collective) Write `root/iter_N` with the model's weights in the manager's sharded format + metadata."""
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-
-    from mtpd_megatron.checkpoint import layout
-    from mtpd_megatron.checkpoint.manager import FORMAT_VERSION, sharded_metadata
-
-    root = Path(root)
-    it = meta["iteration"]
-    if dist.get_rank() == 0:
-        layout.prepare_tmp(root, it)
-    dist.barrier()
-    tmp = root / (layout.iter_dir_name(it) + ".tmp")
-    sd = {"model": model.sharded_state_dict(metadata=sharded_metadata())}
-    dist_checkpointing.save(sd, str(tmp), content_metadata={"mtpd_format": FORMAT_VERSION})
-    dist.barrier()
-    if dist.get_rank() == 0:
-        layout.publish(root, it, meta, keep_last=0)
-    dist.barrier()
-    return root / layout.iter_dir_name(it)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Conversion
 # ---------------------------------------------------------------------------------------------------------
 
@@ -294,6 +251,7 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
 
     from mtpd_megatron.convert.to_hf import exported_vocab_size
     from mtpd_megatron.model.builder import padded_vocab_size
+    from mtpd_megatron.checkpoint.weights import save_model_weights
 
     hf_root = Path(hf_dir)
     hf, where, info = inspect_hf_dir(hf_root)
@@ -419,14 +377,14 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
                 if name in live:
                     live[name][min(v_hf, padded):].zero_()  # megatron's padding rows the file does not fill
 
-        meta = checkpoint_meta(
+        meta = build_meta(
             cfg, iteration=0, vocab_size=vocab, padded_vocab_size=padded, stage=STAGE,
             layout={"world_size": None, "tp": tp, "pp": pp, "ep": cfg.parallel.expert_model_parallel_size,
                     "etp": cfg.parallel.expert_tensor_parallel_size or tp, "cp": 1},
             source={"hf": str(hf_root.absolute()), "architecture": arch.architecture,
                     "mtp": "copied" if copy_mtp else ("initialised" if heads else "none")},
         )
-        save_model_checkpoint(model, tmp, meta)
+        save_model_weights(model, tmp, meta)
         del model, live
     return {"out": str(Path(out).absolute()), "arch": arch.name, "mtp_heads": heads,
             "mtp": meta["source"]["mtp"], "vocab_size": vocab, "padded_vocab_size": padded,
@@ -481,4 +439,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(main, argv)
+    from mtpd_megatron.cli import run_cli
+
+    return run_cli("convert_from_hf.py", main, argv)  # ConvertError/ConfigError (ValueError), CheckpointError, OSError

@@ -36,10 +36,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -323,22 +321,14 @@ def attach_heads(model_dir: str, heads: str, out: Optional[str] = None, *, mtp: 
         if layout == "inline":
             raise ConvertError("--mtp inline rewrites config.json and the weight index, which cannot be done "
                                "atomically in place: pass --out NEW_DIR")
-        from mtpd_megatron.checkpoint.layout import write_atomic
+        from mtpd_megatron.checkpoint.atomic import atomic_dir, write_atomic
 
-        tmp = Path(tempfile.mkdtemp(prefix=SIDECAR_DIR + ".tmp-", dir=target))
         new_hook = not (target / GENERATE_FILE).exists()
         try:
-            _write_sidecar(tmp, source, conf, target)
-            write_atomic(target / GENERATE_FILE, Path(hf_mtp.__file__).read_text())
-            if (target / SIDECAR_DIR).exists():
-                old = Path(tempfile.mkdtemp(prefix=SIDECAR_DIR + ".old-", dir=target))
-                os.replace(target / SIDECAR_DIR, old / SIDECAR_DIR)
-                os.replace(tmp, target / SIDECAR_DIR)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, target / SIDECAR_DIR)
+            with atomic_dir(target / SIDECAR_DIR) as tmp:
+                _write_sidecar(tmp, source, conf, target)
+                write_atomic(target / GENERATE_FILE, Path(hf_mtp.__file__).read_text())
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
             if new_hook and not (target / SIDECAR_DIR).exists():
                 shutil.rmtree(target / GENERATE_FILE.parts[0], ignore_errors=True)
             raise

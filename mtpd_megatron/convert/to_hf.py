@@ -26,7 +26,7 @@ import torch
 
 from mtpd_megatron.config.load import ConfigError, config_from_dict
 from mtpd_megatron.config.schema import Config
-from mtpd_megatron.convert import ConvertError, atomic_output_dir, check_finite, cli_parser, megatron_world, run_cli
+from mtpd_megatron.convert import ConvertError, atomic_output_dir, check_finite, cli_parser, megatron_world
 from mtpd_megatron.convert import mapping, mtp_heads
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -546,4 +546,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def cli(argv: Optional[Sequence[str]] = None) -> int:
-    return run_cli(main, argv)
+    from mtpd_megatron.cli import run_cli
+
+    return run_cli("convert_to_hf.py", main, argv)  # ConvertError/ConfigError (ValueError), CheckpointError, OSError

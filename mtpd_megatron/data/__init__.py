@@ -14,14 +14,9 @@ Every user error is a :class:`DataError`: one line naming the file and the fix; 
 from __future__ import annotations
 
 import importlib
-import os
-import sys
-import tempfile
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from mtpd_megatron.cli import cli_parser
-from mtpd_megatron.cli import run_cli as _run_cli
 
 
 class DataError(ValueError):
@@ -43,19 +38,6 @@ def ensure_megatron_importable() -> None:
     import_shims()
 
 
-def temp_path_for(target: "os.PathLike[str] | str") -> Path:
-    """An empty temp file next to ``target`` (same filesystem, so ``os.replace`` is atomic).
-
-    ``mkstemp`` creates it 0600; it is widened to 0644 so the renamed output is readable like any data
-    file. Callers rename it over ``target`` or delete it on failure.
-    """
-    target = Path(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    os.chmod(tmp, 0o644)
-    return Path(tmp)
-
-
 _LAZY = {
     "load_tokenizer": "tokenizer",
     "train_tokenizer": "tokenizer",
@@ -72,7 +54,7 @@ _LAZY = {
     "PretrainingSampler": "datasets",
 }
 
-__all__ = ["DataError", "ensure_megatron_importable", "temp_path_for", "cli_parser", "run_cli", *_LAZY]
+__all__ = ["DataError", "ensure_megatron_importable", "cli_parser", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
@@ -81,13 +63,3 @@ def __getattr__(name: str) -> Any:
         module = importlib.import_module(f"{__name__}.{_LAZY[name]}")
         return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Shared CLI plumbing for tools/fetch_corpus.py, tools/train_tokenizer.py and tools/preprocess_data.py.
-# ----------------------------------------------------------------------------------------------------------
-
-
-def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> int:
-    """mtpd_megatron.cli.run_cli for the data stages: DataError/OSError -> one line, exit code 2."""
-    return _run_cli(prog, main, argv, errors=(DataError, OSError), quiet=False)

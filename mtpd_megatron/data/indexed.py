@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import secrets
 import struct
 import sys
 from dataclasses import dataclass
@@ -24,7 +23,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
-from mtpd_megatron.data import DataError, cli_parser, ensure_megatron_importable, run_cli
+from mtpd_megatron.checkpoint.atomic import atomic_files
+from mtpd_megatron.cli import run_cli
+from mtpd_megatron.data import DataError, cli_parser, ensure_megatron_importable
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron/core/datasets/indexed_dataset.py: _INDEX_HEADER
 _HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
@@ -222,57 +223,53 @@ def preprocess(
     dtype = np.dtype(DType.optimal_dtype(vocab_size))
     out_dir.mkdir(parents=True, exist_ok=True)
     # One hidden temp prefix for the pair, renamed onto the real names only once both are complete.
-    tmp_prefix = str(out_dir / f".{Path(prefix).name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    tmp_bin, tmp_idx = Path(tmp_prefix + ".bin"), Path(tmp_prefix + ".idx")
-    total_bytes = sum(p.stat().st_size for p in paths)
-    docs = skipped = tokens = 0
-    pool = None
-    builder = None
-    try:
-        builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype.type)
-        chunks = _chunks(paths, chunk_docs, json_key, txt_mode)
-        sizes: list[int] = []
+    with atomic_files(str(prefix) + ".bin", str(prefix) + ".idx") as (tmp_bin, tmp_idx):
+        tmp_prefix = str(tmp_bin.with_suffix(""))
+        total_bytes = sum(p.stat().st_size for p in paths)
+        docs = skipped = tokens = 0
+        pool = None
+        builder = None
+        try:
+            builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype.type)
+            chunks = _chunks(paths, chunk_docs, json_key, txt_mode)
+            sizes: list[int] = []
 
-        def texts_only() -> Iterator[list[str]]:
-            for texts, nbytes in chunks:
-                sizes.append(nbytes)
-                yield texts
+            def texts_only() -> Iterator[list[str]]:
+                for texts, nbytes in chunks:
+                    sizes.append(nbytes)
+                    yield texts
 
-        if workers == 1:  # in this process; encode_batch still uses the Rust thread pool
-            encoded: Iterable[list[np.ndarray]] = map(_Encoder(str(tokenizer_file), eod, dtype.name), texts_only())
-        else:
-            # fork where available: workers start at once (spawn would re-import torch via the package);
-            # they only run the Rust tokenizer, which this process has not used in parallel yet.
-            method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-            pool = multiprocessing.get_context(method).Pool(
-                workers, initializer=_init_pool_worker, initargs=(str(tokenizer_file), eod, dtype.name))
-            encoded = pool.imap(_pool_encode, texts_only())
-        with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenise", disable=not progress,
-                  file=sys.stderr, mininterval=1.0) as bar:
-            for i, arrays in enumerate(encoded):
-                for ids in arrays:
-                    if len(ids) == (1 if eod is not None else 0):
-                        skipped += 1
-                        continue
-                    builder.add_document(ids, [len(ids)])
-                    docs += 1
-                    tokens += len(ids)
-                bar.update(sizes[i])
-                bar.set_postfix(docs=docs, tokens=tokens, refresh=False)
-        if docs == 0:
-            raise DataError(f"no non-empty documents in {', '.join(map(str, paths))}; check the input files")
-        builder.finalize(str(tmp_idx))
-        info = validate_indexed_dataset(tmp_prefix)  # cheap self-check of what the builder wrote
-        os.replace(tmp_bin, prefix + ".bin")
-        os.replace(tmp_idx, prefix + ".idx")
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-        if builder is not None:
-            builder.data_file.close()  # already closed by finalize() on success
-        tmp_bin.unlink(missing_ok=True)
-        tmp_idx.unlink(missing_ok=True)
+            if workers == 1:  # in this process; encode_batch still uses the Rust thread pool
+                encoded: Iterable[list[np.ndarray]] = map(_Encoder(str(tokenizer_file), eod, dtype.name), texts_only())
+            else:
+                # fork where available: workers start at once (spawn would re-import torch via the package);
+                # they only run the Rust tokenizer, which this process has not used in parallel yet.
+                method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+                pool = multiprocessing.get_context(method).Pool(
+                    workers, initializer=_init_pool_worker, initargs=(str(tokenizer_file), eod, dtype.name))
+                encoded = pool.imap(_pool_encode, texts_only())
+            with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenise", disable=not progress,
+                      file=sys.stderr, mininterval=1.0) as bar:
+                for i, arrays in enumerate(encoded):
+                    for ids in arrays:
+                        if len(ids) == (1 if eod is not None else 0):
+                            skipped += 1
+                            continue
+                        builder.add_document(ids, [len(ids)])
+                        docs += 1
+                        tokens += len(ids)
+                    bar.update(sizes[i])
+                    bar.set_postfix(docs=docs, tokens=tokens, refresh=False)
+            if docs == 0:
+                raise DataError(f"no non-empty documents in {', '.join(map(str, paths))}; check the input files")
+            builder.finalize(str(tmp_idx))
+            info = validate_indexed_dataset(tmp_prefix)  # cheap self-check of what the builder wrote
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+            if builder is not None:
+                builder.data_file.close()  # already closed by finalize() on success
     print(f"preprocess: {docs} documents ({skipped} empty skipped), {tokens:,} tokens as {dtype.name} "
           f"-> {prefix}.bin/.idx", file=sys.stderr)
     return IndexedInfo(prefix, dtype, info.num_sequences, info.num_documents, info.num_tokens, None)
@@ -304,4 +301,5 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of tools/preprocess_data.py: exit code 0, or 2 with a one-line error."""
-    return run_cli("preprocess_data.py", _main, argv)
+    # DataError/OSError -> one line; quiet: megatron's import-time TE/Apex notes would bury it
+    return run_cli("preprocess_data.py", _main, argv, errors=(DataError, OSError), quiet=True)

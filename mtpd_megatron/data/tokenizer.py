@@ -20,7 +20,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence
 
-from mtpd_megatron.data import DataError, cli_parser, ensure_megatron_importable, run_cli, temp_path_for
+from mtpd_megatron.checkpoint.atomic import atomic_files
+from mtpd_megatron.cli import run_cli
+from mtpd_megatron.data import DataError, cli_parser, ensure_megatron_importable
 
 if TYPE_CHECKING:
     import tokenizers
@@ -305,17 +307,10 @@ def save_tokenizer(tok: "tokenizers.Tokenizer", out_dir: str | os.PathLike) -> P
         "special_tokens_map.json": json.dumps(
             {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2),
     }
-    temps: dict[str, str] = {}
-    try:
-        for name, text in files.items():
-            temps[name] = str(temp_path_for(out / name))
-            Path(temps[name]).write_text(text + "\n", encoding="utf-8")
-        # tokenizer.json last: its presence marks a complete tokenizer directory
-        for name in sorted(temps, key=lambda n: n == TOKENIZER_FILE):
-            os.replace(temps.pop(name), out / name)
-    finally:
-        for tmp in temps.values():
-            Path(tmp).unlink(missing_ok=True)
+    names = sorted(files, key=lambda n: n == TOKENIZER_FILE)  # tokenizer.json last: it marks a complete directory
+    with atomic_files(*(out / name for name in names)) as temps:
+        for name, tmp in zip(names, temps):
+            tmp.write_text(files[name] + "\n", encoding="utf-8")
     return out / TOKENIZER_FILE
 
 
@@ -373,4 +368,5 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of tools/train_tokenizer.py: exit code 0, or 2 with a one-line error."""
-    return run_cli("train_tokenizer.py", _main, argv)
+    # DataError/OSError -> one line; quiet: megatron's import-time TE/Apex notes would bury it
+    return run_cli("train_tokenizer.py", _main, argv, errors=(DataError, OSError), quiet=True)

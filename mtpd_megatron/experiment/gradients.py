@@ -36,12 +36,14 @@ def trunk_gradients(model, mtp_cfg, batches: list) -> dict:
     from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler
 
     from mtpd_megatron.mtpd import hook
+    from mtpd_megatron.mtpd.metrics import MTPDMetrics
 
     device = next(model.parameters()).device
     heads = int(model.config.mtp_num_layers or 0) if getattr(model, "mtp", None) is not None else 0
-    settings = None
+    settings = attached = None
     if heads:
-        settings = hook.attach(model.config, mtp_cfg, mtp_block=model.mtp)
+        settings = hook.MTPDSettings.from_config(mtp_cfg)
+        attached = hook.attach(model.config, settings, MTPDMetrics(heads), mtp_block=model.mtp)
     last_params = [p for p in model.decoder.layers[-1].parameters() if p.requires_grad]
     captured: list = []
 
@@ -59,7 +61,7 @@ def trunk_gradients(model, mtp_cfg, batches: list) -> dict:
                 continue
             if settings is not None:
                 zero = (0.0,) * heads
-                model.config.mtpd_settings = dataclasses.replace(
+                attached.settings = dataclasses.replace(
                     settings, alphas=zero if term == "head_kl" else settings.alphas,
                     betas=zero if term == "head_ce" else settings.betas)
             MTPLossAutoScaler.set_loss_scale(torch.tensor(0.0 if term == "main_ce" else 1.0, device=device))
@@ -81,8 +83,8 @@ def trunk_gradients(model, mtp_cfg, batches: list) -> dict:
     finally:
         handle.remove()
         MTPLossAutoScaler.set_loss_scale(torch.tensor(1.0))
-        if settings is not None:
-            model.config.mtpd_settings = settings
+        if attached is not None:
+            attached.settings = settings
         model.zero_grad(set_to_none=True)
         model.train(was_training)
     report = {}

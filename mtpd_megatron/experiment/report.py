@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from mtpd_megatron.checkpoint.layout import write_atomic, write_atomic_with
+from mtpd_megatron.checkpoint.atomic import write_atomic, write_atomic_with
 from mtpd_megatron.experiment.spec import Experiment
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from mtpd_megatron.checkpoint import layout
+from mtpd_megatron.checkpoint.atomic import write_atomic
 from mtpd_megatron.config.load import ConfigError, dump_config
 from mtpd_megatron.experiment.spec import ROOT, Arm, Experiment
 
@@ -98,7 +99,7 @@ def import_results(experiment: Experiment, path: str) -> list:
                               f"{result.get('config_hash')} vs {arm.config_hash}); leave it out or rerun it")
         if not (arm.directory / RESULT).is_file():
             arm.directory.mkdir(parents=True, exist_ok=True)
-            layout.write_atomic(arm.directory / RESULT, json.dumps(result, indent=1) + "\n")
+            write_atomic(arm.directory / RESULT, json.dumps(result, indent=1) + "\n")
             imported.append(arm.name)
     return imported
 
@@ -120,7 +121,7 @@ class _Job:
 def _launch(arm: Arm) -> _Job:
     arm.directory.mkdir(parents=True, exist_ok=True)
     cfg_path = arm.directory / "config.yaml"
-    layout.write_atomic(cfg_path, dump_config(arm.config))
+    write_atomic(cfg_path, dump_config(arm.config))
     if arm.is_extension:  # the parent's checkpoint directory is stage 0 of this arm's looped chain
         from mtpd_megatron.looped import stages
 
@@ -266,7 +267,7 @@ def evaluate_arm(experiment: Experiment, arm: Arm, samples_cache: dict, commit: 
         "device": device, "commit": commit, "date": time.strftime("%Y-%m-%d"),
         "eval_seconds": time.time() - t0,
     }
-    layout.write_atomic(arm.directory / RESULT, json.dumps(result, indent=1) + "\n")
+    write_atomic(arm.directory / RESULT, json.dumps(result, indent=1) + "\n")
     return result
 
 

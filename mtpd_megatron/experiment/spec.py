@@ -109,6 +109,8 @@ class Arm:
         data = config_to_dict(self.config)
         data.pop("name")
         data["checkpoint"] = data["logging"] = data["looped"]["root"] = None
+        for kernel_knob in ("compile", "chunk_elems"):  # how the MTP-D loss is computed, not what is trained
+            data["mtp"]["mtpd"].pop(kernel_knob, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

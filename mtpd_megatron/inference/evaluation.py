@@ -99,7 +99,7 @@ def plot_acceptance(result: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mtpd_megatron.checkpoint.layout import write_atomic_with
+    from mtpd_megatron.checkpoint.atomic import write_atomic_with
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for r in result["checkpoints"]:

@@ -99,8 +99,7 @@ def load_for_inference(spec: str, *, tp: int = 1, ep: int = 1, device: str = "au
 
     `dtype` defaults to bfloat16 on CUDA and float32 on CPU. Collective: every rank calls it.
     """
-    from megatron.core import dist_checkpointing
-
+    from mtpd_megatron.checkpoint.weights import load_model_state
     from mtpd_megatron.model.builder import build_model
 
     path = resolve_checkpoint(spec)
@@ -111,15 +110,8 @@ def load_for_inference(spec: str, *, tp: int = 1, ep: int = 1, device: str = "au
     if padded % tp:
         raise CheckpointError(f"checkpoint {path}: padded vocabulary {padded} is not divisible by --tp {tp}")
     model = build_model(cfg, vocab_size=padded, params_dtype=torch.float32)
-    # The model part of the state dict only; same sharding metadata the trainer saved with.
-    from mtpd_megatron.checkpoint.manager import FAILURES, one_line, sharded_metadata
-
-    sharded = {"model": model.sharded_state_dict(metadata=sharded_metadata())}
-    try:
-        loaded = dist_checkpointing.load(sharded, str(path))
-    except FAILURES as e:  # CheckpointingException, shape mismatches, DCP's CheckpointException (a BaseException)
-        raise CheckpointError(f"checkpoint {path} could not be loaded into this model: {one_line(e, 300)}") from None
-    model.load_state_dict(loaded["model"], strict=True)
+    # The model part of the state dict only (checkpoint/weights.py); the optimizer state is not read.
+    model.load_state_dict(load_model_state(model, path), strict=True)
     if dtype is None:
         dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     model = model.to(device=dev, dtype=dtype).eval()

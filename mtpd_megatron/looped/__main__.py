@@ -13,20 +13,17 @@ evaluate next to the trained stage. Exit codes are the trainer's (0, 2, 3, 75).
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import Optional, Sequence
 
+from mtpd_megatron.cli import cli_parser
 from mtpd_megatron.config.load import ConfigError, load_config
 
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
+PROG = "python -m mtpd_megatron.looped"
 
 
 def parse_args(argv):
-    p = _Parser(prog="python -m mtpd_megatron.looped", description=__doc__.split("\n")[0])
+    p = cli_parser(PROG, __doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     for name in ("run-stage", "status", "run-chain"):
         s = sub.add_parser(name)
@@ -78,7 +75,7 @@ def run_stage(cfg, index: int, last: bool = True) -> int:
 def _user_error(error: Exception) -> int:
     from mtpd_megatron.train import _user_error as one_line
 
-    return one_line(error)  # rank 0 prints it, exit code 2
+    return one_line(error, PROG)  # rank 0 prints it, exit code 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

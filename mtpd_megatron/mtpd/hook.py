@@ -41,6 +41,7 @@ main loss (the heads' losses then ride on those logits instead of the hidden sta
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -82,7 +83,7 @@ class GuardedPass:
 
 @dataclass(frozen=True)
 class MTPDSettings:
-    """Per-model MTP-D settings, attached to the model's TransformerConfig."""
+    """Per-model MTP-D settings: built by the trainer (`from_config`) and handed to `attach`."""
 
     spec: DistillSpec
     alphas: tuple
@@ -106,7 +107,7 @@ class MTPDSettings:
 
         betas = per_head(d.beta, "beta") if d.enabled else (0.0,) * n
         spec = DistillSpec(topn=d.topn, direction=d.direction, mode=d.mode, temperature=d.temperature,
-                           objective=d.objective, lk_lambda=d.lk_lambda)
+                           objective=d.objective, lk_lambda=d.lk_lambda, compile=d.compile, chunk_elems=d.chunk_elems)
         guard = GuardedPass() if d.enabled and not d.kl_to_trunk and not mtp_cfg.detach_heads else None
         return cls(spec=spec, alphas=per_head(d.alpha, "alpha"), betas=betas, trained=trained or (True,) * n,
                    detach_teacher=d.detach_teacher or not d.enabled, guard=guard,
@@ -124,34 +125,55 @@ def install() -> None:
     _hybrid_model.process_mtp_loss = mtpd_process_mtp_loss
 
 
-def attach(config, mtp_cfg, trained: Optional[tuple] = None, mtp_block=None) -> MTPDSettings:
-    """Opt the model whose TransformerConfig is `config` into MTP-D (with fresh metrics). `mtp_block` (the
-    model's megatron MultiTokenPredictionBlock) is needed by the trunk guard (`kl_to_trunk=False`)."""
-    settings = MTPDSettings.from_config(mtp_cfg, trained)
+@dataclass
+class Attached:
+    """What the loss of one attached model uses: its settings and the metrics it adds to (owned by the caller)."""
+
+    settings: MTPDSettings
+    metrics: MTPDMetrics
+
+
+# The models opted in, by their TransformerConfig: megatron calls the loss with the config only, so this is
+# where the hook finds the settings and metrics the trainer handed over (nothing is parked on the config).
+_ATTACHED: dict[int, tuple] = {}
+
+
+def attach(config, settings: MTPDSettings, metrics: MTPDMetrics, mtp_block=None) -> Attached:
+    """Opt the model whose TransformerConfig is `config` into MTP-D with `settings`; its per-head sums go to
+    `metrics`. `mtp_block` (the model's megatron MultiTokenPredictionBlock) is needed by the trunk guard
+    (`kl_to_trunk=False`). To change the settings of an attached model, assign `Attached.settings` (keep its
+    guard: the forward hook is registered once)."""
     if settings.guard is not None:
         if mtp_block is None:
             raise ValueError("mtp.mtpd.kl_to_trunk=false needs the model's MTP block (pass mtp_block=model.mtp)")
         mtp_block.register_forward_hook(settings.guard, with_kwargs=True)
-    config.mtpd_settings = settings
-    config.mtpd_metrics = MTPDMetrics(mtp_cfg.num_heads)
+    entry = Attached(settings, metrics)
+    key = id(config)
+    _ATTACHED[key] = (weakref.ref(config), entry)
+    weakref.finalize(config, _ATTACHED.pop, key, None)
     install()
-    return settings
+    return entry
 
 
-def metrics(config) -> MTPDMetrics:
-    return config.mtpd_metrics
+def attached(config) -> Optional[Attached]:
+    """The settings and metrics `config`'s model was attached with, or None (plain megatron MTP)."""
+    found = _ATTACHED.get(id(config))
+    if found is None or found[0]() is not config:
+        return None
+    return found[1]
 
 
 def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output_weight, runtime_gather_output,
                           is_training, compute_language_model_loss, config, cp_group=None, tp_group=None,
                           packed_seq_params=None, scale_logits_fn=None, input_ids=None):
     """Drop-in for megatron's process_mtp_loss (same signature and return value)."""
-    settings: Optional[MTPDSettings] = getattr(config, "mtpd_settings", None)
-    if settings is None:
+    entry = attached(config)
+    if entry is None:
         return _ORIGINAL(hidden_states, labels, loss_mask, output_layer, output_weight, runtime_gather_output,
                          is_training, compute_language_model_loss, config, cp_group=cp_group, tp_group=tp_group,
                          packed_seq_params=packed_seq_params, scale_logits_fn=scale_logits_fn,
                          input_ids=input_ids)
+    settings = entry.settings
     cp = tp_size(cp_group) if cp_group is not None else 1
 
     num_heads = config.mtp_num_layers
@@ -202,7 +224,7 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
     teacher = teacher.reshape(-1, v_local)
     spec = settings.spec
     stats = teacher_stats(teacher.detach(), spec, vocab_size, vocab_start, tp_group)
-    tracker: MTPDMetrics = config.mtpd_metrics
+    tracker: MTPDMetrics = entry.metrics
     chain = torch.ones(seq * batch, dtype=torch.bool, device=teacher.device)  # heads < k all accepted
     scale = config.mtp_loss_scaling_factor / num_heads
 

@@ -40,7 +40,6 @@ only chunk-sized fp32 temporaries exist: no [tokens, V/tp] fp32 tensor is kept f
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Sequence
 
@@ -64,6 +63,8 @@ class DistillSpec:
     temperature: float = 1.0
     objective: str = "kl"  # kl | lk (lambda KL + (1 - lambda) TV)
     lk_lambda: float = 0.5
+    compile: bool = True  # torch.compile the chunk stages on CUDA (mtp.mtpd.compile); CPU is always eager
+    chunk_elems: Optional[int] = None  # logits per chunk (mtp.mtpd.chunk_elems); None = by device
 
     def full_vocab(self, vocab_size: int) -> bool:
         return self.topn <= 0 or self.topn >= vocab_size
@@ -88,16 +89,17 @@ def _compute_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def default_chunk_tokens(local_vocab: int, on_cuda: bool = False) -> int:
+def default_chunk_tokens(local_vocab: int, on_cuda: bool = False, spec: Optional[DistillSpec] = None) -> int:
     """Tokens per chunk, a multiple of 16 (aligned chunk starts: compiled stages see one input layout).
 
     Eager (CPU) stages materialise fp32 [chunk, V/tp] temporaries: 32M logits (128 MiB each). Compiled CUDA
     stages keep temporaries in registers, so chunks are larger (256M logits): fewer launches and collectives;
     measured on H200 (docs/benchmarks.md) 256M was faster than 128M and far faster than 32M.
-    MTPD_CHUNK_ELEMS overrides the element budget.
+    `spec.chunk_elems` (mtp.mtpd.chunk_elems) overrides the element budget.
     """
-    default = 256 * 1024 * 1024 if on_cuda and os.environ.get("MTPD_COMPILE", "1") != "0" else 32 * 1024 * 1024
-    elems = int(os.environ.get("MTPD_CHUNK_ELEMS", default))
+    spec = spec or DistillSpec()
+    default = 256 * 1024 * 1024 if on_cuda and spec.compile else 32 * 1024 * 1024
+    elems = spec.chunk_elems or default
     return max(16, (elems // max(local_vocab, 1)) // 16 * 16)
 
 
@@ -137,11 +139,11 @@ def teacher_stats(
 ) -> TeacherStats:
     """Threshold, log-normalisers and argmax of the teacher logits `teacher` [T, V/tp] (any float dtype)."""
     n_tok = teacher.shape[0]
-    chunk = chunk_tokens or default_chunk_tokens(teacher.shape[-1], teacher.is_cuda)
+    chunk = chunk_tokens or default_chunk_tokens(teacher.shape[-1], teacher.is_cuda, spec)
     full = spec.full_vocab(vocab_size)
     inv_t = 1.0 / spec.temperature
     cdt = _compute_dtype(teacher)
-    cuda = teacher.is_cuda
+    cuda = teacher.is_cuda and spec.compile
     out = [torch.empty(n_tok, dtype=cdt, device=teacher.device) for _ in range(3)]
     argmax = torch.empty(n_tok, dtype=torch.long, device=teacher.device)
     for lo in range(0, n_tok, chunk):
@@ -156,8 +158,9 @@ def teacher_stats(
         m_all = all_reduce(m_local.clone(), _MAX, group)
         sums = all_reduce(_stage("teacher_sums", cuda)(u_raw, tau, m_all, inv_t), _SUM, group)
         out[0][lo:hi] = tau
-        out[1][lo:hi] = m_all * inv_t + torch.log(sums[1].clamp_min(_TINY))
-        out[2][lo:hi] = m_all * inv_t + torch.log(sums[0])
+        sum_all, sum_sel = sums
+        out[1][lo:hi] = m_all * inv_t + torch.log(sum_sel.clamp_min(_TINY))
+        out[2][lo:hi] = m_all * inv_t + torch.log(sum_all)
     return TeacherStats(threshold=out[0], log_z_sel=out[1], log_z_all=out[2], argmax=argmax)
 
 
@@ -202,24 +205,43 @@ def _stage_sums(z_raw, u_raw, tau, maxes, local_label, inv_t: float) -> Tensor:
     return torch.stack([e.sum(-1), e_t.sum(-1), e_sel.sum(-1), tail_t.sum(-1), z_label])
 
 
-def _row_terms(maxes, sums, log_z_sel, log_z_all, inv_t: float, tail: bool):
-    """Per-row normalisers: (lse of z, log-normaliser of P on S, of Q on S, log P_t, log Q_t, Q_t)."""
+class StudentSums(NamedTuple):
+    """Per-row sums over the vocabulary of one chunk of the student (head), all-reduced as one stacked tensor."""
+
+    all: Tensor  # sum exp(z - m_all)
+    all_t: Tensor  # sum exp(z/T - m_all/T)
+    sel: Tensor  # sum over S of exp(z/T - m_sel)
+    tail_t: Tensor  # sum outside S of exp(z/T - m_all/T)
+    z_label: Tensor  # the label's logit (0 on ranks without it)
+
+
+class RowTerms(NamedTuple):
+    """Per-row normalisers of one chunk. In tail mode P and Q are normalised over the whole vocabulary."""
+
+    lse: Tensor  # logsumexp of z (the CE)
+    log_norm_p: Tensor  # log-normaliser of P (student) on S; tail: of z/T over the vocabulary
+    log_norm_q: Tensor  # log-normaliser of Q (teacher) on S; tail: log Z_all
+    log_pt: Optional[Tensor]  # tail: log P of the tail bucket
+    log_qt: Optional[Tensor]  # tail: log Q of the tail bucket
+    q_tail: Optional[Tensor]  # tail: Q of the tail bucket
+
+
+def _row_terms(maxes, sums: StudentSums, log_z_sel, log_z_all, inv_t: float, tail: bool) -> RowTerms:
+    """Per-row normalisers (RowTerms) from the chunk's maxima and all-reduced sums."""
     m_all, m_sel = maxes[0], maxes[1]
-    sum_all, sum_all_t, sum_sel, sum_tail_t = sums[0], sums[1], sums[2], sums[3]
-    lse = m_all + torch.log(sum_all)
+    lse = m_all + torch.log(sums.all)
     if tail:
-        lse_t = m_all * inv_t + torch.log(sum_all_t)
-        log_pt = m_all * inv_t + torch.log(sum_tail_t.clamp_min(_TINY)) - lse_t
+        lse_t = m_all * inv_t + torch.log(sums.all_t)
+        log_pt = m_all * inv_t + torch.log(sums.tail_t.clamp_min(_TINY)) - lse_t
         q_tail = (1.0 - torch.exp(log_z_sel - log_z_all)).clamp_min(0.0)
-        return lse, lse_t, log_z_all, log_pt, torch.log(q_tail.clamp_min(_TINY)), q_tail
-    return lse, m_sel + torch.log(sum_sel), log_z_sel, None, None, None
+        return RowTerms(lse, lse_t, log_z_all, log_pt, torch.log(q_tail.clamp_min(_TINY)), q_tail)
+    return RowTerms(lse, m_sel + torch.log(sums.sel), log_z_sel, None, None, None)
 
 
 def _bucket_logs(z_raw, u_raw, tau, terms, inv_t: float):
     z, u, zt, sel = _prepare(z_raw, u_raw, tau, inv_t)
-    _, log_norm_p, log_norm_q = terms[:3]
-    log_p = zt - log_norm_p.unsqueeze(-1)
-    log_q = u - log_norm_q.unsqueeze(-1)
+    log_p = zt - terms.log_norm_p.unsqueeze(-1)
+    log_q = u - terms.log_norm_q.unsqueeze(-1)
     zero = torch.zeros_like(log_p)
     p = torch.where(sel, torch.exp(log_p), zero)  # bucket probabilities of the S members
     q = torch.where(sel, torch.exp(log_q), zero)
@@ -229,14 +251,13 @@ def _bucket_logs(z_raw, u_raw, tau, terms, inv_t: float):
 
 def _ce_grad(z, terms, local_label, alpha: float):
     cols = torch.arange(z.shape[-1], device=z.device)
-    softmax = torch.exp(z - terms[0].unsqueeze(-1))
+    softmax = torch.exp(z - terms.lse.unsqueeze(-1))
     return alpha * (softmax - (cols == local_label.unsqueeze(-1)).to(z.dtype))
 
 
 def _tail_members(zt, sel, terms):
     """softmax(z/T)_j for j outside S (the tail bucket's members), 0 on S."""
-    lse_t = terms[1]
-    return torch.where(sel, torch.zeros_like(zt), torch.exp(zt - lse_t.unsqueeze(-1)))
+    return torch.where(sel, torch.zeros_like(zt), torch.exp(zt - terms.log_norm_p.unsqueeze(-1)))
 
 
 def _stage_kl_forward(z_raw, u_raw, tau, terms, local_label, inv_t: float, alpha: float, c: float,
@@ -251,15 +272,15 @@ def _stage_kl_forward(z_raw, u_raw, tau, terms, local_label, inv_t: float, alpha
     if dest is not None:
         g = p - q
         if tail:
-            log_pt, q_tail = terms[3], terms[5]
-            g = g + _tail_members(zt, sel, terms) * (1.0 - q_tail / torch.exp(log_pt).clamp_min(_TINY)).unsqueeze(-1)
+            g = g + _tail_members(zt, sel, terms) * (
+                1.0 - terms.q_tail / torch.exp(terms.log_pt).clamp_min(_TINY)).unsqueeze(-1)
         dest.copy_(_ce_grad(z, terms, local_label, alpha) + c * g)
     return kl_local
 
 
 def _tail_teacher(u, sel, terms):
-    """softmax(u/T)_j for j outside S (the teacher's tail-bucket members), 0 on S (tail mode: terms[2] = log Z_all)."""
-    return torch.where(sel, torch.zeros_like(u), torch.exp(u - terms[2].unsqueeze(-1)))
+    """softmax(u/T)_j for j outside S (the teacher's tail-bucket members), 0 on S (tail mode: terms.log_norm_q = log Z_all)."""
+    return torch.where(sel, torch.zeros_like(u), torch.exp(u - terms.log_norm_q.unsqueeze(-1)))
 
 
 def _stage_div_sums(z_raw, u_raw, tau, terms, inv_t: float, reverse: bool, with_tv: bool):
@@ -281,7 +302,7 @@ def _stage_div_grad(z_raw, u_raw, tau, terms, scalars, local_label, inv_t: float
     kl, e_p, e_q, s_t = (x.unsqueeze(-1) for x in scalars)
     s = torch.sign(p - q)
     if tail:
-        log_pt, log_qt = terms[3].unsqueeze(-1), terms[4].unsqueeze(-1)
+        log_pt, log_qt = terms.log_pt.unsqueeze(-1), terms.log_qt.unsqueeze(-1)
         p_tail, q_tail = _tail_members(zt, sel, terms), _tail_teacher(u, sel, terms)
     if dest is not None:
         g = w_kl * (p * (d - kl) if reverse else p - q)
@@ -312,9 +333,10 @@ _STAGES = dict(teacher_max=_teacher_max, teacher_sums=_teacher_sums, maxes=_stag
 _COMPILED: dict = {}
 
 
-def _stage(name: str, on_cuda: bool):
-    """The stage function, compiled on CUDA (MTPD_COMPILE=0 disables); eager on CPU (exact tests)."""
-    if not on_cuda or os.environ.get("MTPD_COMPILE", "1") == "0":
+def _stage(name: str, compiled: bool):
+    """The stage function, compiled when `compiled` (CUDA with mtp.mtpd.compile); eager otherwise (CPU: exact
+    tests)."""
+    if not compiled:
         return _STAGES[name]
     if name not in _COMPILED:
         _COMPILED[name] = torch.compile(_STAGES[name], dynamic=True)
@@ -328,16 +350,16 @@ def _head_chunk(z_raw: Tensor, u_raw: Tensor, st: TeacherStats, labels: Tensor, 
     and, when given, d(loss)/du into `teacher_dest`."""
     inv_t = 1.0 / spec.temperature
     tail = spec.mode == "tail" and not full
-    cuda = z_raw.is_cuda
+    cuda = z_raw.is_cuda and spec.compile  # compile the stages
     local_label = labels - vocab_start  # outside [0, V/tp) on ranks that do not hold the label
     tau = st.threshold
 
     maxes, z_idx = _stage("maxes", cuda)(z_raw, u_raw, tau, inv_t)
     argmax = combine_argmax(maxes[0], z_idx, vocab_start, group)
     all_reduce(maxes, _MAX, group)
-    sums = all_reduce(_stage("sums", cuda)(z_raw, u_raw, tau, maxes, local_label, inv_t), _SUM, group)
+    sums = StudentSums(*all_reduce(_stage("sums", cuda)(z_raw, u_raw, tau, maxes, local_label, inv_t), _SUM, group))
     terms = _row_terms(maxes, sums, st.log_z_sel, st.log_z_all, inv_t, tail)
-    ce = terms[0] - sums[4]
+    ce = terms.lse - sums.z_label
     c = beta * spec.temperature  # beta * T^2 * (1/T)
     lk = spec.objective == "lk"
     if spec.direction == "forward" and not lk and teacher_dest is None:
@@ -345,14 +367,14 @@ def _head_chunk(z_raw: Tensor, u_raw: Tensor, st: TeacherStats, labels: Tensor, 
         kl = all_reduce(_stage("kl_forward", cuda)(z_raw, u_raw, tau, terms, local_label, inv_t, alpha, c, tail, dest),
                         _SUM, group)
         if tail:  # the tail bucket is one scalar per token, known on every rank: added after the reduction
-            kl = kl + terms[5] * (terms[4] - terms[3])
+            kl = kl + terms.q_tail * (terms.log_qt - terms.log_pt)
         return ce, kl, argmax
     reverse = spec.direction == "reverse"
     part = all_reduce(_stage("div_sums", cuda)(z_raw, u_raw, tau, terms, inv_t, reverse, lk), _SUM, group)
     kl, tv_abs, e_p, e_q = part[0], part[1], part[2], part[3]
     s_t = torch.zeros_like(kl)
     if tail:  # the tail bucket's scalars, known on every rank: added after the reduction
-        log_pt, log_qt, q_t = terms[3], terms[4], terms[5]
+        log_pt, log_qt, q_t = terms.log_pt, terms.log_qt, terms.q_tail
         p_t = torch.exp(log_pt)
         kl = kl + (p_t * (log_pt - log_qt) if reverse else q_t * (log_qt - log_pt))
         if lk:
@@ -374,7 +396,7 @@ class _FusedCEKL(torch.autograd.Function):
         st = TeacherStats(*stats_tensors)
         n_tok = student.shape[0]
         full = spec.full_vocab(vocab_size)
-        chunk = chunk_tokens or default_chunk_tokens(student.shape[-1], student.is_cuda)
+        chunk = chunk_tokens or default_chunk_tokens(student.shape[-1], student.is_cuda, spec)
         ce = torch.empty(n_tok, dtype=_compute_dtype(student), device=student.device)
         kl = torch.empty_like(ce)
         argmax = torch.empty(n_tok, dtype=torch.long, device=student.device)

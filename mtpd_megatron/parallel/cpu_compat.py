@@ -7,7 +7,11 @@ in the optimizer). This module answers each of them, one patch per megatron-core
 dist_checkpointing run on CPU processes joined by gloo.
 
 Rules:
-* Switched on explicitly by `enable()`; the trainer calls it only when the run's device is the CPU.
+* Switched on once per process by `enable()`, from the entry points only: `launch.init_distributed` (train,
+  looped, tools that start a world) when the run's device is the CPU, `convert.megatron_world` (converters),
+  and the test harness (tests/conftest.py for the pytest process, the spawned ranks of
+  tests/distributed_harness.py). No other module enters it: megatron's CUDA literals are
+  answered here, inside megatron's own functions (`_MAPPED`), not around our call sites.
 * Refuses to run when a GPU is visible (it must never change GPU behaviour) and when the installed
   megatron-core is not the pinned version (each patch is written against that version's lines).
 * `import_shims()` is the one import-time piece: megatron-core 0.19.2 imports `triton` at import time
@@ -183,28 +187,8 @@ def _patch_megatron() -> None:
     yarn_rotary_pos_embedding.get_pos_emb_on_this_cp_rank = get_pos_emb_on_this_cp_rank
 
 
-def enable() -> None:
-    """Switch the layer on for this (CPU-only) process. Idempotent."""
-    global _ENABLED
-    if _ENABLED:
-        return
-    import torch
-
-    if torch.cuda.is_available():
-        raise CompatError("the CPU compatibility layer must not be enabled in a process that sees a GPU")
-    check_version()
-    import_shims()
-    _patch_torch_cuda()
-    _patch_megatron()
-    _ENABLED = True
-
-
-def is_enabled() -> bool:
-    return _ENABLED
-
-
 # --------------------------------------------------------------------------------------------------------
-# Optimizer scope: megatron's optimizer code is full of device='cuda' literals and CUDA type-string checks.
+# megatron's optimizer and schedules are full of device='cuda' literals and CUDA type-string checks.
 # --------------------------------------------------------------------------------------------------------
 
 _CUDA_TYPE = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
@@ -256,6 +240,106 @@ def _cuda_to_cpu_mode() -> type:
     return CudaToCpu
 
 
-def optimizer_scope():
-    """Context for building and stepping megatron's optimizer: the CUDA→CPU mapping on CPU, else nothing."""
-    return _cuda_to_cpu_mode()() if _ENABLED else contextlib.nullcontext()
+# megatron-core 0.19.2 functions whose bodies hold CUDA literals: each runs under the CUDA->CPU mapping.
+# (module, attribute path, the lines it answers)
+_MAPPED = (
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_no_pipelining",
+     'pipeline_parallel/schedules.py:749 total_num_tokens = torch.zeros(..., device="cuda")'),
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_with_interleaving",
+     'pipeline_parallel/schedules.py:1121 total_num_tokens = torch.zeros(..., device="cuda")'),
+    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_without_interleaving",
+     'pipeline_parallel/schedules.py:2292 total_num_tokens = torch.zeros(..., device="cuda")'),
+    ("megatron.core.models.common.language_module.language_module",
+     "LanguageModule.setup_embeddings_and_output_layer",
+     "models/common/language_module/language_module.py:307 weight.data = weight.data.cuda() (PP > 1)"),
+    ("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer.__init__",
+     "optimizer/optimizer.py:690/698/702 found_inf, _dummy_overflow_buf, _scale_one with device='cuda'"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__",
+     "optimizer/optimizer.py:1028 param.type() == 'torch.cuda.FloatTensor'"),
+    ("megatron.core.optimizer.optimizer", "FP32Optimizer.__init__",
+     "optimizer/optimizer.py:1249 self._scale = torch.tensor(..., device='cuda')"),
+    ("megatron.core.optimizer.optimizer", "MegatronOptimizer.step", "optimizer/clip_grads.py:96/108/112/180/231 "
+     "(device='cuda' norms and buffers) and :174 (.type() == 'torch.cuda.FloatTensor'), through step()"),
+    ("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer.step", "as MegatronOptimizer.step"),
+    ("megatron.core.optimizer.optimizer", "FP32Optimizer.step", "as MegatronOptimizer.step"),
+    ("megatron.core.optimizer.optimizer", "ChainedOptimizer.step", "as MegatronOptimizer.step"),
+    ("megatron.core.optimizer.optimizer", "ChainedOptimizer.load_state_dict",
+     "optimizer/optimizer.py:586/591 p.data.cuda(), v.cuda() (state moved back after loading)"),
+    ("megatron.core.optimizer.optimizer", "ChainedOptimizer._synchronize_steps", "as ChainedOptimizer.load_state_dict"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.load_state_dict",
+     "as ChainedOptimizer.load_state_dict"),
+    ("megatron.core.optimizer.optimizer", "FP32Optimizer.load_state_dict", "as ChainedOptimizer.load_state_dict"),
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.sharded_state_dict",
+     "as ChainedOptimizer.load_state_dict"),
+    ("megatron.core.optimizer.optimizer", "FP32Optimizer.sharded_state_dict", "as ChainedOptimizer.load_state_dict"),
+    ("megatron.core.optimizer.optimizer", "ChainedOptimizer.sharded_state_dict",
+     "as ChainedOptimizer.load_state_dict"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__",
+     "optimizer/distrib_optimizer.py:466 model_param.type() == 'torch.cuda.FloatTensor'"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.load_state_dict",
+     "optimizer/distrib_optimizer.py:1374 send_tensor.cuda() and the state gathers on the current device"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.sharded_state_dict",
+     "as DistributedOptimizer.load_state_dict"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.load_parameter_state_from_fully_reshardable",
+     "as DistributedOptimizer.load_state_dict"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.load_parameter_state_from_dp_reshardable",
+     "as DistributedOptimizer.load_state_dict"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.load_parameter_state_from_fs_model_space",
+     "as DistributedOptimizer.load_state_dict"),
+)
+
+_DEPTH = [0]  # nesting of mapped calls (a mapped method calling another enters the mode once)
+
+
+def _mapped(fn):
+    mode = _cuda_to_cpu_mode()
+
+    @functools.wraps(fn)
+    def under_mapping(*args, **kwargs):
+        if _DEPTH[0]:
+            return fn(*args, **kwargs)
+        _DEPTH[0] += 1
+        try:
+            with mode():
+                return fn(*args, **kwargs)
+        finally:
+            _DEPTH[0] -= 1
+
+    under_mapping.__mtpd_cpu_compat__ = True
+    return under_mapping
+
+
+def _patch_cuda_literals() -> None:
+    """Run each of `_MAPPED` under the CUDA->CPU mapping. Functions are replaced in their module (megatron's
+    get_forward_backward_func looks its schedules up there at call time); methods on their class."""
+    import importlib
+
+    for module_name, path, _lines in _MAPPED:
+        owner = importlib.import_module(module_name)
+        *outer, name = path.split(".")
+        for part in outer:
+            owner = getattr(owner, part)
+        original = owner.__dict__[name]  # KeyError: the pinned version's layout changed (check_version guards)
+        if not getattr(original, "__mtpd_cpu_compat__", False):
+            setattr(owner, name, _mapped(original))
+
+
+def enable() -> None:
+    """Switch the layer on for this (CPU-only) process. Idempotent."""
+    global _ENABLED
+    if _ENABLED:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        raise CompatError("the CPU compatibility layer must not be enabled in a process that sees a GPU")
+    check_version()
+    import_shims()
+    _patch_torch_cuda()
+    _patch_megatron()
+    _patch_cuda_literals()
+    _ENABLED = True
+
+
+def is_enabled() -> bool:
+    return _ENABLED

@@ -70,7 +70,7 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cuda")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
@@ -90,7 +90,7 @@ def init_distributed(cfg: Config, env: DistEnv, timeout_minutes: int = 30) -> to
         torch.cuda.set_device(env.local_rank)
         backend = "nccl"
     if not dist.is_initialized():
-        port = env.master_port or (_free_port() if env.world_size == 1 else 29500)
+        port = env.master_port or (free_port() if env.world_size == 1 else 29500)
         dist.init_process_group(
             backend, init_method=f"tcp://{env.master_addr}:{port}", rank=env.rank, world_size=env.world_size,
             timeout=timedelta(minutes=timeout_minutes),

@@ -62,13 +62,14 @@ def init_deepspeed(device: torch.device) -> None:
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if "RANK" not in os.environ:
-        from mtpd_megatron.testing.distributed import free_port
+        from mtpd_megatron.parallel.launch import free_port
 
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     import deepspeed
 
-    if device.type == "cpu" and os.environ.get("MTPD_DS_SHM", "0") != "1":
+    if device.type == "cpu":  # gloo does the CPU collectives: DeepSpeed's shared-memory all-reduce is a C++
+        # extension compiled on first use (~270 s measured on 2 cores) for a CPU path that is for tests only
         import deepspeed.ops as ops
         from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 

@@ -1,5 +1,5 @@
 """Start many short trainer runs cheaply: one process imports torch, megatron-core and the trainer once,
-then forks a fresh child per run (`python -m mtpd_megatron.testing.forkserver` is the server).
+then forks a fresh child per run (`python tests/forkserver.py` is the server).
 
 Why: a trainer process spends ~5-7 s of its start on imports (torch, megatron-core, transformers through
 megatron's tokenizers) on the 2-core test machines; a forked child starts training in about a second. The
@@ -139,7 +139,7 @@ class ForkServer:
     def __init__(self, env: dict, cwd: Path, log: Path):
         self.cwd = Path(cwd)
         with open(log, "w") as err:  # the server's own stderr (import warnings; a traceback if it fails)
-            self.proc = subprocess.Popen([sys.executable, "-m", "mtpd_megatron.testing.forkserver"], cwd=cwd,
+            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], cwd=cwd,
                                          env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
                                          text=True, bufsize=1)
         hello = self.proc.stdout.readline()

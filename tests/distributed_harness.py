@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from typing import Any, Callable
@@ -18,11 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from mtpd_megatron.parallel.launch import free_port
 
 
 def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple, kwargs: dict):
@@ -35,6 +30,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
         LOCAL_WORLD_SIZE=str(world_size),
     )
     torch.set_num_threads(1)
+    if not torch.cuda.is_available():  # the CPU layer, entered once for this process (cpu_compat.py)
+        from mtpd_megatron.parallel import cpu_compat
+
+        cpu_compat.enable()
     result: dict[str, Any]
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
