@@ -31,9 +31,11 @@ def _step(cfg) -> dict:
     """Forward + backward of the attached model, plain (no DDP): loss, grads, metrics, GEMM/saved counts."""
     from mtpd_megatron.mtpd import hook
     from mtpd_megatron.mtpd.fused_head import SharedMainLogits
+    from mtpd_megatron.mtpd.metrics import MTPDMetrics
 
     model = _build(cfg)
-    hook.attach(model.config, cfg.mtp, mtp_block=model.mtp)
+    attached = hook.attach(model.config, hook.MTPDSettings.from_config(cfg.mtp), MTPDMetrics(cfg.mtp.num_heads),
+                           mtp_block=model.mtp)
     vocab_local = model.output_layer.weight.shape[0]
     shared = SharedMainLogits.of(model.output_layer)
     calls = {"n": 0}
@@ -56,7 +58,7 @@ def _step(cfg) -> dict:
         loss = model(tokens, position_ids, None, labels=labels)
     loss.mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    metrics = hook.metrics(model.config).raw().clone()
+    metrics = attached.metrics.raw().clone()
     return {"loss": loss.detach(), "grads": grads, "metrics": metrics, "gemms": calls["n"], "saved_vocab": big["n"]}
 
 

@@ -111,8 +111,8 @@ class MTPDSettings:
         guard = GuardedPass() if d.enabled and not d.kl_to_trunk and not mtp_cfg.detach_heads else None
         return cls(spec=spec, alphas=per_head(d.alpha, "alpha"), betas=betas, trained=trained or (True,) * n,
                    detach_teacher=d.detach_teacher or not d.enabled, guard=guard,
-                   fused_output_layer=getattr(d, "fused_output_layer", False),
-                   share_teacher_logits=getattr(d, "share_teacher_logits", False))
+                   fused_output_layer=d.fused_output_layer,
+                   share_teacher_logits=d.share_teacher_logits)
 
 
 def install() -> None:
