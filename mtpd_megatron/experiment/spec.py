@@ -109,9 +109,26 @@ class Arm:
         data = config_to_dict(self.config)
         data.pop("name")
         data["checkpoint"] = data["logging"] = data["looped"]["root"] = None
-        for kernel_knob in ("compile", "chunk_elems"):  # how the MTP-D loss is computed, not what is trained
-            data["mtp"]["mtpd"].pop(kernel_knob, None)
+        for section, knob in EXECUTION_KNOBS:  # how a step is computed (same numbers), not what is trained
+            _section(data, section).pop(knob, None)
+        if not data["model"].get("init_on_device"):  # added after arms were recorded: hashed only when set
+            data["model"].pop("init_on_device", None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Switches that change how a step is computed, exactly or to rounding, not what is trained: an arm run with a
+# kernel switch on is the same arm (and arms recorded before a switch existed keep their hash).
+EXECUTION_KNOBS = (
+    ("mtp.mtpd", "compile"), ("mtp.mtpd", "chunk_elems"), ("mtp.mtpd", "fused_output_layer"),
+    ("mtp.mtpd", "share_teacher_logits"), ("model", "compile_layers"), ("model.moe", "experts_backend"),
+    ("training", "fused_adam"),
+)
+
+
+def _section(data: dict, dotted: str) -> dict:
+    for key in dotted.split("."):
+        data = data.get(key) or {}
+    return data
 
 
 @dataclass
