@@ -13,7 +13,6 @@ import argparse
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
-
 TRAIN_PROG = "mtpd-train"  # python -m mtpd_megatron.train (and the trainer's own error lines)
 
 
@@ -31,8 +30,12 @@ class OneLineParser(argparse.ArgumentParser):
                 if arg == "--":
                     break
                 flag = arg.split("=", 1)[0]
-                if (flag.startswith("-") and len(flag) > 1 and not flag[1].isdigit()
-                        and not any(known.startswith(flag) for known in self._option_string_actions)):
+                if (
+                    flag.startswith("-")
+                    and len(flag) > 1
+                    and not flag[1].isdigit()
+                    and not any(known.startswith(flag) for known in self._option_string_actions)
+                ):
                     self.error(f"unrecognized arguments: {arg}")
         return super().parse_known_args(args, namespace)
 
@@ -70,8 +73,15 @@ def user_errors() -> tuple:
     return (ValueError, CheckpointError, OSError)
 
 
-def run_cli(prog: str, main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None, *,
-            errors: Optional[tuple] = None, cleanup: Optional[Callable[[], None]] = None, quiet: bool = True) -> int:
+def run_cli(
+    prog: str,
+    main: Callable[[Optional[Sequence[str]]], int],
+    argv: Optional[Sequence[str]] = None,
+    *,
+    errors: Optional[tuple] = None,
+    cleanup: Optional[Callable[[], None]] = None,
+    quiet: bool = True,
+) -> int:
     """Run a tool's `main`; `errors` (default `user_errors()`) -> one `prog: error: ...` line, exit code 2.
 
     `cleanup` runs in every case (e.g. tearing down a process group). Outputs are written atomically by the

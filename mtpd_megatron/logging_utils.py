@@ -50,7 +50,9 @@ _NOISE_LOGS = {
 # what failed in one line (checkpoint/manager.py), so these would only bury it.
 _NOISE_LOG_PREFIXES = {
     "megatron.core.dist_checkpointing.strategies.filesystem_async": (
-        "Local worker", "An error is caught while starting worker"),
+        "Local worker",
+        "An error is caught while starting worker",
+    ),
 }
 
 
@@ -78,9 +80,23 @@ def quiet_known_noise() -> None:
 
 # Dense (non-sparse) bf16 tensor-core peaks, TFLOP/s, by a substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = (
-    ("GB200", 2500.0), ("B200", 2250.0), ("B100", 1750.0), ("H200", 989.0), ("H100", 989.0), ("H800", 989.0),
-    ("GH200", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0), ("A10G", 70.0),
-    ("A10", 125.0), ("L4", 121.0), ("V100", 125.0), ("MI300X", 1307.0), ("MI250", 362.0),
+    ("GB200", 2500.0),
+    ("B200", 2250.0),
+    ("B100", 1750.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("L40", 181.0),
+    ("A10G", 70.0),
+    ("A10", 125.0),
+    ("L4", 121.0),
+    ("V100", 125.0),
+    ("MI300X", 1307.0),
+    ("MI250", 362.0),
 )
 
 
@@ -128,8 +144,9 @@ def format_heads(metrics: dict) -> str:
     """`mtp1 ce 5.91 kl 0.32 acc 0.21 | ... | tau 1.38` from the hook's summary keys."""
     parts, k = [], 1
     while f"mtp{k}/ce" in metrics:
-        parts.append(f"mtp{k} ce {metrics[f'mtp{k}/ce']:.3f} kl {metrics[f'mtp{k}/kl']:.3f} "
-                     f"acc {metrics[f'mtp{k}/accept']:.3f}")
+        parts.append(
+            f"mtp{k} ce {metrics[f'mtp{k}/ce']:.3f} kl {metrics[f'mtp{k}/kl']:.3f} acc {metrics[f'mtp{k}/accept']:.3f}"
+        )
         k += 1
     if "tau" in metrics:
         parts.append(f"tau {metrics['tau']:.3f}")
@@ -152,21 +169,30 @@ class RunLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                self.print(f"[logging] tensorboard is not installed: no event files (metrics.jsonl in {log_dir} "
-                           "has every number; pip install tensorboard)")
+                self.print(
+                    f"[logging] tensorboard is not installed: no event files (metrics.jsonl in {log_dir} "
+                    "has every number; pip install tensorboard)"
+                )
             else:
                 self.tb = SummaryWriter(log_dir=log_dir)
         if cfg.logging.wandb_project:
             try:
                 import wandb
             except ImportError:
-                self.print(f"[logging] logging.wandb_project={cfg.logging.wandb_project} but wandb is not "
-                           "installed: W&B logging off (pip install wandb)")
+                self.print(
+                    f"[logging] logging.wandb_project={cfg.logging.wandb_project} but wandb is not "
+                    "installed: W&B logging off (pip install wandb)"
+                )
             else:
                 from mtpd_megatron.config.load import config_to_dict
 
-                self.wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, config=config_to_dict(cfg),
-                                        dir=log_dir, resume="allow")
+                self.wandb = wandb.init(
+                    project=cfg.logging.wandb_project,
+                    name=cfg.name,
+                    config=config_to_dict(cfg),
+                    dir=log_dir,
+                    resume="allow",
+                )
         mode = cfg.logging.progress_bar
         if mode == "on" or (mode == "auto" and sys.stdout.isatty()):
             from tqdm import tqdm
@@ -206,8 +232,16 @@ class RunLogger:
         mfu = f"MFU {100 * m['mfu']:.1f}%" if m.get("mfu") is not None else "MFU n/a"
         tflops = f"{m['tflops']:.3g} TFLOP/s" if m.get("tflops") is not None else "TFLOP/s n/a"
         grad = f"grad {m['grad_norm']:.3f}" if m.get("grad_norm") is not None else "grad n/a"
-        fields = [f"[{self.cfg.name}] step {step}/{self.total}", f"loss {_fmt(m['loss'])}", f"lr {m['lr']:.3g}",
-                  grad, f"{m['tokens_per_s']:.3g} tok/s", tflops, mfu, f"skipped {m['skipped_steps']}"]
+        fields = [
+            f"[{self.cfg.name}] step {step}/{self.total}",
+            f"loss {_fmt(m['loss'])}",
+            f"lr {m['lr']:.3g}",
+            grad,
+            f"{m['tokens_per_s']:.3g} tok/s",
+            tflops,
+            mfu,
+            f"skipped {m['skipped_steps']}",
+        ]
         heads = format_heads(m)
         if heads:
             fields.append(heads)

@@ -10,7 +10,6 @@ by raising `training.train_iters`.
 from __future__ import annotations
 
 import torch
-
 from megatron.core.optimizer import MegatronOptimizer, OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 

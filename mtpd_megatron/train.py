@@ -34,8 +34,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = cli_parser(TRAIN_PROG, __doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="YAML config, e.g. configs/tiny_dense.yaml")
     p.add_argument("--resume", default=None, help="auto | none | checkpoint directory (default: checkpoint.resume)")
-    p.add_argument("--nproc-per-node", type=int, default=None,
-                   help="start this many ranks on this machine (instead of torchrun); the config is checked first")
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="start this many ranks on this machine (instead of torchrun); the config is checked first",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides such as training.train_iters=100")
     return p.parse_args(argv)
 
@@ -92,8 +96,16 @@ def _user_error(error: Exception, prog: str = TRAIN_PROG) -> int:
     return 2
 
 
-def run(cfg, *, resume: str = "auto", stage: str = "pretrain", prepare_model=None, trained_heads=None,
-        save_initial: bool = False, keep_process_group: bool = False) -> int:
+def run(
+    cfg,
+    *,
+    resume: str = "auto",
+    stage: str = "pretrain",
+    prepare_model=None,
+    trained_heads=None,
+    save_initial: bool = False,
+    keep_process_group: bool = False,
+) -> int:
     """Validate, join the process group, build the Trainer, train; the exit code. Also used by looped/:
     `prepare_model`/`trained_heads` (see Trainer), `save_initial` (iteration-0 checkpoint when fresh),
     `keep_process_group` (the next stage of a chain runs in this process)."""
@@ -119,8 +131,16 @@ def run(cfg, *, resume: str = "auto", stage: str = "pretrain", prepare_model=Non
     run_lock = None
     try:  # 2. Hold the checkpoint directory, build (data and checkpoint errors are still user errors), train.
         run_lock = lock.acquire_collective(cfg.checkpoint.save, log=_rank0_print)
-        trainer = Trainer(cfg, tokenizer, device, resume=resume, preemption=preemption, stage=stage,
-                          prepare_model=prepare_model, trained_heads=trained_heads)
+        trainer = Trainer(
+            cfg,
+            tokenizer,
+            device,
+            resume=resume,
+            preemption=preemption,
+            stage=stage,
+            prepare_model=prepare_model,
+            trained_heads=trained_heads,
+        )
         if save_initial:
             trainer.save_initial()
         return trainer.fit()
@@ -130,8 +150,12 @@ def run(cfg, *, resume: str = "auto", stage: str = "pretrain", prepare_model=Non
     except (ConfigError, DataError, CheckpointError) as e:
         return _user_error(e)
     except KeyboardInterrupt:
-        _user_error(RuntimeError("interrupted by a second Ctrl-C: the step in flight is not saved; the last "
-                                 "complete checkpoint is intact (resume with --resume auto)"))
+        _user_error(
+            RuntimeError(
+                "interrupted by a second Ctrl-C: the step in flight is not saved; the last "
+                "complete checkpoint is intact (resume with --resume auto)"
+            )
+        )
         return 130
     finally:
         if run_lock is not None:

@@ -36,15 +36,14 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from mtpd_megatron.checkpoint import CheckpointManager, TrainState
-from mtpd_megatron.checkpoint.weights import HF_IMPORT_STAGE, load_model_weights
 from mtpd_megatron.checkpoint.optimizer_state import prime_adam_state
+from mtpd_megatron.checkpoint.weights import HF_IMPORT_STAGE, load_model_weights
 from mtpd_megatron.config.schema import Config
 from mtpd_megatron.data import build_dataloader, build_datasets
 from mtpd_megatron.logging_utils import RunLogger, flops_per_token, peak_tflops
@@ -61,8 +60,11 @@ EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpoint saved after SIGTERM/SIGUSR1; requeue and resume with --resume auto
 
-_MOE_LOSS_NAMES = {"aux_loss": "load_balancing_loss", "seq_aux_loss": "seq_load_balancing_loss",
-                   "global_aux_loss": "global_load_balancing_loss"}
+_MOE_LOSS_NAMES = {
+    "aux_loss": "load_balancing_loss",
+    "seq_aux_loss": "seq_load_balancing_loss",
+    "global_aux_loss": "global_load_balancing_loss",
+}
 
 
 class Preemption:
@@ -109,9 +111,18 @@ def params_dtype_for(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, tokenizer, device: torch.device, *, resume: str = "auto",
-                 preemption: Optional[Preemption] = None, stage: str = "pretrain",
-                 prepare_model: Optional[Callable] = None, trained_heads: Optional[tuple] = None):
+    def __init__(
+        self,
+        cfg: Config,
+        tokenizer,
+        device: torch.device,
+        *,
+        resume: str = "auto",
+        preemption: Optional[Preemption] = None,
+        stage: str = "pretrain",
+        prepare_model: Optional[Callable] = None,
+        trained_heads: Optional[tuple] = None,
+    ):
         """`prepare_model(gpt_model)` runs on the bare model before DDP wraps it (looped extension: load the
         previous stage, initialise new heads, freeze); `trained_heads` marks heads without a loss (frozen)."""
         # run_config: our typed YAML config (schema.py); megatron_config: megatron's TransformerConfig of the model
@@ -133,16 +144,22 @@ class Trainer:
 
         # 1. Data and vocabulary: user errors surface here, before anything is written.
         self.vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
-        self.padded_vocab = padded_vocab_size(self.vocab_size, cfg.model.make_vocab_size_divisible_by,
-                                              cfg.parallel.tensor_model_parallel_size)
+        self.padded_vocab = padded_vocab_size(
+            self.vocab_size, cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size
+        )
         eval_samples = t.eval_iters * t.micro_batch_size * self.dp_size if t.eval_interval else 0
         self.train_ds, self.valid_ds, _ = build_datasets(
-            cfg.data, tokenizer, seq_length=cfg.data.seq_length, seed=t.seed,
-            num_samples=(t.train_iters * t.global_batch_size, eval_samples, 0))
+            cfg.data,
+            tokenizer,
+            seq_length=cfg.data.seq_length,
+            seed=t.seed,
+            num_samples=(t.train_iters * t.global_batch_size, eval_samples, 0),
+        )
 
         # 2. Which checkpoint to resume from, and is it this model's (before building anything big).
-        self.ckpt = CheckpointManager(cfg, vocab_size=self.vocab_size, padded_vocab_size=self.padded_vocab,
-                                      stage=stage, log=self.log)
+        self.ckpt = CheckpointManager(
+            cfg, vocab_size=self.vocab_size, padded_vocab_size=self.padded_vocab, stage=stage, log=self.log
+        )
         self.resume_path = self.ckpt.resolve_resume(resume)
         self.init_weights_from = None
         if self.resume_path is not None:
@@ -167,15 +184,24 @@ class Trainer:
         if self.resume_path is not None:  # falls back to older checkpoints under --resume auto
             self.state = self.ckpt.load(self.resume_path, self.model, self.optimizer, self.scheduler)
             self.resume_path = self.ckpt.loaded_path
-        self.train_iter = iter(build_dataloader(self.train_ds, t.micro_batch_size, self.dp_rank, self.dp_size,
-                                                self.state.consumed_samples, cfg.data.num_workers))
+        self.train_iter = iter(
+            build_dataloader(
+                self.train_ds,
+                t.micro_batch_size,
+                self.dp_rank,
+                self.dp_size,
+                self.state.consumed_samples,
+                cfg.data.num_workers,
+            )
+        )
 
         # 5. Logging (rank 0 only writes).
         self.flops_per_token = flops_per_token(cfg, self.vocab_size)
         self.peak = peak_tflops(device)
         log_dir = cfg.logging.tensorboard_dir or (f"{cfg.checkpoint.save}/tensorboard" if cfg.checkpoint.save else None)
-        self.logger = RunLogger(cfg, enabled=self.rank == 0, log_dir=log_dir, total_iters=t.train_iters,
-                                start_iter=self.state.iteration)
+        self.logger = RunLogger(
+            cfg, enabled=self.rank == 0, log_dir=log_dir, total_iters=t.train_iters, start_iter=self.state.iteration
+        )
         self._interval = {"losses": [], "time": 0.0, "steps": 0}
 
     def _print(self, line: str) -> None:
@@ -195,14 +221,15 @@ class Trainer:
             # per-head metrics it adds to are built here and handed to the hook.
             self.mtpd_settings = mtpd_hook.MTPDSettings.from_config(cfg.mtp, trained=self.trained_heads)
             self.mtpd_metrics = MTPDMetrics(cfg.mtp.num_heads)
-            mtpd_hook.attach(model.config, self.mtpd_settings, self.mtpd_metrics,
-                             mtp_block=getattr(model, "mtp", None))
+            mtpd_hook.attach(model.config, self.mtpd_settings, self.mtpd_metrics, mtp_block=getattr(model, "mtp", None))
         if self.prepare_model is not None:
             self.prepare_model(model)
         if self.init_weights_from is not None:
             load_model_weights(model, self.init_weights_from, log=self.log)
-            self.log(f"[checkpoint] initialised the weights from {self.init_weights_from} (imported; fresh "
-                     "optimizer and schedule)")
+            self.log(
+                f"[checkpoint] initialised the weights from {self.init_weights_from} (imported; fresh "
+                "optimizer and schedule)"
+            )
         if self.device.type == "cuda":
             model.cuda(torch.cuda.current_device())
         if self.dtype == torch.bfloat16:
@@ -218,12 +245,15 @@ class Trainer:
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        batch = {k: batch[k].to(self.device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch = {
+            k: batch[k].to(self.device, non_blocking=True) for k in ("tokens", "labels", "loss_mask", "position_ids")
+        }
         # CP: every rank of a CP group reads the same micro-batch and keeps its two chunks of the sequence
         # (Megatron-LM's get_batch_on_this_cp_rank); megatron's RoPE, MTP rolls and our attention follow.
         batch = context.split_batch(batch, self.cp_size, self.cp_rank)
-        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-                       loss_mask=batch["loss_mask"])
+        output = model(
+            batch["tokens"], batch["position_ids"], None, labels=batch["labels"], loss_mask=batch["loss_mask"]
+        )
         return output, partial(self._loss_func, batch["loss_mask"])
 
     def _loss_func(self, loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -269,9 +299,14 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self.forward_backward(
-            forward_step_func=self._forward_step, data_iterator=self.train_iter, model=self.model,
-            num_microbatches=self.num_micro, seq_length=self.run_config.data.seq_length,
-            micro_batch_size=t.micro_batch_size, forward_only=False)
+            forward_step_func=self._forward_step,
+            data_iterator=self.train_iter,
+            model=self.model,
+            num_microbatches=self.num_micro,
+            seq_length=self.run_config.data.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=False,
+        )
         loss, nonfinite, stop = self._agree(outputs, check_grads=True)
         if nonfinite:  # skip the update: the grads of this step are dropped
             for chunk in self.model:
@@ -317,9 +352,15 @@ class Trainer:
 
         totals: dict = {}
         get_moe_metrics_tracker().report(
-            loss_scale=1.0 / (self.num_micro * max(steps, 1)), iteration=self.state.iteration,
-            force_initialize=True, track_names=[name], num_layers=self.run_config.model.num_layers,
-            moe_layer_freq=moe.layer_freq, mtp_num_layers=self.run_config.mtp.num_heads or None, total_loss_dict=totals)
+            loss_scale=1.0 / (self.num_micro * max(steps, 1)),
+            iteration=self.state.iteration,
+            force_initialize=True,
+            track_names=[name],
+            num_layers=self.run_config.model.num_layers,
+            moe_layer_freq=moe.layer_freq,
+            mtp_num_layers=self.run_config.mtp.num_heads or None,
+            total_loss_dict=totals,
+        )
         return {f"moe/{k}": float(v) for k, v in totals.items()}
 
     def _log_interval(self, result: StepResult, step_time: float) -> None:
@@ -367,9 +408,14 @@ class Trainer:
         try:
             with torch.no_grad():
                 outputs = self.forward_backward(
-                    forward_step_func=self._forward_step, data_iterator=iter(loader), model=self.model,
-                    num_microbatches=t.eval_iters, seq_length=self.run_config.data.seq_length,
-                    micro_batch_size=t.micro_batch_size, forward_only=True)
+                    forward_step_func=self._forward_step,
+                    data_iterator=iter(loader),
+                    model=self.model,
+                    num_microbatches=t.eval_iters,
+                    seq_length=self.run_config.data.seq_length,
+                    micro_batch_size=t.micro_batch_size,
+                    forward_only=True,
+                )
         finally:
             for chunk in self.model:
                 chunk.train()
@@ -419,17 +465,21 @@ class Trainer:
         self._last_saved = self.state.iteration if self.resume_path is not None else None
         nan_run, last_eval, last = 0, self.state.iteration, None
         if self.state.iteration >= t.train_iters:
-            self.log(f"[{self.run_config.name}] already at iteration {self.state.iteration} >= training.train_iters="
-                     f"{t.train_iters}: nothing to do (raise training.train_iters to train further)")
+            self.log(
+                f"[{self.run_config.name}] already at iteration {self.state.iteration} >= training.train_iters="
+                f"{t.train_iters}: nothing to do (raise training.train_iters to train further)"
+            )
         while self.state.iteration < t.train_iters:
             start = time.perf_counter()
             result = last = self.train_step()
             self._log_interval(result, time.perf_counter() - start)
             nan_run = nan_run + 1 if result.nonfinite else 0
             if nan_run >= t.max_consecutive_nan_steps:
-                self._error(f"training.max_consecutive_nan_steps: {nan_run} steps in a row with a non-finite loss or gradient, at step "
-                            f"{self.state.iteration}; stopping without saving ({self._kept()}; lower training.lr, raise "
-                            f"training.lr_warmup_iters or check the data)")
+                self._error(
+                    f"training.max_consecutive_nan_steps: {nan_run} steps in a row with a non-finite loss or gradient, at step "
+                    f"{self.state.iteration}; stopping without saving ({self._kept()}; lower training.lr, raise "
+                    f"training.lr_warmup_iters or check the data)"
+                )
                 self.close()
                 return EXIT_NONFINITE
             self.ckpt.finalize(blocking=False)
@@ -441,8 +491,10 @@ class Trainer:
                     where = f"not saving: {blocker} ({self._kept()})"
                 else:
                     where = f"saving at step {self.state.iteration}"
-                self.log(f"[{self.run_config.name}] signal {self.preemption.signal or 'on another rank'}: {where}; exiting "
-                         f"with {EXIT_PREEMPTED} (resume with --resume auto)")
+                self.log(
+                    f"[{self.run_config.name}] signal {self.preemption.signal or 'on another rank'}: {where}; exiting "
+                    f"with {EXIT_PREEMPTED} (resume with --resume auto)"
+                )
                 if c.save and not blocker:
                     self.save()
                 self.close()
@@ -461,9 +513,11 @@ class Trainer:
         if c.save and self._last_saved != self.state.iteration:
             blocker = self.save_blocker(last)
             if blocker:
-                self._error(f"training.train_iters={t.train_iters} reached but {blocker}: no final checkpoint "
-                            f"written ({self._kept()}); lower training.lr, raise training.lr_warmup_iters or check "
-                            "the data, then resume")
+                self._error(
+                    f"training.train_iters={t.train_iters} reached but {blocker}: no final checkpoint "
+                    f"written ({self._kept()}); lower training.lr, raise training.lr_warmup_iters or check "
+                    "the data, then resume"
+                )
                 self.close()
                 return EXIT_NONFINITE
             self.save()

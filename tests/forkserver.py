@@ -26,17 +26,31 @@ from typing import Optional
 
 # What the trainer imports lazily on its way (measured: 284 modules, most of them through these).
 WARM = (
-    "torch", "torch.distributed.checkpoint", "torch.utils.tensorboard", "megatron.core.dist_checkpointing",
+    "torch",
+    "torch.distributed.checkpoint",
+    "torch.utils.tensorboard",
+    "megatron.core.dist_checkpointing",
     "megatron.core.dist_checkpointing.strategies.filesystem_async",
     "megatron.core.dist_checkpointing.strategies.fully_parallel",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver",
     "megatron.core.dist_checkpointing.strategies.cached_metadata_filesystem_reader",
-    "megatron.core.datasets.gpt_dataset", "megatron.core.datasets.blended_megatron_dataset_builder",
-    "megatron.core.models.hybrid.hybrid_model", "megatron.core.tokenizers.text",
-    "mtpd_megatron.train", "mtpd_megatron.trainer", "mtpd_megatron.looped.__main__",
-    "mtpd_megatron.data", "mtpd_megatron.data.tokenizer", "mtpd_megatron.config.validate",
-    "mtpd_megatron.parallel.launch", "mtpd_megatron.checkpoint.manager", "mtpd_megatron.checkpoint.lock",
-    "transformers", "tokenizers", "psutil", "tqdm.auto",
+    "megatron.core.datasets.gpt_dataset",
+    "megatron.core.datasets.blended_megatron_dataset_builder",
+    "megatron.core.models.hybrid.hybrid_model",
+    "megatron.core.tokenizers.text",
+    "mtpd_megatron.train",
+    "mtpd_megatron.trainer",
+    "mtpd_megatron.looped.__main__",
+    "mtpd_megatron.data",
+    "mtpd_megatron.data.tokenizer",
+    "mtpd_megatron.config.validate",
+    "mtpd_megatron.parallel.launch",
+    "mtpd_megatron.checkpoint.manager",
+    "mtpd_megatron.checkpoint.lock",
+    "transformers",
+    "tokenizers",
+    "psutil",
+    "tqdm.auto",
 )
 
 
@@ -139,9 +153,16 @@ class ForkServer:
     def __init__(self, env: dict, cwd: Path, log: Path):
         self.cwd = Path(cwd)
         with open(log, "w") as err:  # the server's own stderr (import warnings; a traceback if it fails)
-            self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)], cwd=cwd,
-                                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err,
-                                         text=True, bufsize=1)
+            self.proc = subprocess.Popen(
+                [sys.executable, os.path.abspath(__file__)],
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+                bufsize=1,
+            )
         hello = self.proc.stdout.readline()
         if not hello:
             raise RuntimeError(f"the fork server did not start:\n{Path(log).read_text()[-3000:]}")
@@ -151,10 +172,25 @@ class ForkServer:
         self.proc.stdin.flush()
         return json.loads(self.proc.stdout.readline())
 
-    def start(self, args: list[str], env: dict, out: Path, err: Path, module: str = "mtpd_megatron.train",
-              prelude: Optional[str] = None) -> int:
-        return self._ask(cmd="start", args=args, env=env, out=str(out), err=str(err), module=module,
-                         prelude=prelude, cwd=str(self.cwd))["pid"]
+    def start(
+        self,
+        args: list[str],
+        env: dict,
+        out: Path,
+        err: Path,
+        module: str = "mtpd_megatron.train",
+        prelude: Optional[str] = None,
+    ) -> int:
+        return self._ask(
+            cmd="start",
+            args=args,
+            env=env,
+            out=str(out),
+            err=str(err),
+            module=module,
+            prelude=prelude,
+            cwd=str(self.cwd),
+        )["pid"]
 
     def poll(self, pid: int) -> Optional[int]:
         return self._ask(cmd="poll", pid=pid)["rc"]

@@ -62,11 +62,11 @@ def ensure_slurm_installed() -> None:
     if all(_which(c) for c in REQUIRED_COMMANDS):
         return
     if os.environ.get(INSTALL_ENV) != "1":
-        pytest.skip(f"Slurm is not installed: real-Slurm tests skipped ({INSTALL_ENV}=1 bash tools/test.sh "
-                    f"installs slurm + munge with apt-get, as root)")
-    proc = subprocess.run(
-        ["bash", str(INSTALL_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+        pytest.skip(
+            f"Slurm is not installed: real-Slurm tests skipped ({INSTALL_ENV}=1 bash tools/test.sh "
+            f"installs slurm + munge with apt-get, as root)"
+        )
+    proc = subprocess.run(["bash", str(INSTALL_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         pytest.skip(
             f"Slurm is not installed and {INSTALL_SCRIPT.relative_to(REPO_ROOT)} failed "
@@ -217,8 +217,12 @@ class SlurmCluster:
         log = open(self.run_dir / f"{name}.stdout", "wb")
         self._log_files.append(log)
         self._procs[name] = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            env=self.env, start_new_session=True,  # setsid: our signals/terminal never reach the daemons
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            start_new_session=True,  # setsid: our signals/terminal never reach the daemons
         )
 
     def start(self, timeout: float = 60.0) -> None:
@@ -228,11 +232,18 @@ class SlurmCluster:
         key = self.run_dir / "munge.key"
         key.write_bytes(os.urandom(128))
         os.chmod(key, 0o600)
-        self._spawn("munged", [
-            _which("munged"), "--foreground", f"--socket={self.munge_socket}", f"--key-file={key}",
-            f"--pid-file={self.run_dir}/munged.pid", f"--seed-file={self.run_dir}/munged.seed",
-            f"--log-file={self.run_dir}/munged.log",
-        ])
+        self._spawn(
+            "munged",
+            [
+                _which("munged"),
+                "--foreground",
+                f"--socket={self.munge_socket}",
+                f"--key-file={key}",
+                f"--pid-file={self.run_dir}/munged.pid",
+                f"--seed-file={self.run_dir}/munged.seed",
+                f"--log-file={self.run_dir}/munged.log",
+            ],
+        )
         self._wait(lambda: self.munge_socket.exists(), 10, "munged socket")
         self._spawn("slurmctld", [_which("slurmctld"), "-D", "-i", "-f", str(self.conf_path)])
         for node in self.nodes:
@@ -281,7 +292,7 @@ class SlurmCluster:
         for f in self._log_files:
             f.close()
         if leftovers:
-            warnings.warn("killed job processes left after the cluster stopped:\n" + "\n".join(leftovers))
+            warnings.warn("killed job processes left after the cluster stopped:\n" + "\n".join(leftovers), stacklevel=2)
         if self._old_slurm_conf is None:
             os.environ.pop("SLURM_CONF", None)
         else:
@@ -336,8 +347,12 @@ class SlurmCluster:
         out = self.run(["scontrol", "-o", "show", "job", str(job_id)]).stdout
         f = parse_scontrol_record(out.splitlines()[0])
         return JobInfo(
-            job_id=str(job_id), state=f.get("JobState", "?"), exit_code=f.get("ExitCode", "?"),
-            restarts=int(f.get("Restarts", "0") or 0), reason=f.get("Reason", ""), fields=f,
+            job_id=str(job_id),
+            state=f.get("JobState", "?"),
+            exit_code=f.get("ExitCode", "?"),
+            restarts=int(f.get("Restarts", "0") or 0),
+            reason=f.get("Reason", ""),
+            fields=f,
         )
 
     def wait_for_job(self, job_id: str, timeout: float = 120.0, interval: float = 0.5) -> JobInfo:

@@ -20,9 +20,25 @@ FIELDS = ("step_ms", "tokens_per_s", "tflops", "mfu", "peak_gib", "flops_per_tok
 
 def _bench(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py"), "--out", str(out),
-                           "--steps", "2", "--warmup", "0", "--device", "cpu", *args],
-                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "bench_train.py"),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--warmup",
+            "0",
+            "--device",
+            "cpu",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "wrote" in proc.stdout
     return json.loads((out / "bench.json").read_text()) | {"_out": str(out), "_stdout": proc.stdout}
@@ -43,8 +59,16 @@ def _same_losses(runs: dict, switch: str, atol: float) -> None:
 
 
 def test_dense_arms_profile_and_head_switches(tmp_path):
-    result = _bench(tmp_path, "--config", "configs/tiny_dense.yaml", "--profile", "mtpd",
-                    "--compare", "fused_output_layer,fused_adam", "training.global_batch_size=4")
+    result = _bench(
+        tmp_path,
+        "--config",
+        "configs/tiny_dense.yaml",
+        "--profile",
+        "mtpd",
+        "--compare",
+        "fused_output_layer,fused_adam",
+        "training.global_batch_size=4",
+    )
     runs = _by_name(result)
     assert list(runs)[:3] == ["nomtp", "mtp", "mtpd"]
     for run in runs.values():
@@ -68,8 +92,18 @@ def test_dense_arms_profile_and_head_switches(tmp_path):
 
 
 def test_moe_layers_override_and_grouped_gemm_switch(tmp_path):
-    result = _bench(tmp_path, "--config", "configs/tiny_moe.yaml", "--layers", "2", "--arms", "mtpd",
-                    "--compare", "grouped_gemm", "training.global_batch_size=4")
+    result = _bench(
+        tmp_path,
+        "--config",
+        "configs/tiny_moe.yaml",
+        "--layers",
+        "2",
+        "--arms",
+        "mtpd",
+        "--compare",
+        "grouped_gemm",
+        "training.global_batch_size=4",
+    )
     runs = _by_name(result)
     assert set(runs) == {"mtpd", "mtpd+grouped_gemm=off", "mtpd+grouped_gemm=on"}
     _same_losses(runs, "grouped_gemm", 1e-5)
@@ -82,11 +116,18 @@ def test_moe_layers_override_and_grouped_gemm_switch(tmp_path):
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):
-    for args, needle in ((["--config", "configs/tiny_dense.yaml", "--compare", "warp_drive"], "--compare"),
-                         (["--config", "configs/tiny_dense.yaml", "--arms", "mtp,xyz"], "--arms"),
-                         (["--config", "configs/nope.yaml"], "--config")):
-        proc = subprocess.run([sys.executable, str(ROOT / "tools" / "bench_train.py"), "--out", str(tmp_path / "x"),
-                               *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    for args, needle in (
+        (["--config", "configs/tiny_dense.yaml", "--compare", "warp_drive"], "--compare"),
+        (["--config", "configs/tiny_dense.yaml", "--arms", "mtp,xyz"], "--arms"),
+        (["--config", "configs/nope.yaml"], "--config"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "tools" / "bench_train.py"), "--out", str(tmp_path / "x"), *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
         assert proc.returncode == 2
         assert f"bench_train.py: error: {needle}" in proc.stderr
         assert not (tmp_path / "x").exists()

@@ -25,9 +25,9 @@ import time
 from pathlib import Path
 
 import pytest
+from train_helpers import make_data, read_metrics, run, signal_when, start, tiny_config, wait, write_config
 
 from mtpd_megatron.checkpoint.layout import TRACKER_FILE, complete_checkpoints, verify
-from train_helpers import make_data, read_metrics, run, signal_when, start, tiny_config, wait, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -72,9 +72,15 @@ def test_sigterm_saves_exits_75_and_resume_is_bitwise(data, straight, tmp_path, 
     save = tmp_path / "ckpt"
     # Periodic saves before the signal (so the writer's machinery exists when SIGTERM hits every process);
     # keep_last=2 prunes older ones.
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(
-        *data, save, training={"train_iters": ITERS}, checkpoint={"save": str(save), "save_interval": 2,
-                                                                  "keep_last": 2, "async_save": async_save}))
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_config(
+            *data,
+            save,
+            training={"train_iters": ITERS},
+            checkpoint={"save": str(save), "save_interval": 2, "keep_last": 2, "async_save": async_save},
+        ),
+    )
     ranks = start(["--config", str(cfg)], fork=True)
     signal_when(ranks, "step 4/")  # to every process of the rank, as Slurm does on preemption
     [(rc, out, err)] = wait(ranks)
@@ -92,9 +98,15 @@ def test_sigterm_saves_exits_75_and_resume_is_bitwise(data, straight, tmp_path, 
 
 def test_sigkill_mid_save_keeps_previous_checkpoint(data, straight, tmp_path):
     save = tmp_path / "ckpt"
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(
-        *data, save, training={"train_iters": ITERS}, checkpoint={"save": str(save), "save_interval": 4,
-                                                                  "keep_last": 0}))
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_config(
+            *data,
+            save,
+            training={"train_iters": ITERS},
+            checkpoint={"save": str(save), "save_interval": 4, "keep_last": 0},
+        ),
+    )
     [(rc, out, err)] = run(["--config", str(cfg)], prelude=KILL_MID_SAVE, fork=True)
     assert rc == -signal.SIGKILL, err
     partial = save / f"iter_{KILL_AT:07d}.tmp"
@@ -123,9 +135,16 @@ def test_sigkill_mid_save_keeps_previous_checkpoint(data, straight, tmp_path):
 def tp2_run(data, tmp_path_factory) -> tuple[Path, dict]:
     """2 ranks at TP2, 8 steps, checkpoint at step 4: (checkpoint dir, losses)."""
     root = tmp_path_factory.mktemp("tp2")
-    cfg = write_config(root / "cfg.yaml", tiny_config(
-        *data, root / "ckpt", parallel={"tensor_model_parallel_size": 2}, training={"train_iters": 8},
-        checkpoint={"save": str(root / "ckpt"), "save_interval": 4, "keep_last": 0}))
+    cfg = write_config(
+        root / "cfg.yaml",
+        tiny_config(
+            *data,
+            root / "ckpt",
+            parallel={"tensor_model_parallel_size": 2},
+            training={"train_iters": 8},
+            checkpoint={"save": str(root / "ckpt"), "save_interval": 4, "keep_last": 0},
+        ),
+    )
     results = run(["--config", str(cfg)], world=2, fork=True)
     assert [r[0] for r in results] == [0, 0], results[0][2]
     return root / "ckpt" / "iter_0000004", _losses(read_metrics(root / "ckpt" / "tensorboard"))
@@ -186,8 +205,9 @@ def two_checkpoints(data, tmp_path_factory) -> tuple[Path, dict]:
     """iter_4 and iter_8 of an 8-step run (forked trainer) and its losses."""
     root = tmp_path_factory.mktemp("two")
     save = root / "ckpt"
-    cfg = tiny_config(*data, save, training={"train_iters": 8},
-                      checkpoint={"save": str(save), "save_interval": 4, "keep_last": 0})
+    cfg = tiny_config(
+        *data, save, training={"train_iters": 8}, checkpoint={"save": str(save), "save_interval": 4, "keep_last": 0}
+    )
     write_config(root / "cfg.yaml", cfg)
     [(rc, out, err)] = run(["--config", str(root / "cfg.yaml")], fork=True)
     assert rc == 0, err
@@ -196,8 +216,12 @@ def two_checkpoints(data, tmp_path_factory) -> tuple[Path, dict]:
 
 def _copy(src: Path, dst: Path, data) -> Path:
     shutil.copytree(src, dst / "ckpt")
-    cfg = tiny_config(*data, dst / "ckpt", training={"train_iters": 8},
-                      checkpoint={"save": str(dst / "ckpt"), "save_interval": 4, "keep_last": 0})
+    cfg = tiny_config(
+        *data,
+        dst / "ckpt",
+        training={"train_iters": 8},
+        checkpoint={"save": str(dst / "ckpt"), "save_interval": 4, "keep_last": 0},
+    )
     return write_config(dst / "cfg.yaml", cfg)
 
 
@@ -215,8 +239,10 @@ def test_integrity_manifest_is_megatrons_and_catches_flipped_bytes(two_checkpoin
 
     from mtpd_megatron.checkpoint import layout
 
-    assert (layout.INTEGRITY_FILE, layout.INTEGRITY_ALGORITHM) == (validation.INTEGRITY_FNAME,
-                                                                   validation._HASH_ALGORITHM)
+    assert (layout.INTEGRITY_FILE, layout.INTEGRITY_ALGORITHM) == (
+        validation.INTEGRITY_FNAME,
+        validation._HASH_ALGORITHM,
+    )
     save, _ = two_checkpoints
     ckpt = shutil.copytree(save / "iter_0000008", tmp_path / "iter_0000008")
     listed = json.loads((ckpt / layout.INTEGRITY_FILE).read_text())["files"]
@@ -242,8 +268,7 @@ def test_corrupt_newest_checkpoint_falls_back_with_one_line(data, two_checkpoint
         (ckpt / "integrity.json").unlink()  # as written before checksums existed
     shard = next((tmp_path / "zeroed" / "ckpt" / "iter_0000008").glob("*.distcp"))
     shard.write_bytes(bytes(shard.stat().st_size))
-    for cfg, why in ((flipped, "does not match its sha256 checksum"),
-                     (zeroed, "could not be loaded (UnpicklingError")):
+    for cfg, why in ((flipped, "does not match its sha256 checksum"), (zeroed, "could not be loaded (UnpicklingError")):
         ckpt = cfg.parent / "ckpt"
         [(rc, out, err)] = run(["--config", str(cfg)], fork=True)
         assert rc == 0, err
@@ -263,8 +288,13 @@ def test_damaged_checkpoints_that_cannot_fall_back_are_one_line_errors(data, two
         _flip(next((ckpt / it).glob("*.distcp")), 4096)
     before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
     [(rc, out, err)] = run(["--config", str(cfg), "--resume", str(ckpt / "iter_0000008")], fork=True)
-    _one_line_error(rc, err, f"--resume {ckpt / 'iter_0000008'}: the integrity check failed", "sha256 checksum",
-                    "pick another checkpoint")
+    _one_line_error(
+        rc,
+        err,
+        f"--resume {ckpt / 'iter_0000008'}: the integrity check failed",
+        "sha256 checksum",
+        "pick another checkpoint",
+    )
     [(rc, out, err)] = run(["--config", str(cfg), "--resume", "auto"], fork=True)
     _one_line_error(rc, err, f"{ckpt} holds checkpoints but none is complete and intact", "--resume none")
     assert out.count("skipping") == 2
@@ -296,12 +326,18 @@ def test_kill_9_at_random_moments_resumes_from_verified_checkpoints(data, straig
     import random
 
     save = tmp_path / "ckpt"
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(
-        *data, save, training={"train_iters": CYCLE_ITERS},
-        checkpoint={"save": str(save), "save_interval": 1, "keep_last": 2, "async_save": async_save}))
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_config(
+            *data,
+            save,
+            training={"train_iters": CYCLE_ITERS},
+            checkpoint={"save": str(save), "save_interval": 1, "keep_last": 2, "async_save": async_save},
+        ),
+    )
     rng = random.Random(20261202 + async_save)
     expected, mid_save, kills, step_s = None, 0, 0, 0.2
-    for cycle in range(10):
+    for _cycle in range(10):
         ranks = start(["--config", str(cfg), "--resume", "auto"], fork=True)
         # The moment: after 1 or 2 new steps, then a random part of a step (measured, so that every cycle
         # kills the run before it ends whatever the machine's speed).

@@ -31,8 +31,14 @@ CONFIGS = ROOT / "configs"
 
 def run_checker(args: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
-    return subprocess.run([sys.executable, "-m", "mtpd_megatron.config", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "mtpd_megatron.config", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def bad_cases() -> list:
@@ -44,10 +50,14 @@ def bad_cases() -> list:
         marks = []
         if meta.get("requires") == "no transformer_engine" and importlib.util.find_spec("transformer_engine"):
             marks = [pytest.mark.skip(reason="Transformer Engine is installed here")]
-        cases.append(pytest.param(str(path), shlex.split(meta.get("args", "")), field, phrase, id=path.stem,
-                                  marks=marks))
-    cases.append(pytest.param(str(BAD / "does_not_exist.yaml"), [], "does_not_exist.yaml: no such file", "no such file",
-                               id="missing_file"))
+        cases.append(
+            pytest.param(str(path), shlex.split(meta.get("args", "")), field, phrase, id=path.stem, marks=marks)
+        )
+    cases.append(
+        pytest.param(
+            str(BAD / "does_not_exist.yaml"), [], "does_not_exist.yaml: no such file", "no such file", id="missing_file"
+        )
+    )
     return cases
 
 
@@ -61,6 +71,7 @@ def bad_results():
 
     Concurrent because each start pays for `import mtpd_megatron` (which imports torch).
     """
+
     def one(case):
         path, args = case.values[0], case.values[1]
         with tempfile.TemporaryDirectory() as cwd:
@@ -91,8 +102,11 @@ def test_unreadable_config_files_are_one_line(tmp_path):
     binary.write_bytes(bytes(range(256)) * 64)
     nul = tmp_path / "nul.yaml"
     nul.write_bytes(b"model: {num_layers: 2}\n\x00\x00\n")
-    for path, phrase in ((binary, "not a text file (byte 128 is not UTF-8)"), (nul, "contains NUL bytes"),
-                         (tmp_path / "run", "is a directory")):
+    for path, phrase in (
+        (binary, "not a text file (byte 128 is not UTF-8)"),
+        (nul, "contains NUL bytes"),
+        (tmp_path / "run", "is a directory"),
+    ):
         result = run_checker([str(path)], tmp_path / "run")
         assert result.returncode == 2, result.stderr
         assert result.stderr.splitlines() == [result.stderr.strip()] and phrase in result.stderr, result.stderr
@@ -104,22 +118,32 @@ def test_machine_checks_can_be_skipped_for_other_nodes(tmp_path):
     preset = str(CONFIGS / "tiny_dense.yaml")
     result = run_checker([preset, "checkpoint.save=/etc/passwd", "--vocab-size", "1000", "--no-env"], tmp_path)
     assert result.returncode == 0, result.stderr
-    result = run_checker([preset, "checkpoint.save=/etc/passwd", "model.hidden_size=60", "--vocab-size", "1000",
-                          "--no-env"], tmp_path)
+    result = run_checker(
+        [preset, "checkpoint.save=/etc/passwd", "model.hidden_size=60", "--vocab-size", "1000", "--no-env"], tmp_path
+    )
     assert result.returncode == 2 and "model.hidden_size=60" in result.stderr
 
 
 def test_bad_override_from_the_command_line(tmp_path):
     result = run_checker([str(CONFIGS / "tiny_dense.yaml"), "model.num_layer=4", "--vocab-size", "1000"], tmp_path)
     assert result.returncode == 2
-    assert result.stderr.splitlines() == ["python -m mtpd_megatron.config: error: model.num_layer: unknown key (did you mean 'num_layers'?)"]
+    assert result.stderr.splitlines() == [
+        "python -m mtpd_megatron.config: error: model.num_layer: unknown key (did you mean 'num_layers'?)"
+    ]
     result = run_checker([str(CONFIGS / "tiny_dense.yaml"), "--world-size", "two"], tmp_path)
     assert result.returncode == 2 and len(result.stderr.splitlines()) == 1 and "--world-size" in result.stderr
 
 
 def test_checker_prints_resolved_config_and_counts(tmp_path):
-    args = [str(CONFIGS / "tiny_dense.yaml"), "model.num_layers=4", "--world-size", "2",
-            "mtp.mtpd.beta=[1, 0.5, 0.5, 0]", "--vocab-size", "1000"]
+    args = [
+        str(CONFIGS / "tiny_dense.yaml"),
+        "model.num_layers=4",
+        "--world-size",
+        "2",
+        "mtp.mtpd.beta=[1, 0.5, 0.5, 0]",
+        "--vocab-size",
+        "1000",
+    ]
     result = run_checker(args, tmp_path)
     assert result.returncode == 0, result.stderr
     printed = yaml.safe_load(result.stdout)  # the summary lines are YAML comments
@@ -138,11 +162,20 @@ def test_checker_prints_resolved_config_and_counts(tmp_path):
 
 
 def test_overrides_are_typed():
-    cfg = config_from_dict({}, [
-        "training.lr=1e-3", "model.num_layers=6", "parallel.sequence_parallel=true", "model.vocab_size=null",
-        "model.moe.layer_freq=[0,1,1]", "data.paths=[0.3, a, 0.7, b]", "name=run 1", "model.rotary_base=500000",
-        "mtp.mtpd.beta=[1.0, 0.5]",
-    ])
+    cfg = config_from_dict(
+        {},
+        [
+            "training.lr=1e-3",
+            "model.num_layers=6",
+            "parallel.sequence_parallel=true",
+            "model.vocab_size=null",
+            "model.moe.layer_freq=[0,1,1]",
+            "data.paths=[0.3, a, 0.7, b]",
+            "name=run 1",
+            "model.rotary_base=500000",
+            "mtp.mtpd.beta=[1.0, 0.5]",
+        ],
+    )
     assert cfg.training.lr == 1e-3 and isinstance(cfg.training.lr, float)
     assert cfg.model.num_layers == 6
     assert cfg.parallel.sequence_parallel is True
@@ -160,16 +193,19 @@ def test_override_replaces_a_preset_value():
     assert cfg.model.moe.router_topk == 2  # untouched siblings stay
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.num_layer=4", "model.num_layer: unknown key (did you mean 'num_layers'?)"),
-    ("modle.num_layers=4", "modle: unknown key (did you mean 'model'?)"),
-    ("model.num_layers=four", "model.num_layers: expected an integer, got 'four'"),
-    ("model.num_layers=2.5", "model.num_layers: expected an integer, got 2.5"),
-    ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel: expected true or false, got 'maybe'"),
-    ("data.paths=prefix", "data.paths: expected a list, got 'prefix'"),
-    ("model.num_layers.deep=1", "model.num_layers.deep: 'num_layers' is a value, not a section"),
-    ("num_layers", "num_layers: overrides look like section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.num_layer=4", "model.num_layer: unknown key (did you mean 'num_layers'?)"),
+        ("modle.num_layers=4", "modle: unknown key (did you mean 'model'?)"),
+        ("model.num_layers=four", "model.num_layers: expected an integer, got 'four'"),
+        ("model.num_layers=2.5", "model.num_layers: expected an integer, got 2.5"),
+        ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel: expected true or false, got 'maybe'"),
+        ("data.paths=prefix", "data.paths: expected a list, got 'prefix'"),
+        ("model.num_layers.deep=1", "model.num_layers.deep: 'num_layers' is a value, not a section"),
+        ("num_layers", "num_layers: overrides look like section.key=value"),
+    ],
+)
 def test_bad_overrides(override, message):
     with pytest.raises(ConfigError) as err:
         config_from_dict({"model": {"num_layers": 2}}, [override])
@@ -191,26 +227,37 @@ def small(**sections) -> dict:
 
 def test_validate_accepts_a_small_valid_layout():
     validate(config_from_dict(small()), world_size=1)
-    cfg = config_from_dict(small(
-        model={"num_attention_heads": 8, "num_query_groups": 4, "moe": {"num_experts": 8, "router_topk": 2}},
-        parallel={"tensor_model_parallel_size": 2, "sequence_parallel": True, "expert_model_parallel_size": 4,
-                  "expert_tensor_parallel_size": 1},
-        training={"micro_batch_size": 1, "global_batch_size": 4}))
+    cfg = config_from_dict(
+        small(
+            model={"num_attention_heads": 8, "num_query_groups": 4, "moe": {"num_experts": 8, "router_topk": 2}},
+            parallel={
+                "tensor_model_parallel_size": 2,
+                "sequence_parallel": True,
+                "expert_model_parallel_size": 4,
+                "expert_tensor_parallel_size": 1,
+            },
+            training={"micro_batch_size": 1, "global_batch_size": 4},
+        )
+    )
     validate(cfg, world_size=4)
 
 
 def test_validate_accepts_context_parallel_layouts():
     """CP = 2 with MTP-D (also with TP x SP and a world holding DP): the old refusal is gone."""
-    for parallel, world in [({"context_parallel_size": 2}, 2), ({"context_parallel_size": 2}, 4),
-                            ({"context_parallel_size": 2, "tensor_model_parallel_size": 2, "sequence_parallel": True}, 4)]:
+    for parallel, world in [
+        ({"context_parallel_size": 2}, 2),
+        ({"context_parallel_size": 2}, 4),
+        ({"context_parallel_size": 2, "tensor_model_parallel_size": 2, "sequence_parallel": True}, 4),
+    ]:
         cfg = config_from_dict(small(parallel=parallel, data={"seq_length": 128}))
         validate(cfg, world_size=world)
 
 
 @pytest.mark.parametrize("topn, ok", [(0, True), (1024, True), (1025, False)])
 def test_topn_against_padded_vocab(topn, ok):
-    cfg = config_from_dict(small(model={"vocab_size": None}, mtp={"mtpd": {"topn": topn}},
-                                 data={"tokenizer": "tok.json"}))
+    cfg = config_from_dict(
+        small(model={"vocab_size": None}, mtp={"mtpd": {"topn": topn}}, data={"tokenizer": "tok.json"})
+    )
     if ok:
         validate(cfg, 1, vocab_size=1000)
     else:
@@ -224,9 +271,13 @@ def test_mtpd_disabled_allows_zero_heads():
 
 
 def test_expert_tp_bounds_world_size():
-    cfg = config_from_dict(small(model={"moe": {"num_experts": 4}},
-                                 parallel={"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 2},
-                                 training={"micro_batch_size": 1, "global_batch_size": 6}))
+    cfg = config_from_dict(
+        small(
+            model={"moe": {"num_experts": 4}},
+            parallel={"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 2},
+            training={"micro_batch_size": 1, "global_batch_size": 6},
+        )
+    )
     with pytest.raises(ConfigError, match=r"EP\*ETP\*PP=4 does not divide the world size 6"):
         validate(cfg, 6)
 
@@ -256,7 +307,8 @@ def test_presets_validate(name):
         validate(cfg, world, vocab_size=None if cfg.model.vocab_size else 1000)
     # gpu_small: the full corpus; the tiny presets: the demo's data (so they train right after the demo)
     data_root = {"gpu_small": "runs/gpu_data/", "tiny_dense": "runs/demo/data/", "tiny_moe": "runs/demo/data/"}.get(
-        name, "runs/data/")
+        name, "runs/data/"
+    )
     assert cfg.data.paths and all(p.startswith(data_root) for p in cfg.data.paths)
     assert cfg.data.tokenizer.startswith(data_root)
     assert [st["heads"] for st in cfg.looped.stages][-1] >= 4, "every preset ships its looped extension"
@@ -264,8 +316,9 @@ def test_presets_validate(name):
 
 def test_presets_pass_the_checker(tmp_path):
     for name, worlds in PRESET_WORLDS.items():
-        result = run_checker([str(CONFIGS / f"{name}.yaml"), "--world-size", str(worlds[-1]), "--vocab-size", "1000"],
-                             tmp_path)
+        result = run_checker(
+            [str(CONFIGS / f"{name}.yaml"), "--world-size", str(worlds[-1]), "--vocab-size", "1000"], tmp_path
+        )
         assert result.returncode == 0, result.stderr
         assert "# parameters: main model" in result.stdout
 
@@ -282,10 +335,21 @@ def test_preset_sizes():
 
 def test_count_by_hand():
     """The formula on a case small enough to count on paper (dense, GQA, QK-norm, untied, 1 MTP head)."""
-    cfg = config_from_dict(small(model={"num_layers": 1, "hidden_size": 8, "ffn_hidden_size": 12,
-                                        "num_attention_heads": 2, "num_query_groups": 1, "qk_layernorm": True,
-                                        "make_vocab_size_divisible_by": 16, "vocab_size": 30},
-                                 mtp={"num_heads": 1}))
+    cfg = config_from_dict(
+        small(
+            model={
+                "num_layers": 1,
+                "hidden_size": 8,
+                "ffn_hidden_size": 12,
+                "num_attention_heads": 2,
+                "num_query_groups": 1,
+                "qk_layernorm": True,
+                "make_vocab_size_divisible_by": 16,
+                "vocab_size": 30,
+            },
+            mtp={"num_heads": 1},
+        )
+    )
     layer = 8 + 8 * (2 + 2) * 4 + 8 * 8 + 2 * 4 + 8 + 3 * 8 * 12  # norms, qkv, proj, qk-norm, norm, mlp
     c = count_parameters(cfg, 30)
     assert c["padded_vocab_size"] == 32
@@ -299,8 +363,10 @@ def test_checker_reads_the_vocabulary_from_the_tokenizer(tmp_path):
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20,
-                                  trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
+    tokenizer.train_from_iterator(
+        ["the quick brown fox jumps over the lazy dog"] * 20,
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]),
+    )
     tokenizer.save(str(tmp_path / "tokenizer.json"))
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     (tmp_path / "broken.json").write_text("{not json")
@@ -330,4 +396,6 @@ def test_help_config_prints_the_schema_docs():
     everything = run_checker(["--help-config"], ROOT)
     assert everything.returncode == 0 and "training.lr (float" in everything.stdout
     bad = run_checker(["--help-config", "mtp.nope"], ROOT)
-    assert bad.returncode == 2 and bad.stderr.startswith("python -m mtpd_megatron.config: error: --help-config mtp.nope: no section 'nope'")
+    assert bad.returncode == 2 and bad.stderr.startswith(
+        "python -m mtpd_megatron.config: error: --help-config mtp.nope: no section 'nope'"
+    )

@@ -8,11 +8,11 @@ import dataclasses
 
 import pytest
 import torch
+from distributed_harness import run_distributed
+from test_mtpd_hook import MTPD, H, V, _fake_config, _reference_objective
 
 from mtpd_megatron.config import config_from_dict
 from mtpd_megatron.mtpd import hook
-from distributed_harness import run_distributed
-from test_mtpd_hook import MTPD, V, H, _fake_config, _reference_objective
 
 CP = 2
 
@@ -42,7 +42,9 @@ def _hook_case(seq, cu, mtpd, detach, frozen=False, cp_rank=None):
     labels = torch.randint(0, V, (1, seq))
     mask = (torch.rand(1, seq) > 0.25).double()
     bounds = cu if cu is not None else [0, seq]
-    doc_ids = torch.repeat_interleave(torch.arange(len(bounds) - 1), torch.tensor(bounds[1:]) - torch.tensor(bounds[:-1]))
+    doc_ids = torch.repeat_interleave(
+        torch.arange(len(bounds) - 1), torch.tensor(bounds[1:]) - torch.tensor(bounds[:-1])
+    )
     params = None
     if cu is not None:
         cu_t = torch.tensor(cu, dtype=torch.int32)
@@ -63,19 +65,46 @@ def _hook_case(seq, cu, mtpd, detach, frozen=False, cp_rank=None):
         group, cp = dist.new_group([0, 1]), CP
         idx = _local_positions(seq, cp, cp_rank, cu)
     hidden = full[:, idx].reshape((1 + heads) * len(idx), 1, H).clone().requires_grad_(True)
-    out = hook.mtpd_process_mtp_loss(hidden, labels[:, idx], mask[:, idx], output_layer, None, None, True, None, cfg,
-                                     cp_group=group, packed_seq_params=params)
+    out = hook.mtpd_process_mtp_loss(
+        hidden,
+        labels[:, idx],
+        mask[:, idx],
+        output_layer,
+        None,
+        None,
+        True,
+        None,
+        cfg,
+        cp_group=group,
+        packed_seq_params=params,
+    )
     (out * 0).sum().backward()
     got = hidden.grad.view(1 + heads, len(idx), H) / cp  # the hook scales by CP (DDP averages over DP x CP)
     sums = hook.attached(cfg).metrics.raw(group)
 
     # the reference objective on the whole sequence, by autograd
     ref_hidden = full.clone().requires_grad_(True)
-    spec = dict(topn=mtpd.get("topn", MTPD["topn"]), direction=mtpd.get("direction", "forward"),
-                mode=mtpd.get("mode", "renorm"), temperature=1.0, objective=mtpd.get("objective", "kl"),
-                lk_lambda=mtpd.get("lk_lambda", 0.5))
-    ref = _reference_objective([c.squeeze(1) for c in ref_hidden], weight, labels[0], mask[0], doc_ids, heads, 0.3,
-                               alphas, betas, spec, detach_teacher=detach)
+    spec = dict(
+        topn=mtpd.get("topn", MTPD["topn"]),
+        direction=mtpd.get("direction", "forward"),
+        mode=mtpd.get("mode", "renorm"),
+        temperature=1.0,
+        objective=mtpd.get("objective", "kl"),
+        lk_lambda=mtpd.get("lk_lambda", 0.5),
+    )
+    ref = _reference_objective(
+        [c.squeeze(1) for c in ref_hidden],
+        weight,
+        labels[0],
+        mask[0],
+        doc_ids,
+        heads,
+        0.3,
+        alphas,
+        betas,
+        spec,
+        detach_teacher=detach,
+    )
     ref.backward()
     return got, ref_hidden.grad[:, idx].squeeze(2), sums
 
@@ -87,9 +116,11 @@ CASES = {
 }
 
 
-VARIANTS = [(dict(direction="forward", mode="renorm"), True, False),
-            (dict(direction="reverse", mode="tail", objective="lk", lk_lambda=0.4), False, False),
-            (dict(direction="forward", mode="renorm"), True, True)]  # a frozen head (looped extension)
+VARIANTS = [
+    (dict(direction="forward", mode="renorm"), True, False),
+    (dict(direction="reverse", mode="tail", objective="lk", lk_lambda=0.4), False, False),
+    (dict(direction="forward", mode="renorm"), True, True),
+]  # a frozen head (looped extension)
 
 
 def _all_hook_cases():
@@ -117,8 +148,15 @@ def _attention_case():
     from mtpd_megatron.parallel import context
 
     ps.initialize_model_parallel(context_parallel_size=CP)
-    config = TransformerConfig(num_layers=1, hidden_size=32, num_attention_heads=4, num_query_groups=2,
-                               context_parallel_size=CP, attention_dropout=0.0, use_cpu_initialization=True)
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_query_groups=2,
+        context_parallel_size=CP,
+        attention_dropout=0.0,
+        use_cpu_initialization=True,
+    )
     attention = SDPAttention(config=config, layer_number=1, attn_mask_type=AttnMaskType.causal, attention_type="self")
     torch.manual_seed(1)
     seq, b, d = 24, 2, 8
@@ -130,8 +168,9 @@ def _attention_case():
     (out * w[idx]).sum().backward()
 
     full = [t.clone().requires_grad_(True) for t in (q, k, v)]
-    ref = F.scaled_dot_product_attention(*(t.permute(1, 2, 0, 3) for t in full), is_causal=True,
-                                         scale=attention.softmax_scale, enable_gqa=True)
+    ref = F.scaled_dot_product_attention(
+        *(t.permute(1, 2, 0, 3) for t in full), is_causal=True, scale=attention.softmax_scale, enable_gqa=True
+    )
     ref = ref.permute(2, 0, 1, 3).reshape(seq, b, 4 * d)
     (ref * w).sum().backward()
     ps.destroy_model_parallel()
@@ -179,8 +218,13 @@ def _trainer_config(data, save, **parallel) -> dict:
     from train_helpers import tiny_config
 
     tok, prefix = data / "tok" / "tokenizer.json", data / "corpus_text_document"
-    cfg = tiny_config(tok, prefix, save, parallel=parallel,
-                      training={"train_iters": 2 + RESUMED_STEPS, "micro_batch_size": 2, "global_batch_size": 4})
+    cfg = tiny_config(
+        tok,
+        prefix,
+        save,
+        parallel=parallel,
+        training={"train_iters": 2 + RESUMED_STEPS, "micro_batch_size": 2, "global_batch_size": 4},
+    )
     cfg["model"]["num_query_groups"] = 2  # GQA: 2 query heads per key/value head
     return cfg
 
@@ -193,7 +237,6 @@ def _run_trainer(cfg_dict: dict, resume: str, steps: int, save_after: int = 0) -
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from mtpd_megatron.config import config_from_dict
     from mtpd_megatron.data import load_tokenizer
     from mtpd_megatron.parallel import launch
     from mtpd_megatron.trainer import Trainer
@@ -263,11 +306,16 @@ def test_trainer_context_parallel_matches_cp1_and_resumes_across_cp(tmp_path):
     cp1, cp2 = tmp_path / "cp1", tmp_path / "cp2"
     cfg = lambda save=None, **p: _trainer_config(data, save, **p)  # noqa: E731
 
-    (ref,), = run_distributed(_runs, 1, [(cfg(cp1), "none", steps, 2)])
+    ((ref,),) = run_distributed(_runs, 1, [(cfg(cp1), "none", steps, 2)])
     two = run_distributed(_runs, 2, [(cfg(cp2, context_parallel_size=2), "none", steps, 2)])
-    four = run_distributed(_runs, 4, [
-        (cfg(None, tensor_model_parallel_size=2, context_parallel_size=2), str(cp1 / ckpt), RESUMED_STEPS),
-        (cfg(None, tensor_model_parallel_size=2), str(cp2 / ckpt), RESUMED_STEPS)])
+    four = run_distributed(
+        _runs,
+        4,
+        [
+            (cfg(None, tensor_model_parallel_size=2, context_parallel_size=2), str(cp1 / ckpt), RESUMED_STEPS),
+            (cfg(None, tensor_model_parallel_size=2), str(cp2 / ckpt), RESUMED_STEPS),
+        ],
+    )
 
     for rank, (cp2_run,) in enumerate(two):
         _assert_same_step(cp2_run, ref, f"CP=2 rank {rank} vs CP=1")

@@ -24,39 +24,71 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_harness import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 SEQ = 16
 
-TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4, num_query_groups=2,
-            qk_layernorm=True, max_position_embeddings=64, rotary_base=10000)
+TINY = dict(
+    num_layers=2,
+    hidden_size=64,
+    ffn_hidden_size=176,
+    num_attention_heads=4,
+    num_query_groups=2,
+    qk_layernorm=True,
+    max_position_embeddings=64,
+    rotary_base=10000,
+)
 DENSE = {"model": TINY, "parallel": {"tensor_model_parallel_size": 2}, "mtp": {"num_heads": 2}}
 MOE = {  # configs/tiny_moe.yaml's architecture
-    "model": {**TINY, "moe": {"num_experts": 4, "router_topk": 2, "ffn_hidden_size": 64,
-                              "shared_expert_hidden_size": 64, "layer_freq": [0, 1], "score_function": "sigmoid",
-                              "expert_bias": True, "load_balancing_type": "none"}},
-    "parallel": {"tensor_model_parallel_size": 2, "expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1,
-                 "sequence_parallel": True},
+    "model": {
+        **TINY,
+        "moe": {
+            "num_experts": 4,
+            "router_topk": 2,
+            "ffn_hidden_size": 64,
+            "shared_expert_hidden_size": 64,
+            "layer_freq": [0, 1],
+            "score_function": "sigmoid",
+            "expert_bias": True,
+            "load_balancing_type": "none",
+        },
+    },
+    "parallel": {
+        "tensor_model_parallel_size": 2,
+        "expert_model_parallel_size": 2,
+        "expert_tensor_parallel_size": 1,
+        "sequence_parallel": True,
+    },
     "mtp": {"num_heads": 2},
 }
 # Single-process variants for the other mapping tables (TP1): every class mapping.py can choose.
 _SMALL_MOE = {"num_experts": 4, "router_topk": 2, "ffn_hidden_size": 48}
 VARIANTS = {
     "llama": {"model": {**TINY, "qk_layernorm": False, "tie_embeddings": True}, "mtp": {"num_heads": 1}},
-    "qwen3_moe": {"model": {**TINY, "moe": {**_SMALL_MOE, "layer_freq": [1, 0], "score_function": "softmax"}},
-                  "mtp": {"num_heads": 1}},
-    "mixtral": {"model": {**TINY, "qk_layernorm": False, "moe": {**_SMALL_MOE, "score_function": "softmax"}},
-                "mtp": {"num_heads": 1}},
-    "glm4_moe": {"model": {**TINY, "qk_layernorm": False,
-                           "moe": {**_SMALL_MOE, "router_topk": 1, "score_function": "sigmoid"}},
-                 "mtp": {"num_heads": 1}},
+    "qwen3_moe": {
+        "model": {**TINY, "moe": {**_SMALL_MOE, "layer_freq": [1, 0], "score_function": "softmax"}},
+        "mtp": {"num_heads": 1},
+    },
+    "mixtral": {
+        "model": {**TINY, "qk_layernorm": False, "moe": {**_SMALL_MOE, "score_function": "softmax"}},
+        "mtp": {"num_heads": 1},
+    },
+    "glm4_moe": {
+        "model": {**TINY, "qk_layernorm": False, "moe": {**_SMALL_MOE, "router_topk": 1, "score_function": "sigmoid"}},
+        "mtp": {"num_heads": 1},
+    },
 }
 
-GLM46 = {"model": {**TINY, "vocab_size": 256, "num_layers": 46,
-                   "moe": {**_SMALL_MOE, "score_function": "sigmoid", "layer_freq": [0] + [1] * 45}},
-         "mtp": {"num_heads": 1}}
+GLM46 = {
+    "model": {
+        **TINY,
+        "vocab_size": 256,
+        "num_layers": 46,
+        "moe": {**_SMALL_MOE, "score_function": "sigmoid", "layer_freq": [0] + [1] * 45},
+    },
+    "mtp": {"num_heads": 1},
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -84,7 +116,8 @@ def _megatron_logits(model, tokens):
     pos = torch.arange(tokens.shape[1]).expand_as(tokens)
     captured = []
     hook = model.output_layer.register_forward_hook(
-        lambda m, i, o: captured.append(o[0].detach().transpose(0, 1).clone()))
+        lambda m, i, o: captured.append(o[0].detach().transpose(0, 1).clone())
+    )
     with torch.no_grad():
         model(tokens, pos, None, labels=torch.roll(tokens, -1, 1))
     hook.remove()
@@ -96,20 +129,24 @@ def _make_checkpoints(root: str, vocab: int, tokenizer: str) -> dict:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from mtpd_megatron.config import config_from_dict
     from mtpd_megatron.checkpoint.metadata import build_meta
     from mtpd_megatron.checkpoint.weights import save_model_weights
+    from mtpd_megatron.config import config_from_dict
     from mtpd_megatron.model.builder import build_model, padded_vocab_size
+
     out = {}
     tokens = torch.randint(0, vocab, (2, SEQ), generator=torch.Generator().manual_seed(3))
     for name, raw in (("dense", DENSE), ("moe", MOE)):
         p = raw["parallel"]
-        ps.initialize_model_parallel(tensor_model_parallel_size=p["tensor_model_parallel_size"],
-                                     expert_model_parallel_size=p.get("expert_model_parallel_size", 1),
-                                     expert_tensor_parallel_size=p.get("expert_tensor_parallel_size"))
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=p["tensor_model_parallel_size"],
+            expert_model_parallel_size=p.get("expert_model_parallel_size", 1),
+            expert_tensor_parallel_size=p.get("expert_tensor_parallel_size"),
+        )
         model_parallel_cuda_manual_seed(7)
-        cfg = config_from_dict({**raw, "model": {**raw["model"], "vocab_size": vocab},
-                                "data": {"tokenizer": tokenizer}})
+        cfg = config_from_dict(
+            {**raw, "model": {**raw["model"], "vocab_size": vocab}, "data": {"tokenizer": tokenizer}}
+        )
         padded = padded_vocab_size(vocab, 128, p["tensor_model_parallel_size"])
         model = build_model(cfg, vocab_size=padded)
         _perturb(model)
@@ -173,10 +210,11 @@ def _reload(root: str, tokens) -> dict:
 
     from mtpd_megatron.checkpoint import layout
     from mtpd_megatron.checkpoint.manager import sharded_metadata
-    from mtpd_megatron.config import config_from_dict
     from mtpd_megatron.checkpoint.metadata import build_meta
     from mtpd_megatron.checkpoint.weights import save_model_weights
+    from mtpd_megatron.config import config_from_dict
     from mtpd_megatron.model.builder import build_model
+
     r = Path(root)
     out = {}
     pp2 = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 2}
@@ -186,10 +224,12 @@ def _reload(root: str, tokens) -> dict:
         raw = meta["config"]
         cfg = config_from_dict({**raw, "parallel": {**raw["parallel"], **parallel}})
         p = cfg.parallel
-        ps.initialize_model_parallel(tensor_model_parallel_size=p.tensor_model_parallel_size,
-                                     pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-                                     expert_model_parallel_size=p.expert_model_parallel_size,
-                                     expert_tensor_parallel_size=p.expert_tensor_parallel_size)
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+            expert_tensor_parallel_size=p.expert_tensor_parallel_size,
+        )
         model_parallel_cuda_manual_seed(1)
         model = build_model(cfg, vocab_size=meta["padded_vocab_size"])
         sd = {"model": model.sharded_state_dict(metadata=sharded_metadata())}
@@ -198,9 +238,17 @@ def _reload(root: str, tokens) -> dict:
             model.eval()
             out["moe"] = _megatron_logits(model, tokens)[0]
         else:
-            save_model_weights(model, r / "ck_dense_pp2", build_meta(
-                cfg, iteration=1, vocab_size=meta["vocab_size"], padded_vocab_size=meta["padded_vocab_size"],
-                stage="test"))
+            save_model_weights(
+                model,
+                r / "ck_dense_pp2",
+                build_meta(
+                    cfg,
+                    iteration=1,
+                    vocab_size=meta["vocab_size"],
+                    padded_vocab_size=meta["padded_vocab_size"],
+                    stage="test",
+                ),
+            )
         ps.destroy_model_parallel()
     return out
 
@@ -225,8 +273,15 @@ def _variants(root: str) -> dict:
             sd = model.state_dict()
             hf = Path(root) / f"hf_{name}"
             hf.mkdir()
-            summary = write_hf(cfg, lambda names: {n: sd[n] for n in names}, hf, vocab_rows=256, vocab_size=256,
-                               dtype=torch.float32, progress=False)
+            summary = write_hf(
+                cfg,
+                lambda names, sd=sd: {n: sd[n] for n in names},
+                hf,
+                vocab_rows=256,
+                vocab_size=256,
+                dtype=torch.float32,
+                progress=False,
+            )
         convert_from_hf(str(hf), str(Path(root) / f"ck_{name}"), progress=False)
         convert_to_hf(str(Path(root) / f"ck_{name}"), str(Path(root) / f"rt_hf_{name}"), progress=False)
         # a directory written by transformers itself (its config.json spelling, no MTP heads) imports too
@@ -235,8 +290,9 @@ def _variants(root: str) -> dict:
         torch.manual_seed(0)
         fresh = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(hf)))
         fresh.save_pretrained(str(Path(root) / f"fresh_{name}"))
-        convert_from_hf(str(Path(root) / f"fresh_{name}"), str(Path(root) / f"ck_fresh_{name}"), mtp="none",
-                        progress=False)
+        convert_from_hf(
+            str(Path(root) / f"fresh_{name}"), str(Path(root) / f"ck_fresh_{name}"), mtp="none", progress=False
+        )
         convert_to_hf(str(Path(root) / f"ck_fresh_{name}"), str(Path(root) / f"rt_fresh_{name}"), progress=False)
         out[name] = {"main": main, "mtp": mtp, "arch": summary["arch"]}
     out["tokens"] = tokens
@@ -247,8 +303,15 @@ def _variants(root: str) -> dict:
         _perturb(model)
         sd = model.state_dict()
         (Path(root) / "hf_glm46").mkdir()
-        out["glm46"] = write_hf(cfg, lambda names: {n: sd[n] for n in names}, Path(root) / "hf_glm46",
-                                vocab_rows=256, vocab_size=256, dtype=torch.float32, progress=False)
+        out["glm46"] = write_hf(
+            cfg,
+            lambda names: {n: sd[n] for n in names},
+            Path(root) / "hf_glm46",
+            vocab_rows=256,
+            vocab_size=256,
+            dtype=torch.float32,
+            progress=False,
+        )
     return out
 
 
@@ -389,9 +452,19 @@ def test_import_loads_at_other_layouts(built, tmp_path):
     ref = _gathered(built["refs"], "moe", "main")
     assert _rel(torch.cat([r["moe"] for r in built["reloaded"]], dim=-1), ref) <= 1e-5
     out = tmp_path / "hf_from_pp2"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), "--ckpt",
-                           str(built["root"] / "ck_dense_pp2"), "--out", str(out)], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "convert_to_hf.py"),
+            "--ckpt",
+            str(built["root"] / "ck_dense_pp2"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _files(out) == _files(built["root"] / "hf_dense")
     assert (out / "config.json").read_bytes() == (built["root"] / "hf_dense" / "config.json").read_bytes()
@@ -449,13 +522,20 @@ def test_mtp_modes(built):
     assert manifest["num_heads"] == 3 and manifest["num_hidden_layers"] == 2
     from safetensors import safe_open
 
-    with safe_open(str(root / "hf_dense_init" / "model-00001-of-00001.safetensors"), "pt") as f, \
-            safe_open(str(root / "hf_dense" / "model-00001-of-00001.safetensors"), "pt") as g:
-        assert torch.equal(f.get_tensor("model.layers.1.mlp.down_proj.weight"),
-                           g.get_tensor("model.layers.1.mlp.down_proj.weight"))
-    with safe_open(str(root / "hf_dense_init" / "mtp" / "model-00001-of-00001.safetensors"), "pt") as f, \
-            safe_open(str(root / "hf_dense" / "mtp" / "model-00001-of-00001.safetensors"), "pt") as g:
-        assert not torch.equal(f.get_tensor("model.layers.2.eh_proj.weight"), g.get_tensor("model.layers.2.eh_proj.weight"))
+    with (
+        safe_open(str(root / "hf_dense_init" / "model-00001-of-00001.safetensors"), "pt") as f,
+        safe_open(str(root / "hf_dense" / "model-00001-of-00001.safetensors"), "pt") as g,
+    ):
+        assert torch.equal(
+            f.get_tensor("model.layers.1.mlp.down_proj.weight"), g.get_tensor("model.layers.1.mlp.down_proj.weight")
+        )
+    with (
+        safe_open(str(root / "hf_dense_init" / "mtp" / "model-00001-of-00001.safetensors"), "pt") as f,
+        safe_open(str(root / "hf_dense" / "mtp" / "model-00001-of-00001.safetensors"), "pt") as g,
+    ):
+        assert not torch.equal(
+            f.get_tensor("model.layers.2.eh_proj.weight"), g.get_tensor("model.layers.2.eh_proj.weight")
+        )
         assert torch.all(f.get_tensor("model.layers.4.enorm.weight") == 1)
 
 
@@ -546,7 +626,7 @@ def _cascade_drafts(model, mtp, seq: list, k: int, vocab: int) -> list:
     hidden = model.get_decoder()(input_ids=ids[:, :-1]).last_hidden_state
     ext, drafts = list(seq), []
     for depth in range(k):
-        tokens = torch.tensor([ext[depth + 1: len(seq) + depth]])
+        tokens = torch.tensor([ext[depth + 1 : len(seq) + depth]])
         positions = torch.arange(depth + 1, len(seq) + depth)[None]
         hidden = mtp.forward_layer(depth, hidden, positions, None, input_ids=tokens)
         logits = mtp._project_to_logits(hidden[:, -1])[0]
@@ -643,14 +723,17 @@ def test_finetune_then_reattach_bitwise(built, name, tmp_path):
     opt.step()
     ft = tmp_path / "ft"
     model.save_pretrained(str(ft))
-    assert not (ft / "mtp").exists() and json.loads((ft / "config.json").read_text()).get("num_nextn_predict_layers",
-                                                                                          0) == 0
+    assert (
+        not (ft / "mtp").exists()
+        and json.loads((ft / "config.json").read_text()).get("num_nextn_predict_layers", 0) == 0
+    )
     before = {p.name: p.read_bytes() for p in ft.glob("*.safetensors")}
     summary = attach_heads(str(ft), str(export))
     assert summary["layout"] == "sidecar" and summary["num_heads"] == 2
     assert _files(ft)["mtp/model-00001-of-00001.safetensors"] == _files(export)["mtp/model-00001-of-00001.safetensors"]
-    assert {k: v for k, v in _files(ft).items() if k.startswith("mtp/")} == \
-        {k: v for k, v in _files(export).items() if k.startswith("mtp/")}
+    assert {k: v for k, v in _files(ft).items() if k.startswith("mtp/")} == {
+        k: v for k, v in _files(export).items() if k.startswith("mtp/")
+    }
     assert {p.name: p.read_bytes() for p in ft.glob("*.safetensors")} == before  # the fine-tune itself untouched
     from_ckpt = tmp_path / "ft_from_ckpt"
     attach_heads(str(ft), str(built["root"] / f"ck_{name}"), str(from_ckpt), overwrite=True)
@@ -693,8 +776,10 @@ def test_attach_errors(built, tmp_path, capsys):
     fails(["--model", str(ft), "--heads", str(tmp_path / "nope")], "no such directory")
     fails(["--model", str(ft), "--heads", str(root / "hf_dense_none")], "has no MTP heads")
     fails(["--model", str(ft), "--heads", str(root / "hf_dense"), "--mtp", "inline"], "pass --out")
-    fails(["--model", str(root / "hf_moe_inline"), "--heads", str(root / "hf_moe"), "--out", str(tmp_path / "out")],
-          "already holds 2 inline MTP heads")
+    fails(
+        ["--model", str(root / "hf_moe_inline"), "--heads", str(root / "hf_moe"), "--out", str(tmp_path / "out")],
+        "already holds 2 inline MTP heads",
+    )
     resized = tmp_path / "resized"
     from transformers import AutoModelForCausalLM
 
@@ -728,7 +813,10 @@ def test_layout_choice():
     assert choose_layout(ARCHS["qwen3"], 28, 4) == choose_layout(ARCHS["llama"], 61, 1) == "sidecar"
     assert choose_layout(ARCHS["qwen3"], 28, 0) == "none" and choose_layout(ARCHS["qwen3"], 28, 4, "inline") == "inline"
     assert config_fields(ARCHS["qwen3"], "inline", 4, 28) == {
-        "num_nextn_predict_layers": 4, "num_mtp_layers": 4, "mtp_layer_types": ["full_attention"] * 4}
+        "num_nextn_predict_layers": 4,
+        "num_mtp_layers": 4,
+        "mtp_layer_types": ["full_attention"] * 4,
+    }
     assert config_fields(ARCHS["glm4_moe"], "sidecar", 4, 24) == {"num_nextn_predict_layers": 0}
 
 
@@ -739,8 +827,9 @@ def test_inline_where_transformers_declares_the_heads(variants):
 
     root, res = variants
     assert res["glm46"]["mtp_layout"] == "inline" and not (root / "hf_glm46" / "mtp").exists()
-    model, info = AutoModelForCausalLM.from_pretrained(str(root / "hf_glm46"), dtype=torch.float32,
-                                                       output_loading_info=True)
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(root / "hf_glm46"), dtype=torch.float32, output_loading_info=True
+    )
     assert not any(info.values()), info
     prompt = res["tokens"][:1, :5]
     ref = model.generate(prompt, max_new_tokens=12, do_sample=False)
@@ -769,10 +858,20 @@ def test_shipped_generate(built, tmp_path):
     ft = tmp_path / "ft"
     shutil.copytree(built["root"] / "hf_dense_none", ft)
     attach_heads(str(ft), str(built["root"] / "hf_dense"))
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": ""}  # the export's own code only: no mtpd_megatron on the path
-    proc = subprocess.run([sys.executable, "-c", script, str(ft), str(built["root"] / "hf_moe_inline")],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    env = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": "",
+    }  # the export's own code only: no mtpd_megatron on the path
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(ft), str(built["root"] / "hf_moe_inline")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0 and proc.stdout.startswith("ok"), proc.stderr[-3000:]
 
 
@@ -806,8 +905,13 @@ def test_errors(built, tmp_path, capsys):
     other = tmp_path / "other_tok"
     other.mkdir()
     train_bpe(["a b c"] * 10, vocab_size=270).save(str(other / "tokenizer.json"))
-    _fails(capsys, to_cli, ["--ckpt", str(root / "ck_dense"), "--out", str(out), "--tokenizer", str(other)], out,
-           "vocab mismatch")
+    _fails(
+        capsys,
+        to_cli,
+        ["--ckpt", str(root / "ck_dense"), "--out", str(out), "--tokenizer", str(other)],
+        out,
+        "vocab mismatch",
+    )
     # from_hf: missing shard, truncated safetensors, wrong architecture (model_type and --config), vocab mismatch
     sharded = tmp_path / "hf_sharded"
     shutil.copytree(root / "hf_moe_sharded", sharded)
@@ -825,11 +929,21 @@ def test_errors(built, tmp_path, capsys):
     _fails(capsys, from_cli, ["--hf", str(wrong), "--out", str(out)], out, "wrong architecture")
     cfg_path = tmp_path / "wide.yaml"
     cfg_path.write_text(json.dumps({"model": {**TINY, "hidden_size": 128}}))
-    _fails(capsys, from_cli, ["--hf", str(root / "hf_dense"), "--out", str(out), "--config", str(cfg_path)], out,
-           "wrong architecture")
+    _fails(
+        capsys,
+        from_cli,
+        ["--hf", str(root / "hf_dense"), "--out", str(out), "--config", str(cfg_path)],
+        out,
+        "wrong architecture",
+    )
     cfg_path.write_text(json.dumps({"model": {**TINY, "vocab_size": 1000}, "mtp": {"num_heads": 2}}))
-    _fails(capsys, from_cli, ["--hf", str(root / "hf_dense"), "--out", str(out), "--config", str(cfg_path)], out,
-           "vocab mismatch")
+    _fails(
+        capsys,
+        from_cli,
+        ["--hf", str(root / "hf_dense"), "--out", str(out), "--config", str(cfg_path)],
+        out,
+        "vocab mismatch",
+    )
     # refusing what no class expresses (softmax router + shared expert)
     from mtpd_megatron.config import config_from_dict
     from mtpd_megatron.convert import ConvertError
@@ -845,11 +959,26 @@ def test_errors(built, tmp_path, capsys):
 def test_cli_exit_code(built, tmp_path):
     """The real tool: exit status 2 and a single stderr line."""
     out = tmp_path / "out"
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_to_hf.py"), "--ckpt", str(tmp_path / "none"),
-                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert_to_hf.py"), "--ckpt", str(tmp_path / "none"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and not out.exists()
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "attach_mtp_heads.py"), "--model", str(tmp_path / "none"),
-                           "--heads", str(built["root"] / "hf_dense")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "attach_mtp_heads.py"),
+            "--model",
+            str(tmp_path / "none"),
+            "--heads",
+            str(built["root"] / "hf_dense"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("attach_mtp_heads.py: error: --model ") and "no such directory" in proc.stderr
 
@@ -881,15 +1010,30 @@ def test_cli_usage_errors_are_one_line(tmp_path, capsys):
     from mtpd_megatron.convert.from_hf import cli as from_cli
     from mtpd_megatron.convert.to_hf import cli as to_cli
 
-    for tool, cli, args in (("convert_to_hf.py", to_cli, ["--ckpt", str(tmp_path)]),
-                            ("convert_from_hf.py", from_cli, ["--hf", str(tmp_path)])):
+    for tool, cli, args in (
+        ("convert_to_hf.py", to_cli, ["--ckpt", str(tmp_path)]),
+        ("convert_from_hf.py", from_cli, ["--hf", str(tmp_path)]),
+    ):
         with pytest.raises(SystemExit) as stop:
             cli(args)
         assert stop.value.code == 2
         assert capsys.readouterr().err.splitlines() == [
-            f"{tool}: error: the following arguments are required: --out (see {tool} --help)"]
+            f"{tool}: error: the following arguments are required: --out (see {tool} --help)"
+        ]
     # a runtime error of the importer: its line, without megatron's import-time TE/Apex warnings before it
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "convert_from_hf.py"), "--hf", str(tmp_path / "nope"),
-                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "convert_from_hf.py"),
+            "--hf",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"convert_from_hf.py: error: --hf {tmp_path / 'nope'}: no such directory"], proc.stderr
+        f"convert_from_hf.py: error: --hf {tmp_path / 'nope'}: no such directory"
+    ], proc.stderr

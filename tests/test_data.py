@@ -23,15 +23,21 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from distributed_harness import run_distributed
 
-from mtpd_megatron.data import DataError
+from mtpd_megatron.data import DataError, corpus
+from mtpd_megatron.data.corpus import (
+    Document,
+    Source,
+    build_corpus,
+    fetch_archive,
+    mix_documents,
+    split_document,
+    write_corpus,
+)
 from mtpd_megatron.data.datasets import build_dataloader, build_datasets, parse_paths
 from mtpd_megatron.data.indexed import preprocess, validate_indexed_dataset
-from mtpd_megatron.data import corpus
-from mtpd_megatron.data.corpus import (Document, Source, build_corpus, fetch_archive, mix_documents, split_document,
-                                       write_corpus)
 from mtpd_megatron.data.tokenizer import load_tokenizer, save_tokenizer, train_bpe, train_tokenizer
-from distributed_harness import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_PYTHON = REPO / ".venv" / "bin" / "python"
@@ -42,8 +48,9 @@ SAMPLES = (160, 24, 8)
 
 
 def run_tool(script: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PYTHON, str(REPO / "tools" / script), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [PYTHON, str(REPO / "tools" / script), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def error_lines(proc: subprocess.CompletedProcess, prog: str) -> list[str]:
@@ -82,13 +89,36 @@ def data(tmp_path_factory):
     train = run_tool("train_tokenizer.py", "--input", corpus, "--vocab-size", 1024, "--out", root / "tok")
     assert train.returncode == 0, train.stderr
 
-    prep = run_tool("preprocess_data.py", "--input", root / "sotu.jsonl", "--tokenizer", root / "tok" / "tokenizer.json",
-                    "--output-prefix", root / "tokens" / "sotu", "--workers", 2, "--append-eod", "--quiet")
+    prep = run_tool(
+        "preprocess_data.py",
+        "--input",
+        root / "sotu.jsonl",
+        "--tokenizer",
+        root / "tok" / "tokenizer.json",
+        "--output-prefix",
+        root / "tokens" / "sotu",
+        "--workers",
+        2,
+        "--append-eod",
+        "--quiet",
+    )
     assert prep.returncode == 0, prep.stderr
-    preprocess([root / "shakespeare.jsonl"], root / "tok", root / "tokens" / "shakespeare", workers=1,
-               append_eod=True, progress=False)
-    return SimpleNamespace(root=root, corpus=corpus, records=records, tok=root / "tok" / "tokenizer.json",
-                           sotu=str(root / "tokens" / "sotu"), shakespeare=str(root / "tokens" / "shakespeare"))
+    preprocess(
+        [root / "shakespeare.jsonl"],
+        root / "tok",
+        root / "tokens" / "shakespeare",
+        workers=1,
+        append_eod=True,
+        progress=False,
+    )
+    return SimpleNamespace(
+        root=root,
+        corpus=corpus,
+        records=records,
+        tok=root / "tok" / "tokenizer.json",
+        sotu=str(root / "tokens" / "sotu"),
+        shakespeare=str(root / "tokens" / "shakespeare"),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -97,8 +127,14 @@ def tokenizer(data):
 
 
 def data_cfg(data, tmp_path, **overrides):
-    cfg = dict(tokenizer=str(data.tok), paths=[0.4, data.sotu, 0.6, data.shakespeare], split=SPLIT,
-               seq_length=SEQ, cache_dir=str(tmp_path / "cache"), num_workers=0)
+    cfg = dict(
+        tokenizer=str(data.tok),
+        paths=[0.4, data.sotu, 0.6, data.shakespeare],
+        split=SPLIT,
+        seq_length=SEQ,
+        cache_dir=str(tmp_path / "cache"),
+        num_workers=0,
+    )
     cfg.update(overrides)
     return SimpleNamespace(**cfg)
 
@@ -139,15 +175,16 @@ def test_corpus_budget_and_splitting_rules():
 
 def test_mix_spreads_every_source_so_megatrons_valid_range_holds_all():
     sizes = {"a": 1000, "b": 300, "c": 60, "d": 34}
-    mixed = mix_documents([[Document(f"{s}/{i}", "x") for i in range(n)] for s, n in sizes.items()], max_bytes=0,
-                          seed=0)
+    mixed = mix_documents(
+        [[Document(f"{s}/{i}", "x") for i in range(n)] for s, n in sizes.items()], max_bytes=0, seed=0
+    )
     sources = [d.id.split("/")[0] for d in mixed]
     n = len(mixed)
     assert sorted(sources) == sorted(s for s, k in sizes.items() for _ in range(k))
     # megatron-core takes split i as the documents [round(lo * n), round(hi * n)) of the cumulative split
-    assert set(sources[round(0.969 * n):round(0.999 * n)]) == set(sizes)
+    assert set(sources[round(0.969 * n) : round(0.999 * n)]) == set(sizes)
     for start in range(0, n - 100, 23):  # every window holds each source in proportion, give or take 2
-        window = sources[start:start + 100]
+        window = sources[start : start + 100]
         assert all(abs(window.count(s) - 100 * k / n) < 2 for s, k in sizes.items())
     assert set(sources[-4:]) == {"a", "b"}  # a 4-document tail only has room for the big ones
 
@@ -159,11 +196,14 @@ def corpus_digest(docs) -> str:
     return digest.hexdigest()[:16]
 
 
-@pytest.mark.parametrize("kwargs, ordered, expected", [
-    ({}, True, "8f80cdd4d6a968ae"),  # the demo's corpus
-    ({"max_bytes": 400_000, "max_doc_bytes": 8_000}, True, "bd8cfaf89a1749e2"),  # the data fixture's
-    ({"max_bytes": 0}, False, "d7a69c57baee1ab6"),  # everything: the same documents, now spread out
-])
+@pytest.mark.parametrize(
+    "kwargs, ordered, expected",
+    [
+        ({}, True, "8f80cdd4d6a968ae"),  # the demo's corpus
+        ({"max_bytes": 400_000, "max_doc_bytes": 8_000}, True, "bd8cfaf89a1749e2"),  # the data fixture's
+        ({"max_bytes": 0}, False, "d7a69c57baee1ab6"),  # everything: the same documents, now spread out
+    ],
+)
 def test_sotu_shakespeare_corpus_is_pinned(kwargs, ordered, expected):
     """Digests of the original two-source code's output: budgeted corpora are unchanged, the full one reordered."""
     docs = build_corpus("sotu,shakespeare", **kwargs)
@@ -183,8 +223,11 @@ def tar_bytes(files: dict[str, bytes], mode: str = "w:xz") -> bytes:
 def deb_bytes(data_member: str, data: bytes) -> bytes:
     """A .deb as dpkg-deb lays it out: an ar archive of debian-binary, control.tar.xz and the data tarball."""
     out = b"!<arch>\n"
-    for name, payload in [("debian-binary", b"2.0\n"), ("control.tar.xz", tar_bytes({"./control": b"Package: x\n"})),
-                          (data_member, data)]:
+    for name, payload in [
+        ("debian-binary", b"2.0\n"),
+        ("control.tar.xz", tar_bytes({"./control": b"Package: x\n"})),
+        (data_member, data),
+    ]:
         out += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(payload):<10}`\n".encode() + payload
         out += b"\n" * (len(payload) % 2)  # members start at even offsets
     return out
@@ -193,8 +236,15 @@ def deb_bytes(data_member: str, data: bytes) -> bytes:
 def pin_source(monkeypatch, cache: Path, name: str, payload: bytes, **fields) -> Source:
     """Register a debian source whose pinned package is ``payload``, already in ``cache`` (no download)."""
     cache.mkdir(parents=True, exist_ok=True)
-    source = Source(name=name, kind="debian", requirement=f"{name}=1", filename=f"{name}_1_all.deb",
-                    sha256=hashlib.sha256(payload).hexdigest(), license="test", **fields)
+    source = Source(
+        name=name,
+        kind="debian",
+        requirement=f"{name}=1",
+        filename=f"{name}_1_all.deb",
+        sha256=hashlib.sha256(payload).hexdigest(),
+        license="test",
+        **fields,
+    )
     (cache / source.filename).write_bytes(payload)
     monkeypatch.setitem(corpus.SOURCES, name, source)
     return source
@@ -205,22 +255,49 @@ PYDOC_LIKE = r"^\./usr/share/doc/d/_sources/(.+\.rst)\.txt$"
 
 def test_debian_sources_read_deb_members_and_cache_a_nested_tarball(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
-    pin_source(monkeypatch, cache, "fakedoc", deb_bytes("data.tar.xz", tar_bytes({
-        "./usr/share/doc/d/_sources/intro.rst.txt": b"Intro  \r\n=====\r\n\r\n\r\n\r\nText.\r\n",
-        "./usr/share/doc/d/_sources/library/os.rst.txt": "os \u2014 \u00fcn\u00efcode\n".encode(),
-        "./usr/share/doc/d/index.html": b"<html></html>",
-    })), member_pattern=PYDOC_LIKE)
+    pin_source(
+        monkeypatch,
+        cache,
+        "fakedoc",
+        deb_bytes(
+            "data.tar.xz",
+            tar_bytes(
+                {
+                    "./usr/share/doc/d/_sources/intro.rst.txt": b"Intro  \r\n=====\r\n\r\n\r\n\r\nText.\r\n",
+                    "./usr/share/doc/d/_sources/library/os.rst.txt": "os \u2014 \u00fcn\u00efcode\n".encode(),
+                    "./usr/share/doc/d/index.html": b"<html></html>",
+                }
+            ),
+        ),
+        member_pattern=PYDOC_LIKE,
+    )
     big = "\n\n".join(f"paragraph {i} " + "w" * 50 for i in range(40))
-    kernel = tar_bytes({"k/Documentation/a.rst": b"A\n", "k/Documentation/translations/zh.rst": "\u4e2d".encode(),
-                        "k/Documentation/logo.svg": b"<svg/>", "k/Documentation/big.txt": big.encode(),
-                        "k/README": b"not documentation"})
+    kernel = tar_bytes(
+        {
+            "k/Documentation/a.rst": b"A\n",
+            "k/Documentation/translations/zh.rst": "\u4e2d".encode(),
+            "k/Documentation/logo.svg": b"<svg/>",
+            "k/Documentation/big.txt": big.encode(),
+            "k/README": b"not documentation",
+        }
+    )
     package = deb_bytes("data.tar.gz", tar_bytes({"./usr/src/k.tar.xz": kernel}, "w:gz"))  # gzip here, xz above
-    pin_source(monkeypatch, cache, "fakekernel", package, inner="./usr/src/k.tar.xz",
-               member_pattern=r"^k/Documentation/(?!translations/)(.+\.(?:rst|txt))$")
+    pin_source(
+        monkeypatch,
+        cache,
+        "fakekernel",
+        package,
+        inner="./usr/src/k.tar.xz",
+        member_pattern=r"^k/Documentation/(?!translations/)(.+\.(?:rst|txt))$",
+    )
     docs = build_corpus("fakedoc,fakekernel", max_bytes=0, max_doc_bytes=700, cache_dir=cache)
     texts = {d.id: d.text for d in docs}
-    assert sorted(texts) == ["fakedoc/intro.rst", "fakedoc/library/os.rst", "fakekernel/a.rst",
-                             *(f"fakekernel/big.txt#{i}" for i in range(1, 5))]
+    assert sorted(texts) == [
+        "fakedoc/intro.rst",
+        "fakedoc/library/os.rst",
+        "fakekernel/a.rst",
+        *(f"fakekernel/big.txt#{i}" for i in range(1, 5)),
+    ]
     assert texts["fakedoc/intro.rst"] == "Intro\n=====\n\nText."  # normalised: newlines, trailing spaces
     assert texts["fakedoc/library/os.rst"] == "os \u2014 \u00fcn\u00efcode"
     assert "\n\n".join(texts[f"fakekernel/big.txt#{i}"] for i in range(1, 5)) == big
@@ -232,7 +309,8 @@ def test_debian_sources_read_deb_members_and_cache_a_nested_tarball(tmp_path, mo
 
     monkeypatch.setattr(corpus, "_tar_members", no_tarballs)
     assert build_corpus("fakekernel", max_bytes=0, max_doc_bytes=700, cache_dir=cache) == [
-        d for d in docs if d.id.startswith("fakekernel/")]
+        d for d in docs if d.id.startswith("fakekernel/")
+    ]
 
 
 def test_debian_download_is_checked_against_the_pin(tmp_path, monkeypatch):
@@ -263,18 +341,34 @@ def test_debian_download_is_checked_against_the_pin(tmp_path, monkeypatch):
     assert f"copy {source.filename} into {cache}" in str(err.value) and visible_files(cache) == []
 
 
-@pytest.mark.parametrize("payload, inner, fragment", [
-    (b"PK\x03\x04 not an ar archive", None, "is not a .deb (no ar header)"),
-    (deb_bytes("data.tar.xz", b"")[:-30], None, "has no data.tar member"),  # cut in the data header
-    (deb_bytes("data.tar.xz", tar_bytes({"./usr/share/doc/d/_sources/a.rst.txt": b"A" * 4000}))[:-60], None,
-     "is not a readable archive"),
-    (deb_bytes("data.tar.xz", tar_bytes({"./usr/src/k.tar.xz": b"not xz"})), "./usr/src/k.tar.xz",
-     "is not a readable archive"),
-    (deb_bytes("data.tar.xz", tar_bytes({"./usr/src/other.tar.xz": b""})), "./usr/src/k.tar.xz",
-     "has no member ./usr/src/k.tar.xz"),
-    pytest.param(deb_bytes("data.tar.zst", b"\x28\xb5\x2f\xfd"), None, "(zstd), which Python",
-                 marks=pytest.mark.skipif("zst" in tarfile.TarFile.OPEN_METH, reason="this tarfile reads zstd")),
-])
+@pytest.mark.parametrize(
+    "payload, inner, fragment",
+    [
+        (b"PK\x03\x04 not an ar archive", None, "is not a .deb (no ar header)"),
+        (deb_bytes("data.tar.xz", b"")[:-30], None, "has no data.tar member"),  # cut in the data header
+        (
+            deb_bytes("data.tar.xz", tar_bytes({"./usr/share/doc/d/_sources/a.rst.txt": b"A" * 4000}))[:-60],
+            None,
+            "is not a readable archive",
+        ),
+        (
+            deb_bytes("data.tar.xz", tar_bytes({"./usr/src/k.tar.xz": b"not xz"})),
+            "./usr/src/k.tar.xz",
+            "is not a readable archive",
+        ),
+        (
+            deb_bytes("data.tar.xz", tar_bytes({"./usr/src/other.tar.xz": b""})),
+            "./usr/src/k.tar.xz",
+            "has no member ./usr/src/k.tar.xz",
+        ),
+        pytest.param(
+            deb_bytes("data.tar.zst", b"\x28\xb5\x2f\xfd"),
+            None,
+            "(zstd), which Python",
+            marks=pytest.mark.skipif("zst" in tarfile.TarFile.OPEN_METH, reason="this tarfile reads zstd"),
+        ),
+    ],
+)
 def test_unreadable_debs_raise_one_line_errors(tmp_path, monkeypatch, payload, inner, fragment):
     pin_source(monkeypatch, tmp_path, "fakedoc", payload, inner=inner, member_pattern=PYDOC_LIKE)
     with pytest.raises(DataError) as err:
@@ -326,8 +420,9 @@ def test_preprocess_is_worker_independent_and_ends_documents_with_eod(data, toke
 
 
 def test_splits_are_by_document_without_overlap(data, tokenizer, tmp_path):
-    train, valid, test = build_datasets(data_cfg(data, tmp_path), tokenizer, seq_length=SEQ, seed=7,
-                                        num_samples=SAMPLES)
+    train, valid, test = build_datasets(
+        data_cfg(data, tmp_path), tokenizer, seq_length=SEQ, seed=7, num_samples=SAMPLES
+    )
     assert (len(train), len(valid), len(test)) >= SAMPLES
     for j, prefix in enumerate((data.sotu, data.shakespeare)):
         parts = [split.datasets[j] for split in (train, valid, test)]
@@ -373,7 +468,7 @@ def test_loader_batches_resume_and_shard_over_data_parallel_ranks(data, tokenize
     k = 12
     resumed = list(build_dataloader(train, 4, 0, 1, consumed_samples=k, num_workers=0))
     assert len(resumed) == len(full) - k // 4
-    for x, y in zip(resumed, full[k // 4:]):
+    for x, y in zip(resumed, full[k // 4 :]):
         assert all(torch.equal(x[key], y[key]) for key in x)
 
     # two data-parallel ranks: each global batch of 4 is split 2 + 2, and workers do not change anything
@@ -387,8 +482,9 @@ def test_loader_batches_resume_and_shard_over_data_parallel_ranks(data, tokenize
 
 def test_options_single_prefix_masks_and_zero_sample_splits(data, tokenizer, tmp_path):
     cfg = data_cfg(data, tmp_path, paths=[data.sotu], eod_mask_loss=True, reset_position_ids=True)
-    train, valid, test = build_datasets(cfg, tokenizer, seq_length=SEQ, seed=1, num_samples=(50, 10, 0),
-                                        create_attention_mask=True)
+    train, valid, test = build_datasets(
+        cfg, tokenizer, seq_length=SEQ, seed=1, num_samples=(50, 10, 0), create_attention_mask=True
+    )
     assert test is None and len(train) >= 50
     b = next(iter(build_dataloader(train, 2, 0, 1, 0, 0)))
     assert b["attention_mask"].shape == (2, 1, SEQ, SEQ) and b["attention_mask"].dtype == torch.bool
@@ -397,8 +493,9 @@ def test_options_single_prefix_masks_and_zero_sample_splits(data, tokenizer, tmp
     # the project's DataConfig works as is, and tokenizer=None loads data.tokenizer
     from mtpd_megatron.config.schema import DataConfig
 
-    cfg = DataConfig(tokenizer=str(data.tok), paths=[data.sotu, data.shakespeare], split=SPLIT,
-                     cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(
+        tokenizer=str(data.tok), paths=[data.sotu, data.shakespeare], split=SPLIT, cache_dir=str(tmp_path / "cache")
+    )
     train, valid, test = build_datasets(cfg, None, seq_length=SEQ, seed=1, num_samples=SAMPLES)
     assert (len(train), len(valid), len(test)) >= SAMPLES
     assert parse_paths(["a", "b"]) == (["a", "b"], None)
@@ -421,12 +518,15 @@ def copy_prefix(prefix: str, dest: Path) -> str:
     return str(dest / "x")
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    ("missing_idx", "x.idx does not exist"),
-    ("truncated_bin", "x.bin is truncated"),
-    ("truncated_idx", "x.idx is truncated or corrupt"),
-    ("bad_header", "x.idx is not a megatron index"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        ("missing_idx", "x.idx does not exist"),
+        ("truncated_bin", "x.bin is truncated"),
+        ("truncated_idx", "x.idx is truncated or corrupt"),
+        ("bad_header", "x.idx is not a megatron index"),
+    ],
+)
 def test_damaged_datasets_raise_one_line_errors(data, tokenizer, tmp_path, damage, fragment):
     prefix = copy_prefix(data.sotu, tmp_path / "d")
     if damage == "missing_idx":
@@ -439,8 +539,13 @@ def test_damaged_datasets_raise_one_line_errors(data, tokenizer, tmp_path, damag
         with open(prefix + ".idx", "r+b") as f:
             f.write(b"NOTANIDX")
     with pytest.raises(DataError) as err:
-        build_datasets(data_cfg(data, tmp_path, paths=[1, data.shakespeare, 1, prefix]), tokenizer,
-                       seq_length=SEQ, seed=1, num_samples=SAMPLES)
+        build_datasets(
+            data_cfg(data, tmp_path, paths=[1, data.shakespeare, 1, prefix]),
+            tokenizer,
+            seq_length=SEQ,
+            seed=1,
+            num_samples=SAMPLES,
+        )
     assert fragment in one_line(err) and "preprocess_data.py" in str(err.value)
 
 
@@ -455,21 +560,29 @@ def test_vocab_too_small_for_the_data(data, tmp_path):
 def test_bad_tokenizers_and_configs(data, tokenizer, tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"vocab": {"a": 1}}))
     (tmp_path / "broken.json").write_text("{not json")
-    for path, fragment in [(tmp_path / "other.json", "not a Hugging Face tokenizer.json"),
-                           (tmp_path / "broken.json", "is not JSON"),
-                           (tmp_path / "missing.json", "does not exist"),
-                           (tmp_path, "tokenizer.json does not exist")]:
+    for path, fragment in [
+        (tmp_path / "other.json", "not a Hugging Face tokenizer.json"),
+        (tmp_path / "broken.json", "is not JSON"),
+        (tmp_path / "missing.json", "does not exist"),
+        (tmp_path, "tokenizer.json does not exist"),
+    ]:
         with pytest.raises(DataError) as err:
             load_tokenizer(path)
         assert fragment in one_line(err) and str(path) in str(err.value)
     with pytest.raises(DataError, match="no documents"):  # ~25 documents cannot fill a 1% test split
-        build_datasets(data_cfg(data, tmp_path, paths=[copy_prefix(data.sotu, tmp_path / "few")], split="98,1,1"),
-                       tokenizer, seq_length=SEQ, seed=1, num_samples=SAMPLES)
+        build_datasets(
+            data_cfg(data, tmp_path, paths=[copy_prefix(data.sotu, tmp_path / "few")], split="98,1,1"),
+            tokenizer,
+            seq_length=SEQ,
+            seed=1,
+            num_samples=SAMPLES,
+        )
     with pytest.raises(DataError, match="data.paths is empty"):
         build_datasets(data_cfg(data, tmp_path, paths=[]), tokenizer, seq_length=SEQ, seed=1, num_samples=SAMPLES)
     with pytest.raises(DataError, match="give the prefix without"):
-        build_datasets(data_cfg(data, tmp_path, paths=[data.sotu + ".bin"]), tokenizer, seq_length=SEQ, seed=1,
-                       num_samples=SAMPLES)
+        build_datasets(
+            data_cfg(data, tmp_path, paths=[data.sotu + ".bin"]), tokenizer, seq_length=SEQ, seed=1, num_samples=SAMPLES
+        )
 
 
 # ------------------------------------------------------------------------------------------------- CLIs
@@ -480,8 +593,19 @@ def test_cli_errors_are_one_line_exit_2_and_leave_no_files(data, tmp_path):
     bad = tmp_path / "bad.jsonl"
     lines = data.corpus.read_text(encoding="utf-8").splitlines()
     bad.write_text("\n".join(lines[:40] + ["{oops"] + lines[40:]) + "\n", encoding="utf-8")
-    proc = run_tool("preprocess_data.py", "--input", bad, "--tokenizer", data.tok, "--output-prefix", out / "x",
-                    "--workers", 2, "--chunk-docs", 4)
+    proc = run_tool(
+        "preprocess_data.py",
+        "--input",
+        bad,
+        "--tokenizer",
+        data.tok,
+        "--output-prefix",
+        out / "x",
+        "--workers",
+        2,
+        "--chunk-docs",
+        4,
+    )
     assert_cli_error(proc, "preprocess_data.py", f"{bad}:41", "not a JSON object")
     assert visible_files(out) == []
 
@@ -512,8 +636,9 @@ def _build_on_rank(cfg: dict, tok: str) -> list[list[int]]:
     import torch.distributed as dist
 
     assert dist.is_initialized()
-    train, valid, _ = build_datasets(SimpleNamespace(**cfg), load_tokenizer(tok), seq_length=SEQ, seed=5,
-                                     num_samples=SAMPLES)
+    train, valid, _ = build_datasets(
+        SimpleNamespace(**cfg), load_tokenizer(tok), seq_length=SEQ, seed=5, num_samples=SAMPLES
+    )
     return [train[i]["tokens"].tolist() for i in range(0, len(train), 7)] + [valid[0]["tokens"].tolist()]
 
 
@@ -521,7 +646,8 @@ def _build_on_rank(cfg: dict, tok: str) -> list[list[int]]:
 def test_build_under_a_gloo_process_group_matches_single_process(data, tokenizer, tmp_path):
     cfg = vars(data_cfg(data, tmp_path / "dist"))
     ranks = run_distributed(_build_on_rank, 2, cfg, str(data.tok))
-    train, valid, _ = build_datasets(data_cfg(data, tmp_path / "single"), tokenizer, seq_length=SEQ, seed=5,
-                                     num_samples=SAMPLES)
+    train, valid, _ = build_datasets(
+        data_cfg(data, tmp_path / "single"), tokenizer, seq_length=SEQ, seed=5, num_samples=SAMPLES
+    )
     expected = [train[i]["tokens"].tolist() for i in range(0, len(train), 7)] + [valid[0]["tokens"].tolist()]
     assert ranks[0] == ranks[1] == expected

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distributed_harness import run_distributed
+from test_model import SINGLE, _batch, _build, tiny
 
 from mtpd_megatron.parallel import cpu_compat
-from distributed_harness import run_distributed
-
-from test_model import SINGLE, _batch, _build, tiny
 
 
 def _grads(cfg) -> dict:
@@ -27,8 +26,12 @@ def _grads(cfg) -> dict:
     loss = model(tokens, position_ids, None, labels=labels)
     loss.mean().backward()
     compiled = sum(1 for m in model.modules() if getattr(m, "_mtpd_compiled", False))
-    return {"loss": loss.detach(), "compiled": compiled, "fusion": model.config.bias_activation_fusion,
-            "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+    return {
+        "loss": loss.detach(),
+        "compiled": compiled,
+        "fusion": model.config.bias_activation_fusion,
+        "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+    }
 
 
 def _rank() -> dict:

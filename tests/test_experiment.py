@@ -8,9 +8,8 @@ import json
 import subprocess
 
 import pytest
-import yaml
-
 import train_helpers as th
+import yaml
 
 TOOL = [th.PYTHON, "tools/run_experiment.py"]
 
@@ -31,12 +30,19 @@ def base(tmp_path_factory):
 
 
 def _experiment(root, base_path, arms, name="tiny", **extra):
-    spec = {"name": name, "base": str(base_path),
-            "overrides": {"training.train_iters": 12, "training.eval_interval": 12, "logging.log_interval": 4},
-            "evaluation": {"num_samples": 8, "batch_size": 4, "gradient_batches": 1,
-                           "decode": {"when": "always", "k": [1, 2], "num_prompts": 1, "prompt_len": 8,
-                                      "new_tokens": 6}},
-            "arms": arms, **extra}
+    spec = {
+        "name": name,
+        "base": str(base_path),
+        "overrides": {"training.train_iters": 12, "training.eval_interval": 12, "logging.log_interval": 4},
+        "evaluation": {
+            "num_samples": 8,
+            "batch_size": 4,
+            "gradient_batches": 1,
+            "decode": {"when": "always", "k": [1, 2], "num_prompts": 1, "prompt_len": 8, "new_tokens": 6},
+        },
+        "arms": arms,
+        **extra,
+    }
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
@@ -44,10 +50,14 @@ def _experiment(root, base_path, arms, name="tiny", **extra):
 
 def test_two_arms_end_to_end_and_report_rebuild(base):
     root, base_path = base
-    exp = _experiment(root, base_path, {
-        "no_mtp": {"overrides": {"mtp.num_heads": 0, "mtp.mtpd.enabled": False}, "note": "reference"},
-        "mtpd": {"overrides": {"mtp.loss_scaling_factor": 1.0}, "note": "MTP-D"},
-    })
+    exp = _experiment(
+        root,
+        base_path,
+        {
+            "no_mtp": {"overrides": {"mtp.num_heads": 0, "mtp.mtpd.enabled": False}, "note": "reference"},
+            "mtpd": {"overrides": {"mtp.loss_scaling_factor": 1.0}, "note": "MTP-D"},
+        },
+    )
     out = root / "out"
     proc = _run(exp, "--out", out, "--parallel", 2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -94,16 +104,23 @@ def test_two_arms_end_to_end_and_report_rebuild(base):
     assert f"commit {summary['arms'][0]['commit']} ({first}); 0123abc ({second})," in header, header
 
 
-@pytest.mark.parametrize("arms,extra,expected", [
-    ({"a": {"overides": {"mtp.num_heads": 0}}}, {}, "arms.a.overides: unknown key (did you mean 'overrides'?)"),
-    ({"a": {"overrides": {"mtp.num_hedas": 0}}}, {}, "arms.a: mtp.num_hedas: unknown key (did you mean 'num_heads'?)"),
-    ({"a": {}, "b": {"overrides": {"training.train_iters": 13}}}, {}, "arms.b: trains"),
-    ({"a": {}, "b": {"overrides": {"training.seed": 7}}}, {}, "arms.b: training.seed=7"),
-    ({"a": {}}, {"base": "configs/nope.yaml"}, "base: 'configs/nope.yaml' not found"),
-    ({"a": {}, "x": {"extend": {"parent": "zz", "heads": 4}}}, {}, "arms.x.extend.parent: 'zz'"),
-    ({"a": {"overrides": {"mtp.mtpd.lk_lambda": 2.0}}}, {}, "arms.a: mtp.mtpd.lk_lambda=2.0: must be in [0, 1]"),
-    ({"a": {}}, {"reference": "b"}, "reference: 'b' is not an arm"),
-])
+@pytest.mark.parametrize(
+    "arms,extra,expected",
+    [
+        ({"a": {"overides": {"mtp.num_heads": 0}}}, {}, "arms.a.overides: unknown key (did you mean 'overrides'?)"),
+        (
+            {"a": {"overrides": {"mtp.num_hedas": 0}}},
+            {},
+            "arms.a: mtp.num_hedas: unknown key (did you mean 'num_heads'?)",
+        ),
+        ({"a": {}, "b": {"overrides": {"training.train_iters": 13}}}, {}, "arms.b: trains"),
+        ({"a": {}, "b": {"overrides": {"training.seed": 7}}}, {}, "arms.b: training.seed=7"),
+        ({"a": {}}, {"base": "configs/nope.yaml"}, "base: 'configs/nope.yaml' not found"),
+        ({"a": {}, "x": {"extend": {"parent": "zz", "heads": 4}}}, {}, "arms.x.extend.parent: 'zz'"),
+        ({"a": {"overrides": {"mtp.mtpd.lk_lambda": 2.0}}}, {}, "arms.a: mtp.mtpd.lk_lambda=2.0: must be in [0, 1]"),
+        ({"a": {}}, {"reference": "b"}, "reference: 'b' is not an arm"),
+    ],
+)
 def test_bad_experiment_files_are_refused_before_anything_is_written(base, arms, extra, expected):
     root, base_path = base
     exp = _experiment(root, base_path, arms, name="bad")

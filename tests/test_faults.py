@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 import pytest
+from train_helpers import make_data, read_metrics, run, signal_when, start, tiny_config, wait, write_config
 
 from mtpd_megatron.checkpoint import lock as run_lock
 from mtpd_megatron.checkpoint.layout import TRACKER_FILE, CheckpointError, complete_checkpoints, verify
-from train_helpers import make_data, read_metrics, run, signal_when, start, tiny_config, wait, write_config
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,11 @@ def data(tmp_path_factory):
 
 def _one_line_error(rc: int, err: str, code: int, *needles: str) -> str:
     lines = err.strip().splitlines()
-    assert rc == code and len(lines) == 1 and lines[0].startswith(("mtpd-train: error: ", "python -m mtpd_megatron.looped: error: ")), (rc, err)
+    assert (
+        rc == code
+        and len(lines) == 1
+        and lines[0].startswith(("mtpd-train: error: ", "python -m mtpd_megatron.looped: error: "))
+    ), (rc, err)
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
@@ -68,8 +72,9 @@ def test_lock_rules(tmp_path, monkeypatch):
 
     logged = []
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "a" / "b")], stdout=subprocess.PIPE,
-                              text=True, env=env)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path / "a" / "b")], stdout=subprocess.PIPE, text=True, env=env
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(run_lock.LockHeld, match=rf"in use by another trainer \(pid {holder.pid} on host "):
@@ -126,8 +131,9 @@ def test_second_trainer_exits_2_at_once_and_a_killed_holder_is_taken_over(data, 
     t0 = time.time()
     [(rc, out, err)] = run(["--config", str(cfg), "--resume", "none"], fork=True)
     took = time.time() - t0
-    line = _one_line_error(rc, err, 2, "is in use by another trainer", f"pid {first[0].proc.pid} on host",
-                           str(save / run_lock.LOCK_FILE))
+    line = _one_line_error(
+        rc, err, 2, "is in use by another trainer", f"pid {first[0].proc.pid} on host", str(save / run_lock.LOCK_FILE)
+    )
     assert "] step " not in out and took < 30, (took, line)
     assert sorted(p.name for p in save.iterdir()) == before  # the second trainer wrote nothing
 
@@ -198,14 +204,26 @@ def test_a_save_failure_without_errno_is_diagnosed(tmp_path, monkeypatch):
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_failed_save_is_one_line_and_keeps_the_previous_checkpoint(data, tmp_path, async_save):
     save = tmp_path / "ckpt"
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(
-        *data, save, training={"train_iters": 4}, checkpoint={"save": str(save), "keep_last": 1,
-                                                             "async_save": async_save}))
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_config(
+            *data,
+            save,
+            training={"train_iters": 4},
+            checkpoint={"save": str(save), "keep_last": 1, "async_save": async_save},
+        ),
+    )
     [(rc, out, err)] = run(["--config", str(cfg)], fork=True)
     assert rc == 0, err
     [(rc, out, err)] = run(["--config", str(cfg), "training.train_iters=6"], fork=True, prelude=FILE_SIZE_LIMIT)
-    _one_line_error(rc, err, 2, f"checkpoint.save {save}: saving iteration 6 failed", "file-size limit",
-                    "the last complete checkpoint iter_0000004 is intact")
+    _one_line_error(
+        rc,
+        err,
+        2,
+        f"checkpoint.save {save}: saving iteration 6 failed",
+        "file-size limit",
+        "the last complete checkpoint iter_0000004 is intact",
+    )
     assert [p.name for p in complete_checkpoints(save)] == ["iter_0000004"]
     assert verify(save / "iter_0000004", checksums=True) is None
     assert (save / TRACKER_FILE).read_text().strip() == "4"
@@ -221,9 +239,16 @@ def test_failed_save_is_one_line_and_keeps_the_previous_checkpoint(data, tmp_pat
 def test_no_checkpoint_before_the_first_update_nor_during_a_nonfinite_streak(data, tmp_path):
     # init_method_std=1e30: the very first forward overflows, every step is skipped.
     save = tmp_path / "never"
-    cfg = write_config(tmp_path / "never.yaml", tiny_config(
-        *data, save, model={"init_method_std": 1e30}, training={"max_consecutive_nan_steps": 3},
-        checkpoint={"save": str(save), "save_interval": 1, "keep_last": 1}))
+    cfg = write_config(
+        tmp_path / "never.yaml",
+        tiny_config(
+            *data,
+            save,
+            model={"init_method_std": 1e30},
+            training={"max_consecutive_nan_steps": 3},
+            checkpoint={"save": str(save), "save_interval": 1, "keep_last": 1},
+        ),
+    )
     [(rc, out, err)] = run(["--config", str(cfg)], fork=True)
     _one_line_error(rc, err, 3, "training.max_consecutive_nan_steps", "nothing was saved")
     assert "not saving at step 1: no optimizer step has been applied yet" in out
@@ -231,9 +256,15 @@ def test_no_checkpoint_before_the_first_update_nor_during_a_nonfinite_streak(dat
 
     # lr=1e30: step 1 is finite and applied, then every step overflows; keep_last=1 must keep iter_1.
     save = tmp_path / "streak"
-    cfg = write_config(tmp_path / "streak.yaml", tiny_config(
-        *data, save, training={"lr": 1e30, "min_lr": 0.0, "lr_warmup_iters": 0, "max_consecutive_nan_steps": 3},
-        checkpoint={"save": str(save), "save_interval": 1, "keep_last": 1}))
+    cfg = write_config(
+        tmp_path / "streak.yaml",
+        tiny_config(
+            *data,
+            save,
+            training={"lr": 1e30, "min_lr": 0.0, "lr_warmup_iters": 0, "max_consecutive_nan_steps": 3},
+            checkpoint={"save": str(save), "save_interval": 1, "keep_last": 1},
+        ),
+    )
     [(rc, out, err)] = run(["--config", str(cfg)], fork=True)
     _one_line_error(rc, err, 3, "training.max_consecutive_nan_steps", "iter_0000001 is kept")
     assert "not saving at step 2: the last step was non-finite" in out
@@ -244,10 +275,21 @@ def test_no_checkpoint_before_the_first_update_nor_during_a_nonfinite_streak(dat
 @pytest.mark.slow
 def test_sigterm_and_the_end_of_training_during_a_nonfinite_streak(data, tmp_path):
     save = tmp_path / "ckpt"
-    cfg = write_config(tmp_path / "cfg.yaml", tiny_config(
-        *data, save, training={"lr": 1e30, "min_lr": 0.0, "lr_warmup_iters": 0, "train_iters": 300,
-                               "max_consecutive_nan_steps": 1000},
-        checkpoint={"save": str(save), "save_interval": 0}))
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        tiny_config(
+            *data,
+            save,
+            training={
+                "lr": 1e30,
+                "min_lr": 0.0,
+                "lr_warmup_iters": 0,
+                "train_iters": 300,
+                "max_consecutive_nan_steps": 1000,
+            },
+            checkpoint={"save": str(save), "save_interval": 0},
+        ),
+    )
     ranks = start(["--config", str(cfg)], fork=True)
     signal_when(ranks, "step 3/")
     [(rc, out, err)] = wait(ranks)
@@ -256,8 +298,9 @@ def test_sigterm_and_the_end_of_training_during_a_nonfinite_streak(data, tmp_pat
     assert not list(save.glob("iter_*"))
 
     [(rc, out, err)] = run(["--config", str(cfg), "training.train_iters=3"], fork=True)
-    _one_line_error(rc, err, 3, "training.train_iters=3 reached but the last step was non-finite",
-                    "no final checkpoint written")
+    _one_line_error(
+        rc, err, 3, "training.train_iters=3 reached but the last step was non-finite", "no final checkpoint written"
+    )
     assert not list(save.glob("iter_*"))
 
 

@@ -19,17 +19,26 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_harness import run_distributed
 
 REPO = Path(__file__).resolve().parents[1]
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 # small and stable parts of the standard library: the training text and held-out documents of the tests
 DOMAIN = [str(STDLIB / "json")]
-TINY = ["data.seq_length=32", "data.valid_sequences=4", "data.valid_fraction=0.2", "data.max_train_tokens=4000",
-        "training.micro_batch_size=2", "training.log_interval=2", "training.lr=3e-3", "training.min_lr=3e-4",
-        "training.lr_warmup_iters=1", "training.eval_batch_size=4", "mtp.mtpd.topn=64",
-        f"data.paths={json.dumps(DOMAIN)}"]
+TINY = [
+    "data.seq_length=32",
+    "data.valid_sequences=4",
+    "data.valid_fraction=0.2",
+    "data.max_train_tokens=4000",
+    "training.micro_batch_size=2",
+    "training.log_interval=2",
+    "training.lr=3e-3",
+    "training.min_lr=3e-4",
+    "training.lr_warmup_iters=1",
+    "training.eval_batch_size=4",
+    "mtp.mtpd.topn=64",
+    f"data.paths={json.dumps(DOMAIN)}",
+]
 
 
 def _make_export(root: str) -> str:
@@ -44,29 +53,54 @@ def _make_export(root: str) -> str:
     texts = [p.read_text() for p in sorted((STDLIB / "json").glob("*.py"))]
     tok = train_bpe(texts, vocab_size=384)
     save_tokenizer(tok, r / "tok")
-    cfg = config_from_dict({"model": dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                                          num_query_groups=2, qk_layernorm=True, max_position_embeddings=128,
-                                          vocab_size=tok.get_vocab_size(with_added_tokens=True)),
-                            "mtp": {"num_heads": 2}, "data": {"tokenizer": str(r / "tok" / "tokenizer.json")}})
+    cfg = config_from_dict(
+        {
+            "model": dict(
+                num_layers=2,
+                hidden_size=64,
+                ffn_hidden_size=128,
+                num_attention_heads=4,
+                num_query_groups=2,
+                qk_layernorm=True,
+                max_position_embeddings=128,
+                vocab_size=tok.get_vocab_size(with_added_tokens=True),
+            ),
+            "mtp": {"num_heads": 2},
+            "data": {"tokenizer": str(r / "tok" / "tokenizer.json")},
+        }
+    )
     with megatron_world():
         torch.manual_seed(0)
         sd = build_model(cfg, vocab_size=384).state_dict()
     out = r / "export"
     out.mkdir()
-    write_hf(cfg, lambda names: {n: sd[n] for n in names}, out, vocab_rows=384,
-             vocab_size=tok.get_vocab_size(with_added_tokens=True),
-             tokenizer=tokenizer_info(str(r / "tok" / "tokenizer.json")), dtype=torch.float32, progress=False)
+    write_hf(
+        cfg,
+        lambda names: {n: sd[n] for n in names},
+        out,
+        vocab_rows=384,
+        vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        tokenizer=tokenizer_info(str(r / "tok" / "tokenizer.json")),
+        dtype=torch.float32,
+        progress=False,
+    )
     return str(out)
 
 
 def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1",
-                PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR="cpu",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    )
 
 
 def _run(args: list, timeout: float = 400) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *args], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +113,43 @@ def export(tmp_path_factory) -> Path:
 def runs(export, tmp_path_factory):
     """ZeRO-3 experiment (frozen, mtpd) and a ZeRO-2 finetune_hf.py run of mtpd with the same settings."""
     root = tmp_path_factory.mktemp("runs")
-    exp = _run(["tools/run_posttrain_experiment.py", "--export", str(export), "--out", str(root / "exp"),
-                "--arms", "frozen,mtpd", "--zero-stage", "3", "--train-iters", "3", "--device", "cpu", *TINY])
+    exp = _run(
+        [
+            "tools/run_posttrain_experiment.py",
+            "--export",
+            str(export),
+            "--out",
+            str(root / "exp"),
+            "--arms",
+            "frozen,mtpd",
+            "--zero-stage",
+            "3",
+            "--train-iters",
+            "3",
+            "--device",
+            "cpu",
+            *TINY,
+        ]
+    )
     assert exp.returncode == 0, exp.stderr[-3000:]
-    z2 = _run(["tools/finetune_hf.py", "--model", str(export), "--out", str(root / "z2"), "--heads", "mtpd",
-               "--zero-stage", "2", "--train-iters", "3", "--device", "cpu", *TINY])
+    z2 = _run(
+        [
+            "tools/finetune_hf.py",
+            "--model",
+            str(export),
+            "--out",
+            str(root / "z2"),
+            "--heads",
+            "mtpd",
+            "--zero-stage",
+            "2",
+            "--train-iters",
+            "3",
+            "--device",
+            "cpu",
+            *TINY,
+        ]
+    )
     assert z2.returncode == 0, z2.stderr[-3000:]
     return {"exp": root / "exp", "z2": root / "z2", "exp_log": exp.stdout, "z2_log": z2.stdout}
 
@@ -141,8 +207,11 @@ def test_loss_equals_reference():
 
     g = torch.Generator().manual_seed(0)
     b, s, v, k = 2, 7, 50, 3
-    mtp = MTPConfig(num_heads=k, loss_scaling_factor=0.6, mtpd=MTPDConfig(alpha=[1.0, 0.5, 2.0], beta=[1.0, 2.0, 0.3],
-                                                                         topn=12, temperature=1.7, mode="tail"))
+    mtp = MTPConfig(
+        num_heads=k,
+        loss_scaling_factor=0.6,
+        mtpd=MTPDConfig(alpha=[1.0, 0.5, 2.0], beta=[1.0, 2.0, 0.3], topn=12, temperature=1.7, mode="tail"),
+    )
     main = torch.randn(b, s, v, generator=g, dtype=torch.float64, requires_grad=True)
     heads = [torch.randn(b, s, v, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(k)]
     labels = torch.randint(0, v, (b, s), generator=g)
@@ -152,9 +221,17 @@ def test_loss_equals_reference():
         want = torch.nn.functional.cross_entropy(main.reshape(-1, v), labels.reshape(-1))
         for j, z in enumerate(heads, start=1):
             beta = mtp.mtpd.beta[j - 1] if mode == "mtpd" else 0.0
-            loss, _, _ = reference_head_loss(z[:, : s - j].reshape(-1, v), main[:, j:].reshape(-1, v),
-                                             labels[:, j:].reshape(-1), alpha=mtp.mtpd.alpha[j - 1], beta=beta,
-                                             topn=12, direction="forward", mode="tail", temperature=1.7)
+            loss, _, _ = reference_head_loss(
+                z[:, : s - j].reshape(-1, v),
+                main[:, j:].reshape(-1, v),
+                labels[:, j:].reshape(-1),
+                alpha=mtp.mtpd.alpha[j - 1],
+                beta=beta,
+                topn=12,
+                direction="forward",
+                mode="tail",
+                temperature=1.7,
+            )
             want = want + 0.6 / k * loss.mean()
         assert torch.allclose(got.loss, want, rtol=1e-10, atol=1e-12), mode
         grads = torch.autograd.grad(got.loss, [main, *heads])
@@ -201,4 +278,9 @@ def test_bad_flags_and_configs_are_one_line(export, tmp_path, capsys):
     _fails(capsys, ["--model", str(export), "--out", str(export), "mtp.mtpd.topn=64"], "already exists", tmp_path)
     _fails(capsys, ["--out", str(tmp_path / "o")], "model.path: not set", tmp_path)
     (tmp_path / "bad.yaml").write_text("training: {lr: [1]}\n")
-    _fails(capsys, [*out, "--config", str(tmp_path / "bad.yaml"), "mtp.mtpd.topn=64"], "training.lr: expected a number", tmp_path)
+    _fails(
+        capsys,
+        [*out, "--config", str(tmp_path / "bad.yaml"), "mtp.mtpd.topn=64"],
+        "training.lr: expected a number",
+        tmp_path,
+    )

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distributed_harness import run_distributed
+from test_model import SINGLE, _batch, _build, tiny
 
 from mtpd_megatron.parallel import cpu_compat
-from distributed_harness import run_distributed
-
-from test_model import SINGLE, _batch, _build, tiny
 
 VARIANTS = {
     "base": [],
@@ -34,8 +33,9 @@ def _step(cfg) -> dict:
     from mtpd_megatron.mtpd.metrics import MTPDMetrics
 
     model = _build(cfg)
-    attached = hook.attach(model.config, hook.MTPDSettings.from_config(cfg.mtp), MTPDMetrics(cfg.mtp.num_heads),
-                           mtp_block=model.mtp)
+    attached = hook.attach(
+        model.config, hook.MTPDSettings.from_config(cfg.mtp), MTPDMetrics(cfg.mtp.num_heads), mtp_block=model.mtp
+    )
     vocab_local = model.output_layer.weight.shape[0]
     shared = SharedMainLogits.of(model.output_layer)
     calls = {"n": 0}
@@ -73,7 +73,10 @@ def _rank_world1() -> dict:
 
 def _rank_world2() -> dict:
     cpu_compat.enable()
-    return {"tp2": _variants(TP2), "tp2_sp": {k: _step(tiny("tiny_dense", TP2_SP + VARIANTS[k])) for k in ("base", "both")}}
+    return {
+        "tp2": _variants(TP2),
+        "tp2_sp": {k: _step(tiny("tiny_dense", TP2_SP + VARIANTS[k])) for k in ("base", "both")},
+    }
 
 
 @pytest.fixture(scope="module")

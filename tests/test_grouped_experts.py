@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from distributed_harness import run_distributed
+from test_model import SINGLE, _build, _train_step, tiny  # the model tests' seeded tiny builds
 
 from mtpd_megatron.parallel import cpu_compat
-from distributed_harness import run_distributed
-
-from test_model import SINGLE, _build, _train_step, tiny  # the model tests' seeded tiny builds
 
 GROUPED = ["model.moe.experts_backend=grouped"]
 SEQUENTIAL = ["model.moe.experts_backend=sequential"]
@@ -41,15 +40,22 @@ def _module_pair() -> dict:
         x, p = x0.clone().requires_grad_(True), p0.clone().requires_grad_(True)
         y, bias = fn(x, counts, p)
         y.backward(grad_out)
-        out[name] = {"y": y.detach(), "dx": x.grad, "dp": p.grad, "bias": bias,
-                     "dw": {n: q.grad.clone() for n, q in experts.named_parameters()}}
+        out[name] = {
+            "y": y.detach(),
+            "dx": x.grad,
+            "dp": p.grad,
+            "bias": bias,
+            "dw": {n: q.grad.clone() for n, q in experts.named_parameters()},
+        }
     w = torch.stack([e.linear_fc1.weight.detach() for e in experts.local_experts])
     gmm = None
     if hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm"):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         try:  # the grouped kernel's forward, where this torch has one on CPU
-            gmm = (grouped_linear(x0, w, counts.tolist(), offsets, True),
-                   grouped_linear(x0, w, counts.tolist(), offsets, False))
+            gmm = (
+                grouped_linear(x0, w, counts.tolist(), offsets, True),
+                grouped_linear(x0, w, counts.tolist(), offsets, False),
+            )
         except RuntimeError:
             gmm = None
     return {"pair": out, "gmm": gmm}
@@ -68,9 +74,14 @@ def _checkpoint_keys(model) -> list:
 
 def _keys(cfg) -> dict:
     model = _build(cfg)
-    return {"state": sorted(model.state_dict()), "sharded": _checkpoint_keys(model),
-            "types": sorted({type(m).__name__ for m in model.modules() if "MLP" in type(m).__name__ or "Experts" in type(m).__name__}),
-            "weights": {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}}
+    return {
+        "state": sorted(model.state_dict()),
+        "sharded": _checkpoint_keys(model),
+        "types": sorted(
+            {type(m).__name__ for m in model.modules() if "MLP" in type(m).__name__ or "Experts" in type(m).__name__}
+        ),
+        "weights": {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)},
+    }
 
 
 def _swap_logits() -> dict:
@@ -103,8 +114,10 @@ def _rank_world1() -> dict:
 
 def _rank_world2() -> dict:
     cpu_compat.enable()
-    return {"ep2_grouped": _train_step(tiny("tiny_moe", EP2 + GROUPED)),
-            "ep2_keys": _checkpoint_keys(_build(tiny("tiny_moe", EP2 + GROUPED)))}
+    return {
+        "ep2_grouped": _train_step(tiny("tiny_moe", EP2 + GROUPED)),
+        "ep2_keys": _checkpoint_keys(_build(tiny("tiny_moe", EP2 + GROUPED))),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,37 @@ from tests import train_helpers as th
 
 def test_training_starts_from_an_imported_hf_model(tmp_path):
     tok, prefix = th.make_data(tmp_path / "data")
-    first = th.write_config(tmp_path / "first.yaml", th.tiny_config(
-        tok, prefix, tmp_path / "first", training={"train_iters": 12},
-        logging={"tensorboard_dir": str(tmp_path / "tb1"), "log_interval": 1}))
+    first = th.write_config(
+        tmp_path / "first.yaml",
+        th.tiny_config(
+            tok,
+            prefix,
+            tmp_path / "first",
+            training={"train_iters": 12},
+            logging={"tensorboard_dir": str(tmp_path / "tb1"), "log_interval": 1},
+        ),
+    )
     [(rc, out, err)] = th.run(["--config", str(first)])
     assert rc == 0, out[-2000:] + err[-2000:]
 
     hf, imported = tmp_path / "hf", tmp_path / "imported"
-    for cmd in (["tools/convert_to_hf.py", "--ckpt", str(tmp_path / "first"), "--out", str(hf)],
-                ["tools/convert_from_hf.py", "--hf", str(hf), "--out", str(imported), "--config", str(first)]):
+    for cmd in (
+        ["tools/convert_to_hf.py", "--ckpt", str(tmp_path / "first"), "--out", str(hf)],
+        ["tools/convert_from_hf.py", "--hf", str(hf), "--out", str(imported), "--config", str(first)],
+    ):
         done = subprocess.run([th.PYTHON, *cmd], cwd=th.ROOT, capture_output=True, text=True)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
 
-    second = th.write_config(tmp_path / "second.yaml", th.tiny_config(
-        tok, prefix, tmp_path / "second", training={"train_iters": 2},
-        logging={"tensorboard_dir": str(tmp_path / "tb2"), "log_interval": 1}))
+    second = th.write_config(
+        tmp_path / "second.yaml",
+        th.tiny_config(
+            tok,
+            prefix,
+            tmp_path / "second",
+            training={"train_iters": 2},
+            logging={"tensorboard_dir": str(tmp_path / "tb2"), "log_interval": 1},
+        ),
+    )
     [(rc, out, err)] = th.run(["--config", str(second), "--resume", str(imported)])
     assert rc == 0, out[-2000:] + err[-2000:]
     assert "initialised the weights from" in out

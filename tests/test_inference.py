@@ -14,7 +14,6 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-
 from distributed_harness import free_port, run_distributed
 
 V = 128  # vocabulary (already a multiple of 128: no padding)
@@ -24,13 +23,22 @@ HEADS = 4
 def _config(num_heads=HEADS, tp=1, seed=1234):
     from mtpd_megatron.config import config_from_dict
 
-    return config_from_dict({
-        "model": {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
-                  "num_query_groups": 2, "attention_backend": "sdpa", "max_position_embeddings": 256},
-        "mtp": {"num_heads": num_heads, "loss_scaling_factor": 1.0},
-        "parallel": {"tensor_model_parallel_size": tp},
-        "training": {"seed": seed},
-    })
+    return config_from_dict(
+        {
+            "model": {
+                "num_layers": 2,
+                "hidden_size": 32,
+                "ffn_hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_query_groups": 2,
+                "attention_backend": "sdpa",
+                "max_position_embeddings": 256,
+            },
+            "mtp": {"num_heads": num_heads, "loss_scaling_factor": 1.0},
+            "parallel": {"tensor_model_parallel_size": tp},
+            "training": {"seed": seed},
+        }
+    )
 
 
 def _build(num_heads=HEADS, seed=1234):
@@ -100,7 +108,7 @@ def _naive_greedy(model, prompt, n):
             t = torch.tensor([x])
             logits = model(t, torch.arange(len(x))[None], None)  # [1, s, V]
             x.append(int(logits[0, -1].argmax()))
-    return x[len(prompt):]
+    return x[len(prompt) :]
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -166,8 +174,10 @@ def _tp2_worker(prompts, tokens):
     group = parallel_state.get_tensor_model_parallel_group()
     full = torch.tensor([[1.0, 7.0, 3.0, 7.0, 0.0, 7.0, 2.0, 1.0], [0.0, 1.0, 2.0, 3.0, 9.0, 9.0, 1.0, 0.0]])
     shard = full[:, rank * 4 : (rank + 1) * 4]
-    out = {"argmax": vocab_parallel_argmax(shard, group=group).tolist(),
-           "argmax_limited": vocab_parallel_argmax(shard, group=group, vocab_limit=5).tolist()}
+    out = {
+        "argmax": vocab_parallel_argmax(shard, group=group).tolist(),
+        "argmax_limited": vocab_parallel_argmax(shard, group=group, vocab_limit=5).tolist(),
+    }
     set_seed(1234)  # same full weights as the TP=1 build (CPU init draws the full tensors, then splits)
     model = build_model(_config(tp=2), vocab_size=V).eval()
     out["tf"] = evaluate_acceptance(model, [tokens])
@@ -372,8 +382,12 @@ def test_decode_acceptance_equals_teacher_forced(trained_model):
     tau_all = acceptance_metrics(acc_all, base_all)["tau"]
     # At the drafted positions the teacher-forced tau is the decoder's tokens/step (up to the steps dropped
     # at the end of each sample).
-    kept = [a for i in range(len(prompts)) for p, a in zip(spec.draft_positions[i], spec.accepted[i])
-            if p + K < len(prompts[i]) + len(spec.tokens[i])]
+    kept = [
+        a
+        for i in range(len(prompts))
+        for p, a in zip(spec.draft_positions[i], spec.accepted[i])
+        if p + K < len(prompts[i]) + len(spec.tokens[i])
+    ]
     assert tau_steps == pytest.approx(1 + sum(kept) / len(kept), abs=1e-9)
     assert spec.tokens_per_step == pytest.approx(1 + sum(decoded) / len(decoded))
     # Over all positions: same model, same text, different weighting of positions -> close, not equal.
@@ -387,12 +401,21 @@ def test_moe_qk_norm_speculative_equals_greedy(world):
     from mtpd_megatron.model.builder import build_model
     from mtpd_megatron.parallel.launch import set_seed
 
-    cfg = config_from_dict({
-        "model": {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
-                  "num_query_groups": 2, "attention_backend": "sdpa", "qk_layernorm": True,
-                  "moe": {"num_experts": 4, "router_topk": 2, "shared_expert_hidden_size": 32}},
-        "mtp": {"num_heads": 3},
-    })
+    cfg = config_from_dict(
+        {
+            "model": {
+                "num_layers": 2,
+                "hidden_size": 32,
+                "ffn_hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_query_groups": 2,
+                "attention_backend": "sdpa",
+                "qk_layernorm": True,
+                "moe": {"num_experts": 4, "router_topk": 2, "shared_expert_hidden_size": 32},
+            },
+            "mtp": {"num_heads": 3},
+        }
+    )
     set_seed(3)
     model = build_model(cfg, vocab_size=V).eval()
     prompts = [[1, 2, 3], [5], [9, 8, 7, 6, 5, 4]]
@@ -409,7 +432,9 @@ def test_errors(random_model, world):
     no_heads = _build(num_heads=0)
     with pytest.raises(ValueError, match="has 0 MTP heads"):
         SpeculativeDecoder(no_heads, k=1)
-    assert SpeculativeDecoder(no_heads, k=0, max_length=8).generate([[1, 2]], 3).tokens[0] == _naive_greedy(no_heads, [1, 2], 3)
+    assert SpeculativeDecoder(no_heads, k=0, max_length=8).generate([[1, 2]], 3).tokens[0] == _naive_greedy(
+        no_heads, [1, 2], 3
+    )
     dec = SpeculativeDecoder(random_model, k=2, max_length=10)
     with pytest.raises(ValueError, match="exceeds max_length=10"):
         dec.generate([[1, 2, 3]], 8)
@@ -422,8 +447,13 @@ def test_errors(random_model, world):
 # ------------------------------------------------------------------------------------------------------
 
 SWITCHES = [
-    {"graph_scope": "phase"}, {"sync_every": 1}, {"host_sync_per_depth": True}, {"fused_prologue": True},
-    {"argmax_chunk": 40}, {"verify_width": 7}, {"fused_prologue": True, "argmax_chunk": 50, "graph_scope": "phase"},
+    {"graph_scope": "phase"},
+    {"sync_every": 1},
+    {"host_sync_per_depth": True},
+    {"fused_prologue": True},
+    {"argmax_chunk": 40},
+    {"verify_width": 7},
+    {"fused_prologue": True, "argmax_chunk": 50, "graph_scope": "phase"},
 ]
 
 
@@ -500,8 +530,11 @@ def test_adaptive_and_exact_greedy_ragged_batch_with_eos(trained_model):
     eos = full.tokens[1][5]
     greedy = generate(trained_model, prompts, 30, k=0, eos_id=eos)
     assert greedy.tokens[1] == full.tokens[1][:6] and any(len(t) == 30 for t in greedy.tokens)
-    for k, opts in ((4, DecodeOptions(draft_threshold=0.22)), (0, DecodeOptions(verify_width=5)),
-                    (2, DecodeOptions(verify_width=5, graph_scope="phase"))):
+    for k, opts in (
+        (4, DecodeOptions(draft_threshold=0.22)),
+        (0, DecodeOptions(verify_width=5)),
+        (2, DecodeOptions(verify_width=5, graph_scope="phase")),
+    ):
         assert generate(trained_model, prompts, 30, k=k, eos_id=eos, options=opts).tokens == greedy.tokens, (k, opts)
 
 
@@ -532,9 +565,14 @@ def test_decode_options_refuse_bad_values_and_cuda_only_switches_on_cpu(random_m
     from mtpd_megatron.inference import SpeculativeDecoder
     from mtpd_megatron.inference.options import DecodeOptions
 
-    for bad, phrase in (({"graph_scope": "layer"}, "graph_scope"), ({"sync_every": 0}, "sync_every"),
-                        ({"draft_threshold": 1.5}, "draft_threshold"), ({"argmax_chunk": -1}, "argmax_chunk"),
-                        ({"verify_width": 0}, "verify_width"), ({"max_skips": -1}, "max_skips")):
+    for bad, phrase in (
+        ({"graph_scope": "layer"}, "graph_scope"),
+        ({"sync_every": 0}, "sync_every"),
+        ({"draft_threshold": 1.5}, "draft_threshold"),
+        ({"argmax_chunk": -1}, "argmax_chunk"),
+        ({"verify_width": 0}, "verify_width"),
+        ({"max_skips": -1}, "max_skips"),
+    ):
         with pytest.raises(ValueError, match=phrase):
             DecodeOptions(**bad)
     with pytest.raises(ValueError, match="verify_width=3 < k\\+1=5"):
@@ -562,8 +600,9 @@ def test_speculative_demo(trained_model):
     assert out["tokens_per_step"] >= 1.0 and len(out["per_position_acceptance"]) == 3
     from mtpd_megatron.inference.options import DecodeOptions
 
-    adaptive = speculative_demo(trained_model, ByteTokenizer(), "ABC", k=3, max_new_tokens=20,
-                                options=DecodeOptions(draft_threshold=0.22))
+    adaptive = speculative_demo(
+        trained_model, ByteTokenizer(), "ABC", k=3, max_new_tokens=20, options=DecodeOptions(draft_threshold=0.22)
+    )
     assert adaptive["identical_to_greedy"] and adaptive["text"] == out["text"]
 
 
@@ -581,8 +620,14 @@ def _run_tool(script, *args):
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", script), *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "tools", script), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -615,7 +660,12 @@ def cli_checkpoint(world, tmp_path_factory):
     preprocess([corpus], tok_path, prefix, append_eod=True, progress=False)
     tok = load_tokenizer(tok_path)
     cfg = _config()
-    cfg.data.tokenizer, cfg.data.paths, cfg.data.split, cfg.data.seq_length = str(tok_path), [str(prefix)], "70,30,0", 32
+    cfg.data.tokenizer, cfg.data.paths, cfg.data.split, cfg.data.seq_length = (
+        str(tok_path),
+        [str(prefix)],
+        "70,30,0",
+        32,
+    )
     padded = padded_vocab_size(tok.vocab_size, cfg.model.make_vocab_size_divisible_by, 1)
     set_seed(21)
     model = build_model(cfg, vocab_size=padded).eval()
@@ -636,9 +686,27 @@ def test_eval_acceptance_cli(cli_checkpoint):
 
     root, _, loaded, tok = cli_checkpoint
     out, png = root / "acc.json", root / "acc.png"
-    proc = _run_tool("eval_acceptance.py", "--ckpt", root / "ckpt", "--ckpt", loaded.path, "--label", "A",
-                     "--label", "B", "--split", "valid", "--num-samples", 6, "--batch-size", 4, "--out", out,
-                     "--plot", png)
+    proc = _run_tool(
+        "eval_acceptance.py",
+        "--ckpt",
+        root / "ckpt",
+        "--ckpt",
+        loaded.path,
+        "--label",
+        "A",
+        "--label",
+        "B",
+        "--split",
+        "valid",
+        "--num-samples",
+        6,
+        "--batch-size",
+        4,
+        "--out",
+        out,
+        "--plot",
+        png,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     a, b = result["checkpoints"]
@@ -646,8 +714,10 @@ def test_eval_acceptance_cli(cli_checkpoint):
     assert a["positions"] == 6 * 32 and result["data"]["sequences"] == 6 and len(a["car"]) == HEADS
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     samples = split_samples(loaded, tok, "valid", 6, 32)
-    batch = {"tokens": torch.stack([s["tokens"] for s in samples]),
-             "loss_mask": torch.stack([s["loss_mask"] for s in samples])}
+    batch = {
+        "tokens": torch.stack([s["tokens"] for s in samples]),
+        "loss_mask": torch.stack([s["loss_mask"] for s in samples]),
+    }
     ref = evaluate_acceptance(loaded.model, [batch], vocab_limit=loaded.vocab_size)
     assert a["acc_counts"] == ref["acc_counts"] and a["base_counts"] == ref["base_counts"]
     assert a["tau"] == pytest.approx(ref["tau"])
@@ -680,24 +750,62 @@ def test_bench_decode_cli_and_errors(cli_checkpoint):
 
     root, corpus, loaded, _ = cli_checkpoint
     out = root / "bench.json"
-    proc = _run_tool("bench_decode.py", "--ckpt", loaded.path, "--jsonl", corpus, "--num-prompts", 2,
-                     "--prompt-len", 8, "--new-tokens", 10, "--k", 1, 3, "--repeats", 1, "--out", out)
+    proc = _run_tool(
+        "bench_decode.py",
+        "--ckpt",
+        loaded.path,
+        "--jsonl",
+        corpus,
+        "--num-prompts",
+        2,
+        "--prompt-len",
+        8,
+        "--new-tokens",
+        10,
+        "--k",
+        1,
+        3,
+        "--repeats",
+        1,
+        "--out",
+        out,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["greedy"]["new_tokens"] == 20 and result["prompts"] == 2
     assert [r["k"] for r in result["speculative"]] == [1, 3]
     assert all(r["identical_to_greedy"] for r in result["speculative"])
     assert all(r["first_difference"] == [None, None] for r in result["speculative"])
-    cost = _run_tool("bench_decode.py", "--config", os.path.join(ROOT, "configs", "tiny_dense.yaml"), "--vocab-size", 128,
-                     "--device", "cpu", "--num-prompts", 1, "--prompt-len", 4, "--new-tokens", 4, "--k", 2,
-                     "--repeats", 1, "--out", root / "cost.json")
+    cost = _run_tool(
+        "bench_decode.py",
+        "--config",
+        os.path.join(ROOT, "configs", "tiny_dense.yaml"),
+        "--vocab-size",
+        128,
+        "--device",
+        "cpu",
+        "--num-prompts",
+        1,
+        "--prompt-len",
+        4,
+        "--new-tokens",
+        4,
+        "--k",
+        2,
+        "--repeats",
+        1,
+        "--out",
+        root / "cost.json",
+    )
     assert cost.returncode == 0, cost.stderr[-3000:]
     assert json.loads((root / "cost.json").read_text())["source"]["random_weights"].endswith("tiny_dense.yaml")
     missing = _run_tool("eval_acceptance.py", "--ckpt", root / "nope", "--out", root / "x.json")
     assert missing.returncode == 2 and not (root / "x.json").exists()
     lines = [line for line in missing.stderr.splitlines() if line.startswith("eval_acceptance: error:")]
     assert len(lines) == 1 and "nope" in lines[0], missing.stderr[-2000:]
-    too_many = _run_tool("bench_decode.py", "--ckpt", loaded.path, "--jsonl", corpus, "--k", 5, "--out", root / "y.json")
+    too_many = _run_tool(
+        "bench_decode.py", "--ckpt", loaded.path, "--jsonl", corpus, "--k", 5, "--out", root / "y.json"
+    )
     assert too_many.returncode == 2 and "the model has 4 MTP heads" in too_many.stderr
 
 
@@ -708,10 +816,43 @@ def test_bench_decode_issue12_rows(cli_checkpoint):
 
     root, corpus, loaded, _ = cli_checkpoint
     out, md, prof = root / "bench12.json", root / "bench12.md", root / "prof"
-    proc = _run_tool("bench_decode.py", "--ckpt", loaded.path, "--jsonl", corpus, "--num-prompts", 2,
-                     "--prompt-len", 8, "--new-tokens", 8, "--k", 2, "--main-k", 2, "--repeats", 1, "--loss-samples", 4,
-                     "--profile", prof, "--ablate", "graph_per_phase", "fused_prologue", "argmax_chunk",
-                     "--draft-threshold", 0.3, "--exact-greedy", "--batch", 1, 2, "--out", out, "--markdown", md)
+    proc = _run_tool(
+        "bench_decode.py",
+        "--ckpt",
+        loaded.path,
+        "--jsonl",
+        corpus,
+        "--num-prompts",
+        2,
+        "--prompt-len",
+        8,
+        "--new-tokens",
+        8,
+        "--k",
+        2,
+        "--main-k",
+        2,
+        "--repeats",
+        1,
+        "--loss-samples",
+        4,
+        "--profile",
+        prof,
+        "--ablate",
+        "graph_per_phase",
+        "fused_prologue",
+        "argmax_chunk",
+        "--draft-threshold",
+        0.3,
+        "--exact-greedy",
+        "--batch",
+        1,
+        2,
+        "--out",
+        out,
+        "--markdown",
+        md,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["main_loss"] > 0 and "computed on 4 valid sequences" in r["main_loss_source"]
@@ -733,14 +874,17 @@ def test_bench_decode_issue12_rows(cli_checkpoint):
     assert "Switch ablation" in text and "Exact greedy" in text and f"{r['main_loss']:.4f}" in text
 
 
-@pytest.mark.parametrize("args,phrase", [
-    (["--k", "0"], "--k 0: every K must be >= 1"),
-    (["--draft-threshold", "1.5"], "--draft-threshold 1.5: each must be a probability in (0, 1)"),
-    (["--compile", "--device", "cpu"], "--compile needs a CUDA device"),
-    (["--ablate", "warp_drive"], "--ablate warp_drive: unknown switch"),
-    (["--empty-jsonl"], "every prompt needs at least one token"),
-    (["--prompt-len", "300"], "exceed the model's context of 256 tokens"),
-])
+@pytest.mark.parametrize(
+    "args,phrase",
+    [
+        (["--k", "0"], "--k 0: every K must be >= 1"),
+        (["--draft-threshold", "1.5"], "--draft-threshold 1.5: each must be a probability in (0, 1)"),
+        (["--compile", "--device", "cpu"], "--compile needs a CUDA device"),
+        (["--ablate", "warp_drive"], "--ablate warp_drive: unknown switch"),
+        (["--empty-jsonl"], "every prompt needs at least one token"),
+        (["--prompt-len", "300"], "exceed the model's context of 256 tokens"),
+    ],
+)
 def test_bench_decode_refuses_bad_requests_in_one_line(cli_checkpoint, args, phrase):
     import json
 
@@ -755,21 +899,25 @@ def test_bench_decode_refuses_bad_requests_in_one_line(cli_checkpoint, args, phr
         long.write_text(json.dumps({"text": " ".join(texts)}) + "\n")
         corpus = long
     out = root / "refused.json"
-    proc = _run_tool("bench_decode.py", "--ckpt", loaded.path, "--jsonl", corpus, "--new-tokens", 4, "--k", 1,
-                     *args, "--out", out)
+    proc = _run_tool(
+        "bench_decode.py", "--ckpt", loaded.path, "--jsonl", corpus, "--new-tokens", 4, "--k", 1, *args, "--out", out
+    )
     assert proc.returncode == 2 and not out.exists(), proc.stdout[-1000:] + proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("bench_decode: error: ") and phrase in lines[0], proc.stderr
 
 
-@pytest.mark.parametrize("args,phrase", [
-    (["--k", "0"], "--k 0: draft at least one token"),
-    (["--k", "9"], "k=9 drafted tokens but the model has 4 MTP heads"),
-    (["--prompt", " "], "--prompt is empty"),
-    (["--prompt", "word " * 200], "exceed the model's context"),
-    (["--device", "cuda"], "--device cuda: no GPU is visible"),
-    (["--draft-threshold", "0"], "--draft-threshold 0.0: must be a probability in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "args,phrase",
+    [
+        (["--k", "0"], "--k 0: draft at least one token"),
+        (["--k", "9"], "k=9 drafted tokens but the model has 4 MTP heads"),
+        (["--prompt", " "], "--prompt is empty"),
+        (["--prompt", "word " * 200], "exceed the model's context"),
+        (["--device", "cuda"], "--device cuda: no GPU is visible"),
+        (["--draft-threshold", "0"], "--draft-threshold 0.0: must be a probability in (0, 1)"),
+    ],
+)
 def test_speculative_decode_refuses_bad_requests_in_one_line(cli_checkpoint, args, phrase):
     root, _, loaded, _ = cli_checkpoint
     base = {"--prompt": "some words", "--k": "2"}

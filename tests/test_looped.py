@@ -17,10 +17,17 @@ STAGE_ITERS = 6
 
 def _config(tmp: Path, data: Path, **overrides) -> Path:
     tok, prefix = th.make_data(data)
-    cfg = th.tiny_config(tok, prefix, tmp / "ckpt", looped={"stages": [
-        {"heads": 1, "train_iters": STAGE_ITERS},
-        {"heads": 2, "train_iters": STAGE_ITERS, "init": "copy", "lr": 1e-2},
-    ]})
+    cfg = th.tiny_config(
+        tok,
+        prefix,
+        tmp / "ckpt",
+        looped={
+            "stages": [
+                {"heads": 1, "train_iters": STAGE_ITERS},
+                {"heads": 2, "train_iters": STAGE_ITERS, "init": "copy", "lr": 1e-2},
+            ]
+        },
+    )
     for dotted, value in overrides.items():
         section, key = dotted.split("__")
         cfg.setdefault(section, {})[key] = value
@@ -46,9 +53,11 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     meta = FileSystemReader(str(ckpt)).read_metadata()
-    wanted = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.state_dict_metadata.items()
-              if isinstance(v, TensorStorageMetadata) and not k.startswith("optimizer")
-              and "_extra_state" not in k}
+    wanted = {
+        k: torch.empty(v.size, dtype=v.properties.dtype)
+        for k, v in meta.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata) and not k.startswith("optimizer") and "_extra_state" not in k
+    }
     load(wanted, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
     return wanted
 
@@ -101,9 +110,25 @@ def test_chain_copy_init_freeze_and_no_rerun(tmp_path, data_dir):
 
     # The training-free extension (iteration 0) evaluates next to the trained stage.
     report = tmp_path / "acceptance.json"
-    done = subprocess.run([th.PYTHON, "tools/eval_acceptance.py", "--ckpt", str(init1), "--ckpt", str(final1),
-                           "--split", "valid", "--num-samples", "8", "--out", str(report)],
-                          cwd=th.ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            th.PYTHON,
+            "tools/eval_acceptance.py",
+            "--ckpt",
+            str(init1),
+            "--ckpt",
+            str(final1),
+            "--split",
+            "valid",
+            "--num-samples",
+            "8",
+            "--out",
+            str(report),
+        ],
+        cwd=th.ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     import json
 
@@ -116,8 +141,12 @@ def test_chain_copy_init_freeze_and_no_rerun(tmp_path, data_dir):
     again = _run(["run-chain", "--config", str(cfg)])[0][1]
     assert "stage 0 already complete" in again and "stage 1 already complete" in again
     assert (sorted(p.name for p in stage1.iterdir()), sorted(p.name for p in stage0.iterdir())) == before
-    status = subprocess.run([th.PYTHON, "-m", "mtpd_megatron.looped", "status", "--config", str(cfg), "--stage", "1"],
-                            cwd=th.ROOT, capture_output=True, text=True)
+    status = subprocess.run(
+        [th.PYTHON, "-m", "mtpd_megatron.looped", "status", "--config", str(cfg), "--stage", "1"],
+        cwd=th.ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert status.returncode == 0, status.stdout + status.stderr
 
 
@@ -149,19 +178,32 @@ def test_resume_mid_stage_equals_straight_run_and_tp2_to_tp1(tmp_path, data_dir)
         assert got[step]["mtp2/ce"] == pytest.approx(record["mtp2/ce"], rel=1e-4, abs=1e-5), step
 
 
-@pytest.mark.parametrize("stage, message", [
-    ({"lr": -1}, "looped.stages[1].lr=-1.0: must be > 0"),
-    ({"lr_schedule": "linear"}, "looped.stages[1].lr_schedule='linear': must be one of cosine, wsd, constant"),
-    ({"lr": 1e-4}, "training.min_lr=0.0003: exceeds looped.stages[1].lr=0.0001"),
-    ({"lr_warmup_iters": 50}, "looped.stages[1].lr_warmup_iters=50: exceeds looped.stages[1].train_iters=6"),
-])
+@pytest.mark.parametrize(
+    "stage, message",
+    [
+        ({"lr": -1}, "looped.stages[1].lr=-1.0: must be > 0"),
+        ({"lr_schedule": "linear"}, "looped.stages[1].lr_schedule='linear': must be one of cosine, wsd, constant"),
+        ({"lr": 1e-4}, "training.min_lr=0.0003: exceeds looped.stages[1].lr=0.0001"),
+        ({"lr_warmup_iters": 50}, "looped.stages[1].lr_warmup_iters=50: exceeds looped.stages[1].train_iters=6"),
+    ],
+)
 def test_every_stage_is_validated_before_stage_0_trains(tmp_path, data_dir, stage, message):
     """A bad later stage is one line naming the stage's field, before stage 0 writes anything."""
     tok, prefix = th.make_data(data_dir)
-    cfg = th.tiny_config(tok, prefix, tmp_path / "ckpt", looped={"stages": [
-        {"heads": 1, "train_iters": STAGE_ITERS}, {"heads": 2, "train_iters": STAGE_ITERS, **stage}]})
+    cfg = th.tiny_config(
+        tok,
+        prefix,
+        tmp_path / "ckpt",
+        looped={
+            "stages": [{"heads": 1, "train_iters": STAGE_ITERS}, {"heads": 2, "train_iters": STAGE_ITERS, **stage}]
+        },
+    )
     path = th.write_config(tmp_path / "looped.yaml", cfg)
     for command in (["run-chain"], ["run-stage", "--stage", "0"]):
         [(rc, out, err)] = th.run([*command, "--config", str(path)], fork=True, module="mtpd_megatron.looped")
-        assert rc == 2 and err.strip().splitlines() == [f"python -m mtpd_megatron.looped: error: {message}"], (rc, out, err)
+        assert rc == 2 and err.strip().splitlines() == [f"python -m mtpd_megatron.looped: error: {message}"], (
+            rc,
+            out,
+            err,
+        )
     assert not (tmp_path / "ckpt").exists()

@@ -11,11 +11,11 @@ import pathlib
 
 import pytest
 import torch
+from distributed_harness import run_distributed
 
 from mtpd_megatron.config import load_config
 from mtpd_megatron.config.params import count_parameters
 from mtpd_megatron.parallel import cpu_compat
-from distributed_harness import run_distributed
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 VOCAB = 1000  # tokenizer size; padded to 1024 at TP 1 and 2
@@ -23,8 +23,11 @@ SEQ, BATCH, SEED, LR = 32, 2, 1234, 0.5
 
 # Layouts on two ranks: (name, preset, overrides). TP=1 means two data-parallel replicas fed the same batch,
 # which must reproduce the single-process model exactly like the tensor-parallel layouts must.
-SINGLE = ["parallel.tensor_model_parallel_size=1", "parallel.expert_model_parallel_size=1",
-          "parallel.sequence_parallel=false"]
+SINGLE = [
+    "parallel.tensor_model_parallel_size=1",
+    "parallel.expert_model_parallel_size=1",
+    "parallel.sequence_parallel=false",
+]
 LAYOUTS = {
     "dense_dp2": ("tiny_dense", SINGLE),
     "dense_tp2": ("tiny_dense", ["parallel.tensor_model_parallel_size=2"]),
@@ -113,9 +116,18 @@ def _seeded_weights(model) -> None:
         world = ps.get_expert_tensor_parallel_world_size() if is_expert else ps.get_tensor_model_parallel_world_size()
         dim, full = param.partition_dim, list(param.shape)
         full[dim] *= world
-        _initialize_affine_weight_cpu(param, full[0], full[1], param.shape[dim], dim, draw,
-                                      stride=param.partition_stride, rank=rank, world_size=world,
-                                      skip_set_tensor_parallel_attributes=True)
+        _initialize_affine_weight_cpu(
+            param,
+            full[0],
+            full[1],
+            param.shape[dim],
+            dim,
+            draw,
+            stride=param.partition_stride,
+            rank=rank,
+            world_size=world,
+            skip_set_tensor_parallel_attributes=True,
+        )
 
 
 def _batch():
@@ -127,16 +139,21 @@ def _batch():
 
 def _train_step(cfg) -> dict:
     """Forward+backward, megatron's finalize_model_grads, one plain SGD step, forward again."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
     model = _build(cfg)
-    ddp = DistributedDataParallel(config=model.config, module=model, ddp_config=DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False))
+    ddp = DistributedDataParallel(
+        config=model.config,
+        module=model,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False
+        ),
+    )
     tokens, position_ids, labels = _batch()
     ddp.zero_grad_buffer()
     loss0 = ddp(tokens, position_ids, None, labels=labels)
     loss0.mean().backward()
+
     def norm_grads() -> dict:
         return {n: p.main_grad.clone() for n, p in ddp.module.named_parameters() if "norm" in n}
 
@@ -148,8 +165,13 @@ def _train_step(cfg) -> dict:
             param.add_(param.main_grad, alpha=-LR)
         loss1 = ddp(tokens, position_ids, None, labels=labels)
         logits = ddp(tokens, position_ids, None)  # [s, b, vocab / tp]
-    return {"loss0": loss0.detach(), "loss1": loss1, "logits": logits, "before_sync": before_sync,
-            "after_sync": after_sync}
+    return {
+        "loss0": loss0.detach(),
+        "loss1": loss1,
+        "logits": logits,
+        "before_sync": before_sync,
+        "after_sync": after_sync,
+    }
 
 
 def _count(cfg) -> dict:
@@ -203,8 +225,12 @@ def _rank_main_world1() -> dict:
     references = {kind: _train_step(tiny(f"tiny_{kind}", SINGLE)) for kind in ("dense", "moe")}
     grid = [(v, d, tp) for v in (1, 1000, 50257, 122880) for d in (1, 64, 128) for tp in (1, 2, 4, 8)]
     padding_agrees = all(padded_vocab(*args) == padded_vocab_size(*args) for args in grid)
-    return {"counts": counts, "references": references, "attention": _attention_pair(),
-            "padding_agrees": padding_agrees}
+    return {
+        "counts": counts,
+        "references": references,
+        "attention": _attention_pair(),
+        "padding_agrees": padding_agrees,
+    }
 
 
 def _rank_main_world2() -> dict:
@@ -278,8 +304,9 @@ def test_sequence_parallel_norm_matches_without_sp(world2):
         for name in names:
             torch.testing.assert_close(on["after_sync"][name], off["after_sync"][name], atol=1e-6, rtol=0, msg=name)
         sp_tagged = [n for n in names if "q_layernorm" not in n and "k_layernorm" not in n]
-        still_partial = [n for n in sp_tagged
-                         if not torch.allclose(on["before_sync"][n], off["after_sync"][n], atol=1e-6)]
+        still_partial = [
+            n for n in sp_tagged if not torch.allclose(on["before_sync"][n], off["after_sync"][n], atol=1e-6)
+        ]
         assert still_partial == sp_tagged
 
 

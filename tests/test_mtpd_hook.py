@@ -5,12 +5,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from distributed_harness import run_distributed
 
 from mtpd_megatron.config import config_from_dict
 from mtpd_megatron.mtpd import hook
 from mtpd_megatron.mtpd.metrics import MTPDMetrics
 from mtpd_megatron.mtpd.reference import reference_head_loss
-from distributed_harness import run_distributed
 
 V, H = 40, 6
 MTPD = dict(topn=9, direction="forward", mode="renorm", temperature=1.0)
@@ -18,10 +18,15 @@ MTPD = dict(topn=9, direction="forward", mode="renorm", temperature=1.0)
 
 def _fake_config(num_heads, alphas=None, betas=None, scaling=0.3, **mtpd):
     spec = {**MTPD, **mtpd}
-    mtp = config_from_dict({"mtp": {"num_heads": num_heads, "mtpd": {
-        "alpha": alphas or 1.0, "beta": betas or 1.0, **spec}}}).mtp
-    cfg = _FakeConfig(mtp_num_layers=num_heads, mtp_loss_scaling_factor=scaling, mtp_detach_heads=False,
-                      calculate_per_token_loss=False)
+    mtp = config_from_dict(
+        {"mtp": {"num_heads": num_heads, "mtpd": {"alpha": alphas or 1.0, "beta": betas or 1.0, **spec}}}
+    ).mtp
+    cfg = _FakeConfig(
+        mtp_num_layers=num_heads,
+        mtp_loss_scaling_factor=scaling,
+        mtp_detach_heads=False,
+        calculate_per_token_loss=False,
+    )
     _attach(cfg, mtp)
     return cfg
 
@@ -32,12 +37,14 @@ class _FakeConfig(SimpleNamespace):
 
 def _attach(config, mtp_cfg, mtp_block=None) -> hook.Attached:
     """As the trainer does: build the settings and metrics, hand them to the hook."""
-    return hook.attach(config, hook.MTPDSettings.from_config(mtp_cfg), MTPDMetrics(mtp_cfg.num_heads),
-                       mtp_block=mtp_block)
+    return hook.attach(
+        config, hook.MTPDSettings.from_config(mtp_cfg), MTPDMetrics(mtp_cfg.num_heads), mtp_block=mtp_block
+    )
 
 
-def _reference_objective(chunks, weight, labels, mask, doc_ids, num_heads, scaling, alphas, betas, spec,
-                         detach_teacher=True):
+def _reference_objective(
+    chunks, weight, labels, mask, doc_ids, num_heads, scaling, alphas, betas, spec, detach_teacher=True
+):
     """Sum over heads of scale * sum_t mask_k[t] * loss(head_k[t], main[t+k], labels[t+k]) / num_tokens_k."""
     seq = labels.shape[-1]
     teacher = chunks[0] @ weight.t()
@@ -49,16 +56,30 @@ def _reference_objective(chunks, weight, labels, mask, doc_ids, num_heads, scali
         t = torch.arange(seq - k)
         same_doc = doc_ids[t] == doc_ids[t + k]
         mask_k = mask[t + k] * same_doc
-        loss, _, _ = reference_head_loss(student[t], teacher[t + k], labels[t + k], alpha=alphas[k - 1],
-                                         beta=betas[k - 1], detach_teacher=detach_teacher, **spec)
+        loss, _, _ = reference_head_loss(
+            student[t],
+            teacher[t + k],
+            labels[t + k],
+            alpha=alphas[k - 1],
+            beta=betas[k - 1],
+            detach_teacher=detach_teacher,
+            **spec,
+        )
         total = total + scaling / num_heads * (loss * mask_k).sum() / mask_k.sum().clamp(min=1)
     return total
 
 
 @pytest.mark.parametrize("packed", [False, True])
-@pytest.mark.parametrize("direction,mode,objective,detach", [
-    ("forward", "renorm", "kl", True), ("reverse", "tail", "kl", True),
-    ("forward", "renorm", "kl", False), ("forward", "tail", "lk", True), ("reverse", "renorm", "lk", False)])
+@pytest.mark.parametrize(
+    "direction,mode,objective,detach",
+    [
+        ("forward", "renorm", "kl", True),
+        ("reverse", "tail", "kl", True),
+        ("forward", "renorm", "kl", False),
+        ("forward", "tail", "lk", True),
+        ("reverse", "renorm", "lk", False),
+    ],
+)
 def test_hook_matches_reference_objective(packed, direction, mode, objective, detach):
     """Hidden-state gradients of the hook == the plain objective's; `detach_teacher=False` (the seesaw
     ablation) must put the KL's gradient on the main head's hidden states, the default none."""
@@ -74,24 +95,26 @@ def test_hook_matches_reference_objective(packed, direction, mode, objective, de
     cu = torch.tensor([0, 9, 15, seq], dtype=torch.int32) if packed else torch.tensor([0, seq], dtype=torch.int32)
     doc_ids = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1])
     params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu) if packed else None
-    cfg = _fake_config(heads, alphas, betas, direction=direction, mode=mode, objective=objective, lk_lambda=0.4,
-                       detach_teacher=detach)
+    cfg = _fake_config(
+        heads, alphas, betas, direction=direction, mode=mode, objective=objective, lk_lambda=0.4, detach_teacher=detach
+    )
 
     def output_layer(h, weight=None, runtime_gather_output=None):
         return h @ weight_.t(), None
 
     weight_ = weight
-    out = hook.mtpd_process_mtp_loss(hidden, labels, mask, output_layer, None, None, True, None, cfg,
-                                     packed_seq_params=params)
+    out = hook.mtpd_process_mtp_loss(
+        hidden, labels, mask, output_layer, None, None, True, None, cfg, packed_seq_params=params
+    )
     (out * 0).sum().backward()  # only the attached MTP-D losses send gradient (scale 1, as megatron's default)
     got = hidden.grad.clone()
 
     hidden.grad = None
     chunks = [c.squeeze(1) for c in torch.chunk(hidden, 1 + heads, dim=0)]
-    spec = dict(topn=MTPD["topn"], direction=direction, mode=mode, temperature=1.0, objective=objective,
-                lk_lambda=0.4)
-    ref = _reference_objective(chunks, weight, labels[0], mask[0], doc_ids, heads, 0.3, alphas, betas, spec,
-                               detach_teacher=detach)
+    spec = dict(topn=MTPD["topn"], direction=direction, mode=mode, temperature=1.0, objective=objective, lk_lambda=0.4)
+    ref = _reference_objective(
+        chunks, weight, labels[0], mask[0], doc_ids, heads, 0.3, alphas, betas, spec, detach_teacher=detach
+    )
     ref.backward()
     torch.testing.assert_close(got, hidden.grad, rtol=1e-9, atol=1e-12)
     if detach:
@@ -102,7 +125,7 @@ def test_hook_matches_reference_objective(packed, direction, mode, objective, de
 
 def test_metrics_hand_made_example():
     """Acceptance on a hand-built example: main argmax sequence and head drafts chosen by construction."""
-    seq, heads = 6, 2
+    heads = 2  # on a 6-token sequence
     main_tok = [3, 1, 4, 1, 5, 2]  # argmax of the main head at each position
     # head1 at t should match main[t+1]; head2 at t should match main[t+2]
     head1 = [1, 4, 0, 5, 2, 0]  # t=0..4 valid: matches at t=0,1,3,4 (t=2 wrong)
@@ -117,8 +140,17 @@ def test_metrics_hand_made_example():
     labels = torch.tensor([main_tok])
     eye = torch.eye(vocab, dtype=torch.float64)
     with torch.no_grad():
-        hook.mtpd_process_mtp_loss(hidden, labels, None, lambda h, weight=None, runtime_gather_output=None: (h @ eye, None),
-                                   None, None, False, None, cfg)
+        hook.mtpd_process_mtp_loss(
+            hidden,
+            labels,
+            None,
+            lambda h, weight=None, runtime_gather_output=None: (h @ eye, None),
+            None,
+            None,
+            False,
+            None,
+            cfg,
+        )
     summary = hook.attached(cfg).metrics.summary()
     # head 1: 4 of 5 accepted. head 2 given head 1 accepted at t in {0,1} (t<4 valid, chain at 0,1,3):
     # positions valid for head 2 are t=0..3; chain1 there = {0,1,3}; head2 matches at {0,2,3} -> both at {0,3}.
@@ -138,17 +170,35 @@ def _model_metrics(tp: int, sp: bool, moe: bool, ep: int = 1, dispatcher: str = 
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mtpd_megatron.model.builder import build_model
-    ps.initialize_model_parallel(tensor_model_parallel_size=tp, expert_model_parallel_size=ep,
-                                 expert_tensor_parallel_size=1 if moe else None)
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, expert_model_parallel_size=ep, expert_tensor_parallel_size=1 if moe else None
+    )
     model_parallel_cuda_manual_seed(7)
-    cfg = config_from_dict({
-        "model": {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4,
-                  "num_query_groups": 2, "moe": {"num_experts": 4 if moe else 0, "aux_loss_coeff": 0.0,
-                                                 "router_topk": 2, "token_dispatcher": dispatcher}},
-        "parallel": {"tensor_model_parallel_size": tp, "sequence_parallel": sp, "expert_model_parallel_size": ep,
-                     "expert_tensor_parallel_size": 1 if moe else None},
-        "mtp": {"num_heads": 3, "mtpd": {"topn": 20, "beta": 1.0}},
-    })
+    cfg = config_from_dict(
+        {
+            "model": {
+                "num_layers": 2,
+                "hidden_size": 32,
+                "ffn_hidden_size": 64,
+                "num_attention_heads": 4,
+                "num_query_groups": 2,
+                "moe": {
+                    "num_experts": 4 if moe else 0,
+                    "aux_loss_coeff": 0.0,
+                    "router_topk": 2,
+                    "token_dispatcher": dispatcher,
+                },
+            },
+            "parallel": {
+                "tensor_model_parallel_size": tp,
+                "sequence_parallel": sp,
+                "expert_model_parallel_size": ep,
+                "expert_tensor_parallel_size": 1 if moe else None,
+            },
+            "mtp": {"num_heads": 3, "mtpd": {"topn": 20, "beta": 1.0}},
+        }
+    )
     model = build_model(cfg, vocab_size=128)
     _attach(model.config, cfg.mtp)
     g = torch.Generator().manual_seed(0)
@@ -189,14 +239,21 @@ def _trunk_and_head_grads(beta: float, kl_to_trunk: bool, detach_heads: bool = F
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
     from mtpd_megatron.model.builder import build_model
+
     ps.initialize_model_parallel(tensor_model_parallel_size=1)
     model_parallel_cuda_manual_seed(7)
     torch.manual_seed(7)
-    cfg = config_from_dict({
-        "model": {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4},
-        "mtp": {"num_heads": 2, "loss_scaling_factor": 1.0, "detach_heads": detach_heads,
-                "mtpd": {"topn": 20, "beta": beta, "kl_to_trunk": kl_to_trunk}},
-    })
+    cfg = config_from_dict(
+        {
+            "model": {"num_layers": 2, "hidden_size": 32, "ffn_hidden_size": 64, "num_attention_heads": 4},
+            "mtp": {
+                "num_heads": 2,
+                "loss_scaling_factor": 1.0,
+                "detach_heads": detach_heads,
+                "mtpd": {"topn": 20, "beta": beta, "kl_to_trunk": kl_to_trunk},
+            },
+        }
+    )
     model = build_model(cfg, vocab_size=128)
     _attach(model.config, cfg.mtp, mtp_block=model.mtp)
     g = torch.Generator().manual_seed(0)
@@ -213,9 +270,9 @@ def _trunk_and_head_grads(beta: float, kl_to_trunk: bool, detach_heads: bool = F
 
 def test_trunk_guard_keeps_the_kl_out_of_the_trunk():
     """kl_to_trunk=false: the trunk's gradient equals CE-only MTP's (beta = 0), the heads' equals MTP-D's."""
-    (guard_trunk, guard_heads, guard_m), = run_distributed(_trunk_and_head_grads, 1, 1.0, False)
-    (ce_trunk, _, _), = run_distributed(_trunk_and_head_grads, 1, 0.0, True)
-    (mtpd_trunk, mtpd_heads, mtpd_m), = run_distributed(_trunk_and_head_grads, 1, 1.0, True)
+    ((guard_trunk, guard_heads, guard_m),) = run_distributed(_trunk_and_head_grads, 1, 1.0, False)
+    ((ce_trunk, _, _),) = run_distributed(_trunk_and_head_grads, 1, 0.0, True)
+    ((mtpd_trunk, mtpd_heads, mtpd_m),) = run_distributed(_trunk_and_head_grads, 1, 1.0, True)
     assert set(guard_trunk) == set(ce_trunk) and set(guard_heads) == set(mtpd_heads)
     for name, grad in guard_trunk.items():
         torch.testing.assert_close(grad, ce_trunk[name], rtol=1e-5, atol=1e-7, msg=name)
@@ -229,9 +286,9 @@ def test_trunk_guard_keeps_the_kl_out_of_the_trunk():
 
 def test_detach_heads_sends_no_mtp_gradient_to_the_trunk():
     """megatron's mtp_detach_heads (mtp.detach_heads): the trunk's gradient is the main loss's alone."""
-    (detached_trunk, detached_heads, _), = run_distributed(_trunk_and_head_grads, 1, 1.0, True, True)
+    ((detached_trunk, detached_heads, _),) = run_distributed(_trunk_and_head_grads, 1, 1.0, True, True)
     assert detached_heads and all(g.abs().sum() > 0 for g in detached_heads.values())
-    plain_trunk, = run_distributed(_no_mtp_trunk_grads, 1)
+    (plain_trunk,) = run_distributed(_no_mtp_trunk_grads, 1)
     for name, grad in plain_trunk.items():
         torch.testing.assert_close(detached_trunk[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 

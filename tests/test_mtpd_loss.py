@@ -8,10 +8,10 @@ import itertools
 
 import pytest
 import torch
+from distributed_harness import run_distributed
 
 from mtpd_megatron.mtpd.kl import DistillSpec, head_loss, teacher_stats, vocab_shard
 from mtpd_megatron.mtpd.reference import reference_head_loss, topn_set
-from distributed_harness import run_distributed
 
 V, H, T = 48, 8, 19
 ALPHA, BETA = 0.7, 1.3
@@ -57,18 +57,31 @@ def sharded_run(tp: int, ties: bool, chunk_tokens: int, variant: str = "kl"):
         hidden, weight, teacher, labels, upstream = make_case(case_id, ties)
         start, size = vocab_shard(V, group)
         h = hidden.clone().requires_grad_(True)
-        w = weight[start:start + size].clone().requires_grad_(True)
+        w = weight[start : start + size].clone().requires_grad_(True)
         # The teacher's logits depend on a tensor that requires grad (like the main head's hidden states):
         # the loss must send it no gradient, except in the seesaw ablation.
-        t_param = teacher[:, start:start + size].clone().requires_grad_(True)
+        t_param = teacher[:, start : start + size].clone().requires_grad_(True)
         t_logits = t_param * 1.0
-        spec = DistillSpec(topn=topn, direction=direction, mode=mode, temperature=temp, objective=objective,
-                           lk_lambda=LK_LAMBDA)
+        spec = DistillSpec(
+            topn=topn, direction=direction, mode=mode, temperature=temp, objective=objective, lk_lambda=LK_LAMBDA
+        )
         stats = teacher_stats(t_logits.detach(), spec, V, start, group, chunk_tokens=chunk_tokens)
         logits = h @ w.t()  # column-parallel output layer: [T, V/tp]
-        out = head_loss(logits, t_logits, stats, labels, alpha=ALPHA, beta=BETA, spec=spec, vocab_size=V,
-                        vocab_start=start, group=group, chunk_tokens=chunk_tokens, inplace_grad=True,
-                        teacher_grad=seesaw)
+        out = head_loss(
+            logits,
+            t_logits,
+            stats,
+            labels,
+            alpha=ALPHA,
+            beta=BETA,
+            spec=spec,
+            vocab_size=V,
+            vocab_start=start,
+            group=group,
+            chunk_tokens=chunk_tokens,
+            inplace_grad=True,
+            teacher_grad=seesaw,
+        )
         (out.loss * upstream).sum().backward()
         grad_h = h.grad.clone()
         dist.all_reduce(grad_h, group=group)  # what ColumnParallelLinear's backward does for its input
@@ -79,8 +92,17 @@ def sharded_run(tp: int, ties: bool, chunk_tokens: int, variant: str = "kl"):
             parts = [torch.empty_like(t_param.grad) for _ in range(tp)]
             dist.all_gather(parts, t_param.grad.contiguous(), group=group)
             grad_t = torch.cat(parts, dim=-1)
-        results.append(dict(loss=out.loss.detach(), ce=out.ce, kl=out.kl, grad_h=grad_h,
-                            grad_w=torch.cat(grad_w), teacher_grad=grad_t, argmax=out.student_argmax))
+        results.append(
+            dict(
+                loss=out.loss.detach(),
+                ce=out.ce,
+                kl=out.kl,
+                grad_h=grad_h,
+                grad_w=torch.cat(grad_w),
+                teacher_grad=grad_t,
+                argmax=out.student_argmax,
+            )
+        )
     return results
 
 
@@ -90,12 +112,30 @@ def reference(case_id: int, topn, direction, mode, temp, ties, variant: str = "k
     h = hidden.clone().requires_grad_(True)
     w = weight.clone().requires_grad_(True)
     t = teacher.clone().requires_grad_(True)
-    loss, ce, kl = reference_head_loss(h @ w.t(), t, labels, alpha=ALPHA, beta=BETA, topn=topn,
-                                       direction=direction, mode=mode, temperature=temp, objective=objective,
-                                       lk_lambda=LK_LAMBDA, detach_teacher=not seesaw)
+    loss, ce, kl = reference_head_loss(
+        h @ w.t(),
+        t,
+        labels,
+        alpha=ALPHA,
+        beta=BETA,
+        topn=topn,
+        direction=direction,
+        mode=mode,
+        temperature=temp,
+        objective=objective,
+        lk_lambda=LK_LAMBDA,
+        detach_teacher=not seesaw,
+    )
     (loss * upstream).sum().backward()
-    return dict(loss=loss.detach(), ce=ce, kl=kl, grad_h=h.grad, grad_w=w.grad, teacher_grad=t.grad,
-                argmax=(hidden @ weight.t()).argmax(-1))
+    return dict(
+        loss=loss.detach(),
+        ce=ce,
+        kl=kl,
+        grad_h=h.grad,
+        grad_w=w.grad,
+        teacher_grad=t.grad,
+        argmax=(hidden @ weight.t()).argmax(-1),
+    )
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -121,12 +161,18 @@ def test_lk_and_seesaw_gradients_match_reference(tp, variant):
         for rank in range(tp):
             got = per_rank[rank][case_id]
             for key in ("loss", "ce", "kl", "grad_h", "grad_w"):
-                torch.testing.assert_close(got[key], ref[key], rtol=1e-9, atol=1e-10,
-                                           msg=f"{key} {params} tp={tp} {variant}")
+                torch.testing.assert_close(
+                    got[key], ref[key], rtol=1e-9, atol=1e-10, msg=f"{key} {params} tp={tp} {variant}"
+                )
             if VARIANTS[variant][1]:
                 assert ref["teacher_grad"].abs().sum() > 0
-                torch.testing.assert_close(got["teacher_grad"], ref["teacher_grad"], rtol=1e-9, atol=1e-10,
-                                           msg=f"teacher grad {params} tp={tp} {variant}")
+                torch.testing.assert_close(
+                    got["teacher_grad"],
+                    ref["teacher_grad"],
+                    rtol=1e-9,
+                    atol=1e-10,
+                    msg=f"teacher grad {params} tp={tp} {variant}",
+                )
             else:
                 assert got["teacher_grad"] is None
 
@@ -166,13 +212,24 @@ def test_inplace_gradient_reuses_logit_storage():
     base = (hidden @ weight.t()).requires_grad_(True)
     logits = base * 1.0  # non-leaf, like the output layer's result
     spec = DistillSpec(topn=7)
-    out = head_loss(logits, teacher, teacher_stats(teacher, spec, V, 0), labels, alpha=1.0, beta=1.0, spec=spec,
-                    vocab_size=V, vocab_start=0, inplace_grad=True)
+    out = head_loss(
+        logits,
+        teacher,
+        teacher_stats(teacher, spec, V, 0),
+        labels,
+        alpha=1.0,
+        beta=1.0,
+        spec=spec,
+        vocab_size=V,
+        vocab_start=0,
+        inplace_grad=True,
+    )
     ptr = logits.data_ptr()
     out.loss.sum().backward()
     ref_logits = (hidden @ weight.t()).requires_grad_(True)
-    ref, _, _ = reference_head_loss(ref_logits, teacher, labels, alpha=1.0, beta=1.0, topn=7, direction="forward",
-                                    mode="renorm", temperature=1.0)
+    ref, _, _ = reference_head_loss(
+        ref_logits, teacher, labels, alpha=1.0, beta=1.0, topn=7, direction="forward", mode="renorm", temperature=1.0
+    )
     ref.sum().backward()
     torch.testing.assert_close(base.grad, ref_logits.grad, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(logits.detach(), ref_logits.grad, rtol=1e-9, atol=1e-10)  # storage now holds the grad

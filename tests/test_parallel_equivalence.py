@@ -19,7 +19,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from distributed_harness import run_distributed
 from train_helpers import make_data, tiny_config
 
@@ -40,8 +39,12 @@ LAYOUTS = {
     },
     "moe": {
         "ep2": {"expert_model_parallel_size": 2, "expert_tensor_parallel_size": 1},
-        "tp2_ep2_sp": {"tensor_model_parallel_size": 2, "expert_model_parallel_size": 2,
-                       "expert_tensor_parallel_size": 1, "sequence_parallel": True},
+        "tp2_ep2_sp": {
+            "tensor_model_parallel_size": 2,
+            "expert_model_parallel_size": 2,
+            "expert_tensor_parallel_size": 1,
+            "sequence_parallel": True,
+        },
     },
 }
 LAYOUT_IDS = [f"{kind}_{name}" for kind, names in LAYOUTS.items() for name in names]
@@ -51,10 +54,22 @@ def _config(kind: str, data: Path, save: Path, parallel: dict) -> dict:
     tok, prefix = data / "tok" / "tokenizer.json", data / "corpus_text_document"
     model = {}
     if kind == "moe":
-        model = {"moe": {"num_experts": 4, "router_topk": 2, "ffn_hidden_size": 64, "aux_loss_coeff": 0.0,
-                         "load_balancing_type": "none"}}
-    cfg = tiny_config(tok, prefix, save, parallel=parallel,
-                      training={"train_iters": SAVED_AT + STEPS, "global_batch_size": 4, "micro_batch_size": 1})
+        model = {
+            "moe": {
+                "num_experts": 4,
+                "router_topk": 2,
+                "ffn_hidden_size": 64,
+                "aux_loss_coeff": 0.0,
+                "load_balancing_type": "none",
+            }
+        }
+    cfg = tiny_config(
+        tok,
+        prefix,
+        save,
+        parallel=parallel,
+        training={"train_iters": SAVED_AT + STEPS, "global_batch_size": 4, "micro_batch_size": 1},
+    )
     cfg["model"].update(model)
     return cfg
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from train_helpers import make_data, read_metrics, run, tiny_config, write_config
 
 pytestmark = pytest.mark.slow
@@ -41,8 +40,11 @@ def _tensors(ckpt: Path, prefix: str = "") -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     meta = FileSystemReader(str(ckpt)).read_metadata()
-    wanted = {k: torch.empty(v.size, dtype=v.properties.dtype) for k, v in meta.state_dict_metadata.items()
-              if isinstance(v, TensorStorageMetadata) and k.startswith(prefix)}
+    wanted = {
+        k: torch.empty(v.size, dtype=v.properties.dtype)
+        for k, v in meta.state_dict_metadata.items()
+        if isinstance(v, TensorStorageMetadata) and k.startswith(prefix)
+    }
     load(wanted, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
     return wanted
 
@@ -54,9 +56,16 @@ def data(tmp_path_factory):
 
 def _base(data, root: Path, distributed: bool) -> Path:
     save = root / "ckpt"
-    cfg = write_config(root / "cfg.yaml", tiny_config(
-        *data, save, training={"train_iters": 5}, parallel={"use_distributed_optimizer": distributed},
-        checkpoint={"save": str(save), "save_interval": 4, "keep_last": 0}))
+    cfg = write_config(
+        root / "cfg.yaml",
+        tiny_config(
+            *data,
+            save,
+            training={"train_iters": 5},
+            parallel={"use_distributed_optimizer": distributed},
+            checkpoint={"save": str(save), "save_interval": 4, "keep_last": 0},
+        ),
+    )
     [(rc, out, err)] = run(["--config", str(cfg)], fork=True)
     assert rc == 0, err
     return save
@@ -64,8 +73,10 @@ def _base(data, root: Path, distributed: bool) -> Path:
 
 @pytest.fixture(scope="module")
 def bases(data, tmp_path_factory) -> dict:
-    return {kind: _base(data, tmp_path_factory.mktemp(f"base-{kind}"), kind == "distributed")
-            for kind in ("distributed", "plain")}
+    return {
+        kind: _base(data, tmp_path_factory.mktemp(f"base-{kind}"), kind == "distributed")
+        for kind in ("distributed", "plain")
+    }
 
 
 def _resume_changed(data, base: Path, root: Path, distributed: bool, **extra):
@@ -73,15 +84,25 @@ def _resume_changed(data, base: Path, root: Path, distributed: bool, **extra):
     save = root / "ckpt"
     save.mkdir(parents=True)
     shutil.copytree(base / "iter_0000004", save / "iter_0000004")
-    cfg = write_config(root / "cfg.yaml", tiny_config(
-        *data, save, training=CHANGED, parallel={"use_distributed_optimizer": distributed},
-        checkpoint={"save": str(save), "save_interval": 1, "keep_last": 0}))
+    cfg = write_config(
+        root / "cfg.yaml",
+        tiny_config(
+            *data,
+            save,
+            training=CHANGED,
+            parallel={"use_distributed_optimizer": distributed},
+            checkpoint={"save": str(save), "save_interval": 1, "keep_last": 0},
+        ),
+    )
     [(rc, out, err)] = run(["--config", str(cfg), "--resume", "auto"], fork=True)
     return rc, out, err, save
 
 
-@pytest.mark.parametrize("base_kind, distributed", [("distributed", True), ("plain", False), ("distributed", False)],
-                         ids=["distributed", "plain", "distributed-to-plain"])
+@pytest.mark.parametrize(
+    "base_kind, distributed",
+    [("distributed", True), ("plain", False), ("distributed", False)],
+    ids=["distributed", "plain", "distributed-to-plain"],
+)
 def test_changed_lr_schedule_and_weight_decay_keep_the_optimizer_state(data, bases, tmp_path, base_kind, distributed):
     base = bases[base_kind]
     rc, out, err, save = _resume_changed(data, base, tmp_path, distributed)

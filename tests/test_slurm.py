@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from mtpd_megatron.checkpoint import layout
 from slurm_cluster import REPO_ROOT, JobInfo, SlurmCluster, slurm_cluster  # noqa: F401  (session fixture)
 from train_helpers import make_data, tiny_config, write_config
+
+from mtpd_megatron.checkpoint import layout
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,13 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
 def launch_env(slurm_cluster: SlurmCluster, tmp_path: Path) -> dict[str, str]:
     env = slurm_cluster.env
     # Nothing from the calling shell may leak into the launch contract; MTPD_ROOT is found by the scripts.
-    for key in [k for k in env if k.startswith("MTPD_")] + ["MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                            "LOCAL_RANK"]:
+    for key in [k for k in env if k.startswith("MTPD_")] + [
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+    ]:
         env.pop(key, None)
     env["MTPD_PYTHON"] = sys.executable  # the venv that runs the tests (torch, megatron-core)
     env["MTPD_LOG_DIR"] = str(tmp_path / "logs")
@@ -62,8 +67,9 @@ def submit_pretrain(cluster: SlurmCluster, env: dict, tmp_path: Path, cfg: Path,
     return job, out
 
 
-def pretrain_running(cluster: SlurmCluster, env: dict, data, tmp_path: Path, save: Path, iters: int,
-                     steps: int) -> tuple[str, Path]:
+def pretrain_running(
+    cluster: SlurmCluster, env: dict, data, tmp_path: Path, save: Path, iters: int, steps: int
+) -> tuple[str, Path]:
     """Submit the pretraining job on a fresh config and wait until its log shows `steps` training steps."""
     cfg = config(tmp_path / "cfg.yaml", data, save, train_iters=iters)
     job, out = submit_pretrain(cluster, env, tmp_path, cfg)
@@ -97,7 +103,9 @@ def assert_completed(cluster: SlurmCluster, info: JobInfo) -> None:
 def test_tasks_per_node_expansion():
     out = subprocess.run(
         ["bash", "-c", 'source "$1" && mtpd_expand_tasks_per_node "2(x3),1,4"', "x", str(SLURM_DIR / "common.sh")],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert out == ["2", "2", "2", "1", "4"]
 
@@ -175,13 +183,29 @@ def test_submit_chain_runs_looped_stages_in_order_and_skips_complete(
 ):
     save = tmp_path / "ckpt"
     stage_iters = 6
-    cfg = config(tmp_path / "looped.yaml", data, save, train_iters=stage_iters, looped={"stages": [
-        {"heads": 1, "train_iters": stage_iters}, {"heads": 2, "train_iters": stage_iters},
-    ]})
+    cfg = config(
+        tmp_path / "looped.yaml",
+        data,
+        save,
+        train_iters=stage_iters,
+        looped={
+            "stages": [
+                {"heads": 1, "train_iters": stage_iters},
+                {"heads": 2, "train_iters": stage_iters},
+            ]
+        },
+    )
     stage_dirs = [save / "stage_0_heads_1", save / "stage_1_heads_2"]
     hf = tmp_path / "hf"
-    args = [str(SLURM_DIR / "submit_chain.sh"), str(cfg), *TWO_NODES,
-            "--convert-to", str(hf), "--convert-from", str(stage_dirs[1])]
+    args = [
+        str(SLURM_DIR / "submit_chain.sh"),
+        str(cfg),
+        *TWO_NODES,
+        "--convert-to",
+        str(hf),
+        "--convert-from",
+        str(stage_dirs[1]),
+    ]
 
     def submit_chain() -> tuple[dict[str, str], str]:
         proc = slurm_cluster.run(args, env=launch_env, cwd=tmp_path)

@@ -65,12 +65,26 @@ def tiny_config(tok: Path, prefix: Path, save: Optional[Path], **sections) -> di
     """A 2-layer h=64 model with 2 MTP heads; `sections` are merged into the dict (one level deep)."""
     cfg = {
         "name": "test",
-        "model": {"num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
-                  "max_position_embeddings": 64, "make_vocab_size_divisible_by": 128},
+        "model": {
+            "num_layers": 2,
+            "hidden_size": 64,
+            "ffn_hidden_size": 128,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 64,
+            "make_vocab_size_divisible_by": 128,
+        },
         "mtp": {"num_heads": 2, "mtpd": {"topn": 64}},
         "data": {"tokenizer": str(tok), "paths": [str(prefix)], "split": "90,10,0", "seq_length": 32},
-        "training": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 10, "lr": 3e-3,
-                     "min_lr": 3e-4, "lr_warmup_iters": 2, "eval_interval": 0, "device": "cpu"},
+        "training": {
+            "micro_batch_size": 2,
+            "global_batch_size": 4,
+            "train_iters": 10,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "lr_warmup_iters": 2,
+            "eval_interval": 0,
+            "device": "cpu",
+        },
         "checkpoint": {"save": str(save) if save else None, "keep_last": 0},
         "logging": {"log_interval": 1, "progress_bar": "off"},
     }
@@ -89,9 +103,16 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 def _env(rank: int, world: int, port: int) -> dict:
     env = dict(os.environ)
-    env.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+    )
     return env
 
 
@@ -140,8 +161,9 @@ class _ForkedProc:
 class ForkedRank(Rank):
     """A rank forked by the fork server (tests/forkserver.py): same interface as Rank."""
 
-    def __init__(self, server, args: list[str], env: dict, out_dir: Path, rank: int, module: str,
-                 prelude: Optional[str]):
+    def __init__(
+        self, server, args: list[str], env: dict, out_dir: Path, rank: int, module: str, prelude: Optional[str]
+    ):
         self.out_path, self.err_path = out_dir / f"rank{rank}.out", out_dir / f"rank{rank}.err"
         self.out_path.touch()
         self.err_path.touch()
@@ -159,16 +181,25 @@ def fork_server():
 
         from forkserver import ForkServer
 
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            PYTHONUNBUFFERED="1",
+            PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
         log = Path(tempfile.mkdtemp(prefix="mtpd-forkserver-")) / "server.err"
         _SERVER = ForkServer(env, ROOT, log)
         atexit.register(_SERVER.close)
     return _SERVER
 
 
-def start(args: list[str], world: int = 1, prelude: Optional[str] = None,
-          module: str = "mtpd_megatron.train", fork: bool = False) -> list[Rank]:
+def start(
+    args: list[str],
+    world: int = 1,
+    prelude: Optional[str] = None,
+    module: str = "mtpd_megatron.train",
+    fork: bool = False,
+) -> list[Rank]:
     """Start `python -m MODULE ARGS` (the trainer by default) as `world` rank processes (srun style).
 
     `prelude` is Python run before the module's main() in each process (used to kill a rank mid-save).
@@ -206,8 +237,14 @@ def wait(ranks: list[Rank], timeout: float = 240) -> list[tuple[int, str, str]]:
         raise
 
 
-def run(args: list[str], world: int = 1, timeout: float = 240, prelude: Optional[str] = None, fork: bool = False,
-        module: str = "mtpd_megatron.train"):
+def run(
+    args: list[str],
+    world: int = 1,
+    timeout: float = 240,
+    prelude: Optional[str] = None,
+    fork: bool = False,
+    module: str = "mtpd_megatron.train",
+):
     """Run to completion; returns [(returncode, stdout, stderr)] per rank."""
     return wait(start(args, world, prelude, module=module, fork=fork), timeout)
 

@@ -75,7 +75,7 @@ def _reset_peak_rss() -> int:
 def _inputs(args, local: int, device, dtype):
     g = torch.Generator().manual_seed(0)
     h = [torch.randn(local, args.batch, args.hidden, generator=g).to(device, dtype) for _ in range(1 + args.heads)]
-    weight = (torch.randn(args.vocab, args.hidden, generator=g) / args.hidden ** 0.5).to(device, dtype)
+    weight = (torch.randn(args.vocab, args.hidden, generator=g) / args.hidden**0.5).to(device, dtype)
     labels = torch.randint(0, args.vocab, (args.batch, local), generator=g).to(device)
     mask = (torch.rand(args.batch, local, generator=g) > 0.1).float().to(device)
     return h, weight, labels, mask
@@ -127,18 +127,22 @@ def _step(method: str, h, weight, labels, mask, group, args, clock: _Clock) -> f
         msk, _ = roll_tensor(msk, **roll)
         logits = (heads[k - 1] @ weight.t()).reshape(-1, v)
         if method == "lookahead":
-            out = head_loss(logits, teacher, stats, lab.t().reshape(-1), teacher_offsets=lookahead.pieces(k, b), **common)
+            out = head_loss(
+                logits, teacher, stats, lab.t().reshape(-1), teacher_offsets=lookahead.pieces(k, b), **common
+            )
             m = msk.t().reshape(-1)
         elif method == "cp1":  # the hook at CP = 1: views teacher[k*b:], logits[:s-k]
             n = (s - k) * b
-            out = head_loss(logits[:n], teacher.reshape(-1, v)[k * b:], stats[k * b:], lab.t()[: s - k].reshape(-1),
-                            **common)
+            out = head_loss(
+                logits[:n], teacher.reshape(-1, v)[k * b :], stats[k * b :], lab.t()[: s - k].reshape(-1), **common
+            )
             m = msk.t()[: s - k].reshape(-1)
         elif method == "roll_logits":
             with clock:
                 teacher_k, _ = roll_tensor(teacher_k, shifts=-1, dims=0, cp_group=cp_group)
-                stats = TeacherStats(*(roll_tensor(x.view(s, b), shifts=-1, dims=0, cp_group=cp_group)[0].reshape(-1)
-                                       for x in stats))
+                stats = TeacherStats(
+                    *(roll_tensor(x.view(s, b), shifts=-1, dims=0, cp_group=cp_group)[0].reshape(-1) for x in stats)
+                )
             out = head_loss(logits, teacher_k.reshape(-1, v), stats, lab.t().reshape(-1), **common)
             m = msk.t().reshape(-1)
         else:  # roll_hidden
@@ -180,17 +184,18 @@ def _align_only(method: str, h, weight, group, args) -> None:
         elif method == "cp1":
             stats = teacher_stats(teacher.reshape(-1, v), spec, v, 0)
             for k in range(1, K + 1):
-                teacher.reshape(-1, v)[k * b:], stats[k * b:]
+                teacher.reshape(-1, v)[k * b :], stats[k * b :]
         elif method == "roll_logits":
             stats = teacher_stats(teacher.reshape(-1, v), spec, v, 0)
-            for k in range(1, K + 1):
+            for _ in range(1, K + 1):
                 teacher, _ = roll_tensor(teacher, shifts=-1, dims=0, cp_group=cp_group)
-                stats = TeacherStats(*(roll_tensor(x.view(s, b), shifts=-1, dims=0, cp_group=cp_group)[0].reshape(-1)
-                                       for x in stats))
+                stats = TeacherStats(
+                    *(roll_tensor(x.view(s, b), shifts=-1, dims=0, cp_group=cp_group)[0].reshape(-1) for x in stats)
+                )
         else:
             hidden = h[0]
             del teacher
-            for k in range(1, K + 1):
+            for _ in range(1, K + 1):
                 hidden, _ = roll_tensor(hidden, shifts=-1, dims=0, cp_group=cp_group)
                 t = (hidden @ weight.t()).reshape(-1, v)
                 teacher_stats(t, spec, v, 0)
@@ -238,8 +243,13 @@ def _measure(method: str, args) -> dict:
             align.append(clock.total * 1e3)
     torch.distributed.isend = isend
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
-    return {"ms": statistics.median(times), "align_ms": statistics.median(align),
-            "peak_extra_mib": (peak - base) / 2**20, "sent_bytes": sent[0], "loss": loss}
+    return {
+        "ms": statistics.median(times),
+        "align_ms": statistics.median(align),
+        "peak_extra_mib": (peak - base) / 2**20,
+        "sent_bytes": sent[0],
+        "loss": loss,
+    }
 
 
 def _align_overheads(methods, args) -> dict:
@@ -273,15 +283,23 @@ def _spawned(method: str, args) -> dict:
 
 
 def _report(results: dict, args, device: str) -> None:
-    print(f"CP={args.cp} {device} s={args.seq} (local {args.seq // args.cp}) b={args.batch} V={args.vocab} "
-          f"h={args.hidden} heads={args.heads} N={args.topn}")
-    print("step: teacher + alignment + every head's loss, fwd + bwd (median; its alignment part; peak above the "
-          "inputs); align overhead: the alignment's best time minus cp1's (teacher logits + statistics once)")
-    print(f"{'method':<14}{'step ms':>10}{'of which align':>15}{'step peak MiB':>14}{'align overhead ms':>18}"
-          f"{'sent KiB':>10}{'loss':>16}")
+    print(
+        f"CP={args.cp} {device} s={args.seq} (local {args.seq // args.cp}) b={args.batch} V={args.vocab} "
+        f"h={args.hidden} heads={args.heads} N={args.topn}"
+    )
+    print(
+        "step: teacher + alignment + every head's loss, fwd + bwd (median; its alignment part; peak above the "
+        "inputs); align overhead: the alignment's best time minus cp1's (teacher logits + statistics once)"
+    )
+    print(
+        f"{'method':<14}{'step ms':>10}{'of which align':>15}{'step peak MiB':>14}{'align overhead ms':>18}"
+        f"{'sent KiB':>10}{'loss':>16}"
+    )
     for name, r in results.items():
-        print(f"{name:<14}{r['ms']:>10.1f}{r['align_ms']:>15.1f}{r['peak_extra_mib']:>14.1f}"
-              f"{r.get('align_overhead_ms', float('nan')):>18.1f}{r['sent_bytes'] / 1024:>10.1f}{r['loss']:>16.4f}")
+        print(
+            f"{name:<14}{r['ms']:>10.1f}{r['align_ms']:>15.1f}{r['peak_extra_mib']:>14.1f}"
+            f"{r.get('align_overhead_ms', float('nan')):>18.1f}{r['sent_bytes'] / 1024:>10.1f}{r['loss']:>16.4f}"
+        )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "device": device, "results": results}, f, indent=2)

@@ -49,23 +49,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     model.add_argument("--tiny", action="store_true", help="random tiny model (smoke test; heads untrained)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--split", choices=("valid", "test"), default="valid", help="prompts from this held-out split")
-    src.add_argument("--jsonl", help="prompts from this jsonl file ({\"text\": ...} per line)")
+    src.add_argument("--jsonl", help='prompts from this jsonl file ({"text": ...} per line)')
     p.add_argument("--vocab-size", type=int, default=None, help="with --config: vocabulary of the random model")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the checkpoint's data.tokenizer)")
     p.add_argument("--data-path", action="append", default=None, help="override data.paths of the checkpoint")
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128, help="prompt tokens (prompts are cut to this length)")
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--k", type=int, nargs="+", default=None,
-                   help="draft counts (default: 1 2 4, plus 8 and 16 when the model has that many heads)")
+    p.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=None,
+        help="draft counts (default: 1 2 4, plus 8 and 16 when the model has that many heads)",
+    )
     p.add_argument("--repeats", type=int, default=3, help="timed runs per prompt (the median is kept)")
-    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="capture each decoding step in a CUDA graph (CUDA, TP=1)")
-    p.add_argument("--fp32-logits", action="store_true",
-                   help="take the argmax over fp32 logits (bf16 model): fewer bf16 rounding ties between verify and greedy")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer layer inside the graph (CUDA)")
-    p.add_argument("--graph-scope", choices=("step", "phase"), default="step",
-                   help="one CUDA graph per step, or one for the verify and one per draft depth")
+    p.add_argument(
+        "--cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="capture each decoding step in a CUDA graph (CUDA, TP=1)",
+    )
+    p.add_argument(
+        "--fp32-logits",
+        action="store_true",
+        help="take the argmax over fp32 logits (bf16 model): fewer bf16 rounding ties between verify and greedy",
+    )
+    p.add_argument(
+        "--compile", action="store_true", help="torch.compile each transformer layer inside the graph (CUDA)"
+    )
+    p.add_argument(
+        "--graph-scope",
+        choices=("step", "phase"),
+        default="step",
+        help="one CUDA graph per step, or one for the verify and one per draft depth",
+    )
     p.add_argument("--sync-every", type=int, default=64, help="decoding steps between host reads of the lengths")
     p.add_argument("--host-sync-per-depth", action="store_true", help="read the drafts on the host after every depth")
     p.add_argument("--fused-prologue", action="store_true", help="enorm+hnorm+concat+eh_proj as norm + one GEMM")
@@ -73,10 +91,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-skips", type=int, default=3, help="adaptive drafting: steps a head may be skipped")
     p.add_argument("--main-k", type=int, default=None, help="K of the profile/ablation/exact/adaptive/batch rows")
     p.add_argument("--profile", default=None, metavar="DIR", help="write kernel tables of a greedy and a K step here")
-    p.add_argument("--ablate", nargs="*", default=None, metavar="SWITCH",
-                   help="flip each switch (default: all of inference/options.py ABLATION_SWITCHES) vs the baseline")
-    p.add_argument("--draft-threshold", type=float, nargs="+", default=None, metavar="P",
-                   help="adaptive drafting: stop at the first head whose top-1 probability is below P")
+    p.add_argument(
+        "--ablate",
+        nargs="*",
+        default=None,
+        metavar="SWITCH",
+        help="flip each switch (default: all of inference/options.py ABLATION_SWITCHES) vs the baseline",
+    )
+    p.add_argument(
+        "--draft-threshold",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="P",
+        help="adaptive drafting: stop at the first head whose top-1 probability is below P",
+    )
     p.add_argument("--exact-greedy", action="store_true", help="also the greedy that runs the verify's kernels")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="greedy vs K drafts at these batch sizes")
     p.add_argument("--loss-samples", type=int, default=64, help="held-out sequences for the main-head loss")
@@ -133,10 +162,16 @@ def bench_hf(path: str, prompts: list, new_tokens: int, reference: list, repeats
         sync()
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=0,
+            )
         sync()
-        return time.perf_counter() - t0, out[0, len(p):].tolist()
+        return time.perf_counter() - t0, out[0, len(p) :].tolist()
 
     run(prompts[0])
     seconds, tokens = [], []
@@ -147,12 +182,25 @@ def bench_hf(path: str, prompts: list, new_tokens: int, reference: list, repeats
         seconds.append(runs[i][0])
         tokens.append(runs[i][1])
     n = sum(len(t) for t in tokens)
-    return {"seconds": sum(seconds), "new_tokens": n, "tokens_per_second": n / sum(seconds),
-            "matching_prompts": sum(a == b for a, b in zip(tokens, reference))}
+    return {
+        "seconds": sum(seconds),
+        "new_tokens": n,
+        "tokens_per_second": n / sum(seconds),
+        "matching_prompts": sum(a == b for a, b in zip(tokens, reference)),
+    }
 
 
-TINY = {"model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-                  "vocab_size": 256, "attention_backend": "sdpa"}, "mtp": {"num_heads": 4}}
+TINY = {
+    "model": {
+        "num_layers": 2,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "vocab_size": 256,
+        "attention_backend": "sdpa",
+    },
+    "mtp": {"num_heads": 4},
+}
 
 
 def random_model(cfg, device: str, dtype):
@@ -183,8 +231,10 @@ def prompts_for(args, loaded) -> list:
         samples = split_samples(loaded, tokenizer, args.split, args.num_prompts, args.prompt_len, args.data_path)
         prompts = [s["tokens"].tolist() for s in samples]
     if not prompts:
-        raise ValueError(f"no prompts in {args.jsonl or args.split}: every prompt needs at least one token (texts "
-                         "are empty after tokenisation)")
+        raise ValueError(
+            f"no prompts in {args.jsonl or args.split}: every prompt needs at least one token (texts "
+            "are empty after tokenisation)"
+        )
     return prompts
 
 
@@ -202,8 +252,11 @@ def main_loss_of(args, loaded) -> dict:
     tokenizer = load_tokenizer_for(loaded, args.tokenizer)
     samples = split_samples(loaded, tokenizer, "valid", args.loss_samples, None, args.data_path)
     metrics = evaluate_loaded(loaded, samples)
-    return {"main_loss": metrics["main_loss"], "source": f"computed on {len(samples)} valid sequences",
-            "tau": metrics.get("tau")}
+    return {
+        "main_loss": metrics["main_loss"],
+        "source": f"computed on {len(samples)} valid sequences",
+        "tau": metrics.get("tau"),
+    }
 
 
 def _main(argv=None) -> int:
@@ -233,8 +286,11 @@ def _main(argv=None) -> int:
         loaded = load_for_inference(args.ckpt, device=args.device, dtype=dtype)
         model, dev, vocab_limit = loaded.model, loaded.device, loaded.vocab_size
         prompts = prompts_for(args, loaded)
-        source = {"ckpt": str(loaded.path), "jsonl": args.jsonl} if args.jsonl else \
-            {"ckpt": str(loaded.path), "split": args.split}
+        source = (
+            {"ckpt": str(loaded.path), "jsonl": args.jsonl}
+            if args.jsonl
+            else {"ckpt": str(loaded.path), "split": args.split}
+        )
     heads = num_heads(model)
     ks = args.k if args.k is not None else default_ks(heads)
     if any(k > heads or k < 1 for k in ks):
@@ -245,13 +301,21 @@ def _main(argv=None) -> int:
     context = getattr(model, "max_sequence_length", None)
     longest = max(len(p) for p in prompts)
     if context is not None and longest + args.new_tokens > context:
-        raise ValueError(f"--prompt-len {longest} + --new-tokens {args.new_tokens} exceed the model's context of "
-                         f"{context} tokens: shorten the prompts or ask for fewer new tokens")
+        raise ValueError(
+            f"--prompt-len {longest} + --new-tokens {args.new_tokens} exceed the model's context of "
+            f"{context} tokens: shorten the prompts or ask for fewer new tokens"
+        )
     cuda = dev.type == "cuda"
     base = DecodeOptions(
-        cuda_graphs=bool(args.cuda_graphs and cuda), graph_scope=args.graph_scope, sync_every=args.sync_every,
-        host_sync_per_depth=args.host_sync_per_depth, compile=args.compile, fused_prologue=args.fused_prologue,
-        argmax_chunk=args.argmax_chunk, max_skips=args.max_skips, fp32_logits=args.fp32_logits,
+        cuda_graphs=bool(args.cuda_graphs and cuda),
+        graph_scope=args.graph_scope,
+        sync_every=args.sync_every,
+        host_sync_per_depth=args.host_sync_per_depth,
+        compile=args.compile,
+        fused_prologue=args.fused_prologue,
+        argmax_chunk=args.argmax_chunk,
+        max_skips=args.max_skips,
+        fp32_logits=args.fp32_logits,
     )
     if args.ckpt:
         main_loss = main_loss_of(args, loaded)
@@ -261,11 +325,19 @@ def _main(argv=None) -> int:
     out = Path(args.out)
     meta = {
         "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
-        "dtype": str(next(model.parameters()).dtype), "fp32_logits": args.fp32_logits, "cuda_graphs": base.cuda_graphs,
-        "options": base.as_dict(), "main_k": main_k, "main_loss": main_loss["main_loss"],
+        "dtype": str(next(model.parameters()).dtype),
+        "fp32_logits": args.fp32_logits,
+        "cuda_graphs": base.cuda_graphs,
+        "options": base.as_dict(),
+        "main_k": main_k,
+        "main_loss": main_loss["main_loss"],
         "main_loss_source": main_loss["source"],
-        "prompts": len(prompts), "prompt_tokens": [len(p) for p in prompts], "new_tokens": args.new_tokens,
-        "repeats": args.repeats, "num_heads": heads, "source": source,
+        "prompts": len(prompts),
+        "prompt_tokens": [len(p) for p in prompts],
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+        "num_heads": heads,
+        "source": source,
     }
 
     def save(complete: bool) -> None:
@@ -278,20 +350,37 @@ def _main(argv=None) -> int:
 
             Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
             write_atomic(Path(args.markdown), markdown_report(result))
+
     if args.profile and main_k:
         from mtpd_megatron.inference.decoder import SpeculativeDecoder
         from mtpd_megatron.inference.profile import profile_step, summary_markdown
 
         length = longest + args.new_tokens
-        summaries = [B._safely(profile_step, SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit,
-                                                                options=base), prompts[0], args.new_tokens, args.profile,
-                               "greedy" if k == 0 else f"k{k}") for k in (0, main_k)]
-        summaries = [dict(s, label=s.get("label", f"failed {i}"), by_category_ms=s.get("by_category_ms", {}),
-                          by_region_ms=s.get("by_region_ms", {})) for i, s in enumerate(summaries)]
+        summaries = [
+            B._safely(
+                profile_step,
+                SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit, options=base),
+                prompts[0],
+                args.new_tokens,
+                args.profile,
+                "greedy" if k == 0 else f"k{k}",
+            )
+            for k in (0, main_k)
+        ]
+        summaries = [
+            dict(
+                s,
+                label=s.get("label", f"failed {i}"),
+                by_category_ms=s.get("by_category_ms", {}),
+                by_region_ms=s.get("by_region_ms", {}),
+            )
+            for i, s in enumerate(summaries)
+        ]
         result["profile"] = summaries
         Path(args.profile, "summary.md").write_text(summary_markdown(summaries))
-    bench_result, greedy_tokens = B.bench(model, prompts, ks, args.new_tokens, repeats=args.repeats,
-                                          vocab_limit=vocab_limit, options=base)
+    bench_result, greedy_tokens = B.bench(
+        model, prompts, ks, args.new_tokens, repeats=args.repeats, vocab_limit=vocab_limit, options=base
+    )
     result.update(bench_result)
     save(False)
     if args.hf:
@@ -302,26 +391,39 @@ def _main(argv=None) -> int:
         result["exact"] = B.bench_exact(model, prompts, main_k, args.new_tokens, base, **common)
         save(False)
     if args.draft_threshold and main_k:
-        result["adaptive"] = B.bench_adaptive(model, prompts, main_k, args.draft_threshold, args.new_tokens, base,
-                                              **common)
+        result["adaptive"] = B.bench_adaptive(
+            model, prompts, main_k, args.draft_threshold, args.new_tokens, base, **common
+        )
         save(False)
     if args.batch and main_k:
-        result["batches"] = B.bench_batches(model, prompts, main_k, args.batch, args.new_tokens, base,
-                                            reference=greedy_tokens, **common)
+        result["batches"] = B.bench_batches(
+            model, prompts, main_k, args.batch, args.new_tokens, base, reference=greedy_tokens, **common
+        )
         save(False)
     if args.ablate is not None and main_k:
-        result["ablation"] = B.bench_ablation(model, prompts, main_k, args.new_tokens, base,
-                                              switches=args.ablate or list(ABLATION_SWITCHES),
-                                              on_row=lambda rows: (result.update(ablation=rows), save(False)), **common)
+        result["ablation"] = B.bench_ablation(
+            model,
+            prompts,
+            main_k,
+            args.new_tokens,
+            base,
+            switches=args.ablate or list(ABLATION_SWITCHES),
+            on_row=lambda rows: (result.update(ablation=rows), save(False)),
+            **common,
+        )
     save(True)
     g = result["greedy"]
     phases = lambda r: "".join(f", {n[:-3]} {r[n]:.2f} ms" for n in ("verify_ms", "draft_ms") if n in r)
-    print(f"greedy: {g['tokens_per_second']:.1f} tok/s ({g['step_ms']:.2f} ms/step{phases(g)}); "
-          f"main loss {main_loss['main_loss']}")
+    print(
+        f"greedy: {g['tokens_per_second']:.1f} tok/s ({g['step_ms']:.2f} ms/step{phases(g)}); "
+        f"main loss {main_loss['main_loss']}"
+    )
     for r in result["speculative"]:
-        print(f"k={r['k']}: {r['tokens_per_second']:.1f} tok/s, {r['tokens_per_step']:.2f} tok/step, "
-              f"step cost {r['step_cost_vs_greedy']:.2f}x, speedup {r['speedup']:.2f}x, "
-              f"identical to greedy on {r['matching_prompts']}/{len(prompts)} prompts{phases(r)}")
+        print(
+            f"k={r['k']}: {r['tokens_per_second']:.1f} tok/s, {r['tokens_per_step']:.2f} tok/step, "
+            f"step cost {r['step_cost_vs_greedy']:.2f}x, speedup {r['speedup']:.2f}x, "
+            f"identical to greedy on {r['matching_prompts']}/{len(prompts)} prompts{phases(r)}"
+        )
     return 0
 
 

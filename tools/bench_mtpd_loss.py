@@ -72,8 +72,19 @@ def mtpd(logits, teacher, labels, group, args, direction="forward", mode="renorm
     flat = labels.reshape(-1)
     total = 0.0
     for x in logits:
-        out = head_loss(x, teacher, stats, flat, alpha=1.0, beta=1.0, spec=spec, vocab_size=args.vocab,
-                        vocab_start=start, group=group, inplace_grad=True)
+        out = head_loss(
+            x,
+            teacher,
+            stats,
+            flat,
+            alpha=1.0,
+            beta=1.0,
+            spec=spec,
+            vocab_size=args.vocab,
+            vocab_start=start,
+            group=group,
+            inplace_grad=True,
+        )
         total = total + out.loss.sum()
     total.backward()
 
@@ -86,16 +97,35 @@ def check_against_reference(group, args, tokens=256):
     u_full = torch.randn(tokens, args.vocab, device="cuda", generator=g) * 3
     labels = torch.randint(0, args.vocab, (tokens,), device="cuda", generator=g)
     spec = DistillSpec(topn=args.topn)
-    z = z_full[:, start:start + size].to(torch.bfloat16).requires_grad_(True)
-    u = u_full[:, start:start + size].to(torch.bfloat16)
-    out = head_loss(z, u, teacher_stats(u, spec, args.vocab, start, group), labels, alpha=1.0, beta=1.0,
-                    spec=spec, vocab_size=args.vocab, vocab_start=start, group=group)
+    z = z_full[:, start : start + size].to(torch.bfloat16).requires_grad_(True)
+    u = u_full[:, start : start + size].to(torch.bfloat16)
+    out = head_loss(
+        z,
+        u,
+        teacher_stats(u, spec, args.vocab, start, group),
+        labels,
+        alpha=1.0,
+        beta=1.0,
+        spec=spec,
+        vocab_size=args.vocab,
+        vocab_start=start,
+        group=group,
+    )
     out.loss.sum().backward()
     zr = z_full.to(torch.bfloat16).double().cpu().requires_grad_(True)
-    ref, _, _ = reference_head_loss(zr, u_full.to(torch.bfloat16).double().cpu(), labels.cpu(), alpha=1.0, beta=1.0,
-                                    topn=args.topn, direction="forward", mode="renorm", temperature=1.0)
+    ref, _, _ = reference_head_loss(
+        zr,
+        u_full.to(torch.bfloat16).double().cpu(),
+        labels.cpu(),
+        alpha=1.0,
+        beta=1.0,
+        topn=args.topn,
+        direction="forward",
+        mode="renorm",
+        temperature=1.0,
+    )
     ref.sum().backward()
-    ref_grad = zr.grad[:, start:start + size]
+    ref_grad = zr.grad[:, start : start + size]
     loss_err = ((out.loss.double().cpu() - ref.detach()).norm() / ref.detach().norm()).item()
     grad_err = ((z.grad.double().cpu() - ref_grad).norm() / ref_grad.norm()).item()
     return loss_err, grad_err
@@ -112,8 +142,9 @@ def main():
     group = ps.get_tensor_model_parallel_group()
     tokens, local_v = args.seq * args.batch, args.vocab // world
     g = torch.Generator(device="cuda").manual_seed(0)
-    pristine = [torch.randn(tokens, local_v, device="cuda", generator=g).mul_(3).to(torch.bfloat16)
-                for _ in range(args.heads)]
+    pristine = [
+        torch.randn(tokens, local_v, device="cuda", generator=g).mul_(3).to(torch.bfloat16) for _ in range(args.heads)
+    ]
     teacher = torch.randn(tokens, local_v, device="cuda", generator=g).mul_(3).to(torch.bfloat16)
     labels = torch.randint(0, args.vocab, (args.seq, args.batch), device="cuda", generator=g)
     loss_err, grad_err = check_against_reference(group, args)
@@ -155,10 +186,17 @@ def main():
             print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     if rank == 0:
         base = results.get("megatron_ce")
-        report = {"tp": world, "device": torch.cuda.get_device_name(), "args": vars(args),
-                  "check_rel_err": {"loss": loss_err, "grad": grad_err}, "results": results}
-        print(f"TP={world} {torch.cuda.get_device_name()} V={args.vocab} s={args.seq} b={args.batch} "
-              f"heads={args.heads} N={args.topn}  check: loss rel err {loss_err:.2e}, grad rel err {grad_err:.2e}")
+        report = {
+            "tp": world,
+            "device": torch.cuda.get_device_name(),
+            "args": vars(args),
+            "check_rel_err": {"loss": loss_err, "grad": grad_err},
+            "results": results,
+        }
+        print(
+            f"TP={world} {torch.cuda.get_device_name()} V={args.vocab} s={args.seq} b={args.batch} "
+            f"heads={args.heads} N={args.topn}  check: loss rel err {loss_err:.2e}, grad rel err {grad_err:.2e}"
+        )
         print(f"{'method':<20}{'ms':>10}{'x CE':>8}{'peak GiB':>10}{'x CE':>8}")
         for name, r in results.items():
             rt = r["ms"] / base["ms"] if base else float("nan")

@@ -86,9 +86,13 @@ def parse_args(argv=None):
     ap.add_argument("--compare", default="", help=f"comma list of switches: {', '.join(SWITCHES)}")
     ap.add_argument("--profile", default=None, help="profile one step of this arm")
     ap.add_argument("--device", default="auto", help="auto, cuda or cpu")
-    ap.add_argument("--init", default="device", choices=("device", "cpu"),
-                    help="where the initial weights are drawn (model.init_on_device): device = on the GPU "
-                         "(seconds for billions of parameters; default), cpu = the trainer's default host init")
+    ap.add_argument(
+        "--init",
+        default="device",
+        choices=("device", "cpu"),
+        help="where the initial weights are drawn (model.init_on_device): device = on the GPU "
+        "(seconds for billions of parameters; default), cpu = the trainer's default host init",
+    )
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (after the flags)")
     args = ap.parse_args(argv)
     args.arms = [a for a in args.arms.split(",") if a]
@@ -99,8 +103,10 @@ def parse_args(argv=None):
     for item in args.compare:
         for switch in item.split("+"):
             if switch not in SWITCHES:
-                ap.error(f"--compare: unknown switch {switch!r} (choose from {', '.join(SWITCHES)}; "
-                         "join several with + to switch them together)")
+                ap.error(
+                    f"--compare: unknown switch {switch!r} (choose from {', '.join(SWITCHES)}; "
+                    "join several with + to switch them together)"
+                )
     if args.profile is not None and args.profile not in ARMS:
         ap.error(f"--profile: unknown arm {args.profile!r} (choose from {', '.join(ARMS)})")
     if args.steps < 1 or args.warmup < 0:
@@ -145,23 +151,34 @@ def base_config(args, data_tok: Path, data_prefix: Path, extra: list):
 
     raw = read_yaml(args.config)
     over = [
-        f"data.tokenizer={data_tok}", f"data.paths=[{data_prefix}]", "data.split=100,0,0", "data.num_workers=0",
+        f"data.tokenizer={data_tok}",
+        f"data.paths=[{data_prefix}]",
+        "data.split=100,0,0",
+        "data.num_workers=0",
         f"data.cache_dir={data_prefix.parent / 'cache'}",
-        "parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1",
-        "parallel.expert_model_parallel_size=1", "parallel.context_parallel_size=1",
-        "parallel.sequence_parallel=false", "parallel.expert_tensor_parallel_size=null",
-        f"training.train_iters={args.warmup + args.steps + 2}", "training.lr_warmup_iters=1",
+        "parallel.tensor_model_parallel_size=1",
+        "parallel.pipeline_model_parallel_size=1",
+        "parallel.expert_model_parallel_size=1",
+        "parallel.context_parallel_size=1",
+        "parallel.sequence_parallel=false",
+        "parallel.expert_tensor_parallel_size=null",
+        f"training.train_iters={args.warmup + args.steps + 2}",
+        "training.lr_warmup_iters=1",
         "training.eval_interval=0",
-        f"training.device={args.device}", "checkpoint.save=null", "checkpoint.load=null",
+        f"training.device={args.device}",
+        "checkpoint.save=null",
+        "checkpoint.load=null",
         f"model.init_on_device={'false' if args.init == 'cpu' else 'true'}",
-        "logging.progress_bar=off", "logging.log_interval=1000000", "logging.tensorboard_dir=null",
+        "logging.progress_bar=off",
+        "logging.log_interval=1000000",
+        "logging.tensorboard_dir=null",
         "logging.wandb_project=null",
     ]
     if args.layers is not None:
         over.append(f"model.num_layers={args.layers}")
         freq = (raw.get("model", {}).get("moe") or {}).get("layer_freq")
         if isinstance(freq, list):
-            over.append(f"model.moe.layer_freq=[{','.join(str(x) for x in freq[:args.layers])}]")
+            over.append(f"model.moe.layer_freq=[{','.join(str(x) for x in freq[: args.layers])}]")
     if (raw.get("model") or {}).get("vocab_size") is None:
         over.append(f"model.vocab_size={DEFAULT_VOCAB}")
     return load_config(args.config, [*over, *extra, *args.overrides])
@@ -224,8 +241,13 @@ def grouped_check(model, device) -> dict | None:
         ref, _ = experts.reference_forward(x, counts, probs)
     diff = (got.float() - ref.float()).abs().max().item()
     scale = ref.float().abs().max().item()
-    return {"grouped_mm": grouped_mm_available(x.device, x.dtype), "dtype": str(dtype), "tokens": tokens,
-            "max_abs_diff": diff, "max_abs_ref": scale}
+    return {
+        "grouped_mm": grouped_mm_available(x.device, x.dtype),
+        "dtype": str(dtype),
+        "tokens": tokens,
+        "max_abs_diff": diff,
+        "max_abs_ref": scale,
+    }
 
 
 def run_one(name: str, arm: str, cfg, tokenizer, device, args, out: Path) -> dict:
@@ -262,11 +284,22 @@ def run_one(name: str, arm: str, cfg, tokenizer, device, args, out: Path) -> dic
         tflops = tps * fpt / 1e12
         peak = peak_tflops(device)
         return {
-            "name": name, "arm": arm, "step_ms": 1e3 * step_s, "step_ms_each": [1e3 * t for t in times],
-            "tokens_per_s": tps, "tflops": tflops, "mfu": tflops / peak if peak else None,
+            "name": name,
+            "arm": arm,
+            "step_ms": 1e3 * step_s,
+            "step_ms_each": [1e3 * t for t in times],
+            "tokens_per_s": tps,
+            "tflops": tflops,
+            "mfu": tflops / peak if peak else None,
             "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-            "allocated_at_start_gib": start_gib, "flops_per_token": fpt, "losses": losses, "heads": heads, "profile": profile_file, "grouped_check": check,
-            "num_layers": cfg.model.num_layers, "mtp_heads": cfg.mtp.num_heads,
+            "allocated_at_start_gib": start_gib,
+            "flops_per_token": fpt,
+            "losses": losses,
+            "heads": heads,
+            "profile": profile_file,
+            "grouped_check": check,
+            "num_layers": cfg.model.num_layers,
+            "mtp_heads": cfg.mtp.num_heads,
             "mtpd": bool(cfg.mtp.num_heads and cfg.mtp.mtpd.enabled),
         }
     finally:
@@ -279,7 +312,6 @@ def run_one(name: str, arm: str, cfg, tokenizer, device, args, out: Path) -> dic
 
 
 def profile_step(trainer, device, path: str) -> None:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -324,9 +356,17 @@ def _main(argv=None) -> int:
         try:
             probe = base_config(args, tmp / "tok" / "tokenizer.json", tmp / "synthetic_text_document", [])
             validate(probe, 1, environment=False)
-            for name, arm, extra in runs_to_do(args):
-                validate(base_config(args, tmp / "tok" / "tokenizer.json", tmp / "synthetic_text_document", extra),
-                         1, environment=False)
+            for _name, arm, extra in runs_to_do(args):  # every run's config, arm overrides included
+                validate(
+                    base_config(
+                        args,
+                        tmp / "tok" / "tokenizer.json",
+                        tmp / "synthetic_text_document",
+                        [*ARM_OVERRIDES[arm], *extra],
+                    ),
+                    1,
+                    environment=False,
+                )
         except ConfigError as err:
             ap.error(str(err))
         vocab = probe.model.vocab_size
@@ -338,11 +378,19 @@ def _main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         results, done = [], {}  # done: effective config -> name of the run that measured it
         summary = {
-            "config": args.config, "layers": probe.model.num_layers, "seq_length": probe.data.seq_length,
-            "micro_batch_size": t.micro_batch_size, "global_batch_size": t.global_batch_size,
-            "steps": args.steps, "warmup": args.warmup, "device": torch.cuda.get_device_name(device)
-            if device.type == "cuda" else "cpu", "torch": torch.__version__, "commit": _commit(),
-            "data": "synthetic uniform random tokens", "overrides": args.overrides, "runs": results,
+            "config": args.config,
+            "layers": probe.model.num_layers,
+            "seq_length": probe.data.seq_length,
+            "micro_batch_size": t.micro_batch_size,
+            "global_batch_size": t.global_batch_size,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
+            "commit": _commit(),
+            "data": "synthetic uniform random tokens",
+            "overrides": args.overrides,
+            "runs": results,
         }
         for name, arm, extra in runs_to_do(args):
             cfg = base_config(args, tok_path, prefix, [*ARM_OVERRIDES[arm], *extra])
@@ -357,9 +405,12 @@ def _main(argv=None) -> int:
             done[key] = name
             results.append(res)
             (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")  # kept if a later run dies
-            print(f"{name:34s} step {res['step_ms']:9.1f} ms  {res['tokens_per_s']:10.4g} tok/s  "
-                  f"{res['tflops']:8.4g} TFLOP/s  MFU {_fmt(res['mfu'], '.1%')}  peak {_fmt(res['peak_gib'], '.1f')} GiB  "
-                  f"loss[0] {res['losses'][0]:.5f}", flush=True)
+            print(
+                f"{name:34s} step {res['step_ms']:9.1f} ms  {res['tokens_per_s']:10.4g} tok/s  "
+                f"{res['tflops']:8.4g} TFLOP/s  MFU {_fmt(res['mfu'], '.1%')}  peak {_fmt(res['peak_gib'], '.1f')} GiB  "
+                f"loss[0] {res['losses'][0]:.5f}",
+                flush=True,
+            )
             if res["grouped_check"]:
                 print(f"{'':34s} grouped experts vs SequentialMLP: {res['grouped_check']}", flush=True)
         base = {r["arm"]: r for r in results if r["name"] == r["arm"]}
@@ -378,8 +429,12 @@ def _commit() -> str | None:
     import subprocess
 
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.CalledProcessError):
         return None
 

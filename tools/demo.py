@@ -72,14 +72,38 @@ def fetch_corpus(a):
 
 
 def train_tokenizer(a):
-    sh([PY, "tools/train_tokenizer.py", "--input", paths(a)["corpus"], "--vocab-size", a.vocab_size,
-        "--out", paths(a)["data"]])
+    sh(
+        [
+            PY,
+            "tools/train_tokenizer.py",
+            "--input",
+            paths(a)["corpus"],
+            "--vocab-size",
+            a.vocab_size,
+            "--out",
+            paths(a)["data"],
+        ]
+    )
 
 
 def preprocess(a):
     p = paths(a)
-    sh([PY, "tools/preprocess_data.py", "--input", p["corpus"], "--tokenizer", p["tokenizer"],
-        "--output-prefix", p["tokens"], "--append-eod", "--workers", 2, "--quiet"])
+    sh(
+        [
+            PY,
+            "tools/preprocess_data.py",
+            "--input",
+            p["corpus"],
+            "--tokenizer",
+            p["tokenizer"],
+            "--output-prefix",
+            p["tokens"],
+            "--append-eod",
+            "--workers",
+            2,
+            "--quiet",
+        ]
+    )
 
 
 def train_overrides(a) -> list[str]:
@@ -100,8 +124,20 @@ def train_overrides(a) -> list[str]:
 
 
 def pretrain(a):
-    sh([PY, "-m", "mtpd_megatron.train", "--nproc-per-node", a.nproc, "--config", a.config, "--resume", "auto",
-        *train_overrides(a)])
+    sh(
+        [
+            PY,
+            "-m",
+            "mtpd_megatron.train",
+            "--nproc-per-node",
+            a.nproc,
+            "--config",
+            a.config,
+            "--resume",
+            "auto",
+            *train_overrides(a),
+        ]
+    )
 
 
 def pretrained(a) -> bool:
@@ -118,8 +154,10 @@ def report(a):
     print(f"  {'head':>4}  {'a_k':>6}  {'CAR_k':>6}  {'CE':>6}  {'KL':>6}")
     k = 1
     while f"mtp{k}/accept" in last:
-        print(f"  {k:>4}  {last[f'mtp{k}/accept']:6.3f}  {last[f'mtp{k}/car']:6.3f}  "
-              f"{last[f'mtp{k}/ce']:6.3f}  {last[f'mtp{k}/kl']:6.3f}")
+        print(
+            f"  {k:>4}  {last[f'mtp{k}/accept']:6.3f}  {last[f'mtp{k}/car']:6.3f}  "
+            f"{last[f'mtp{k}/ce']:6.3f}  {last[f'mtp{k}/kl']:6.3f}"
+        )
         k += 1
     print(f"  expected tokens per verification step tau = {last['tau']:.3f}; validation loss {last['loss']:.3f}")
     print(f"  checkpoint: {paths(a)['ckpt']} (TensorBoard: {paths(a)['metrics'].parent})")
@@ -128,8 +166,22 @@ def report(a):
 def acceptance(a):
     e = paths(a)["eval"]
     e.mkdir(parents=True, exist_ok=True)
-    sh([PY, "tools/eval_acceptance.py", "--ckpt", paths(a)["ckpt"], "--split", "test", "--num-samples", 64,
-        "--out", e / "acceptance.json", "--plot", e / "acceptance.png"])
+    sh(
+        [
+            PY,
+            "tools/eval_acceptance.py",
+            "--ckpt",
+            paths(a)["ckpt"],
+            "--split",
+            "test",
+            "--num-samples",
+            64,
+            "--out",
+            e / "acceptance.json",
+            "--plot",
+            e / "acceptance.png",
+        ]
+    )
 
 
 def export(a):
@@ -137,19 +189,43 @@ def export(a):
 
 
 def decode(a):
-    sh([PY, "tools/bench_decode.py", "--ckpt", paths(a)["ckpt"], "--split", "test", "--num-prompts", 4,
-        "--prompt-len", 16, "--new-tokens", 48, "--k", 1, 2, 4, "--repeats", 1, "--out", paths(a)["decode"]])
+    sh(
+        [
+            PY,
+            "tools/bench_decode.py",
+            "--ckpt",
+            paths(a)["ckpt"],
+            "--split",
+            "test",
+            "--num-prompts",
+            4,
+            "--prompt-len",
+            16,
+            "--new-tokens",
+            48,
+            "--k",
+            1,
+            2,
+            4,
+            "--repeats",
+            1,
+            "--out",
+            paths(a)["decode"],
+        ]
+    )
 
 
 def summary(a):
     acc = json.loads((paths(a)["eval"] / "acceptance.json").read_text())["checkpoints"][0]
     dec = json.loads(paths(a)["decode"].read_text())
     k4 = next(r for r in dec["speculative"] if r["k"] == 4)
-    print(f"\nWhat this shows: a {a.steps}-step, 2-layer, 64-wide model on CPU. Its main head is weak (held-out "
-          f"loss {acc['main_loss']:.2f}, ppl {acc['main_ppl']:.0f}), and a weak model is easy to predict: tau = "
-          f"{acc['tau']:.2f} and {k4['tokens_per_step']:.2f} tokens/step at K = 4 (greedy-identical on "
-          f"{k4['matching_prompts']}/{dec['prompts']} prompts) show that the pipeline works, not how good MTP-D "
-          f"is. For that, models of equal tokens with and without MTP: docs/results.md.")
+    print(
+        f"\nWhat this shows: a {a.steps}-step, 2-layer, 64-wide model on CPU. Its main head is weak (held-out "
+        f"loss {acc['main_loss']:.2f}, ppl {acc['main_ppl']:.0f}), and a weak model is easy to predict: tau = "
+        f"{acc['tau']:.2f} and {k4['tokens_per_step']:.2f} tokens/step at K = 4 (greedy-identical on "
+        f"{k4['matching_prompts']}/{dec['prompts']} prompts) show that the pipeline works, not how good MTP-D "
+        f"is. For that, models of equal tokens with and without MTP: docs/results.md."
+    )
 
 
 STAGES = [
@@ -172,8 +248,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=400, help="pretraining steps")
     p.add_argument("--nproc", type=int, default=1, help="ranks (python -m mtpd_megatron.train --nproc-per-node)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size (2 with --nproc 2 shows TP on CPU)")
-    p.add_argument("--micro-batch", type=int, default=8,
-                   help="samples per micro-batch (global batch: the config's 8, so 8 = one micro-batch per step)")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=8,
+        help="samples per micro-batch (global batch: the config's 8, so 8 = one micro-batch per step)",
+    )
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--max-bytes", type=int, default=1_000_000, help="corpus size")
     a = p.parse_args(argv)

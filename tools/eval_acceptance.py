@@ -35,7 +35,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label", action="append", default=None, help="legend label per --ckpt (default: MTP / MTP-D)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--split", choices=("valid", "test"), default="valid", help="held-out split of the training data")
-    src.add_argument("--jsonl", help="evaluate on this jsonl file ({\"text\": ...} per line) instead")
+    src.add_argument("--jsonl", help='evaluate on this jsonl file ({"text": ...} per line) instead')
     p.add_argument("--num-samples", type=int, default=64, help="sequences to evaluate (over all DP ranks)")
     p.add_argument("--seq-length", type=int, default=None, help="tokens per sequence (default: data.seq_length)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
@@ -71,7 +71,10 @@ def evaluate(args) -> dict:
 
     from mtpd_megatron.inference.evaluation import DEFINITIONS, evaluate_loaded
     from mtpd_megatron.inference.loading import (
-        jsonl_samples, load_for_inference, load_tokenizer_for, split_samples,
+        jsonl_samples,
+        load_for_inference,
+        load_tokenizer_for,
+        split_samples,
     )
 
     results, samples, tokenizer, source = [], None, None, None
@@ -88,16 +91,22 @@ def evaluate(args) -> dict:
                 source = {"split": args.split, "data_paths": loaded.cfg.data.paths, "data_split": loaded.cfg.data.split}
             source.update(sequences=len(samples), seq_length=seq, tokenizer=str(getattr(tokenizer, "path", "")))
         elif loaded.vocab_size != tokenizer.vocab_size:
-            raise ValueError(f"checkpoint {loaded.path} has vocabulary {loaded.vocab_size}, the first checkpoint "
-                             f"{tokenizer.vocab_size}: checkpoints compared must share the tokenizer")
+            raise ValueError(
+                f"checkpoint {loaded.path} has vocabulary {loaded.vocab_size}, the first checkpoint "
+                f"{tokenizer.vocab_size}: checkpoints compared must share the tokenizer"
+            )
         label = args.label[i] if args.label else None
         results.append(evaluate_loaded(loaded, samples, batch_size=args.batch_size, max_k=args.max_k, label=label))
         del loaded
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return {
-        "definitions": DEFINITIONS, "data": source, "tp": args.tp, "ep": args.ep,
-        "dp": parallel_state.get_data_parallel_world_size(), "checkpoints": results,
+        "definitions": DEFINITIONS,
+        "data": source,
+        "tp": args.tp,
+        "ep": args.ep,
+        "dp": parallel_state.get_data_parallel_world_size(),
+        "checkpoints": results,
     }
 
 

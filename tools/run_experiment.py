@@ -23,8 +23,13 @@ PROG = "run_experiment"
 
 def _commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parents[1], check=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            check=True,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -36,13 +41,19 @@ def _main(argv=None) -> int:
     p = cli_parser(PROG, __doc__.split("\n\n")[0])
     p.add_argument("experiment", help="experiment YAML (configs/experiments/*.yaml)")
     p.add_argument("--out", default=None, help="output directory (default runs/experiments/<name>)")
-    p.add_argument("--arms", default=None, help="comma list of arms to run (default: all; extensions bring their parent)")
+    p.add_argument(
+        "--arms", default=None, help="comma list of arms to run (default: all; extensions bring their parent)"
+    )
     p.add_argument("--parallel", type=int, default=1, help="arms trained at the same time (they share the device)")
     p.add_argument("--train-only", action="store_true", help="train, do not evaluate")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from the arms' result files")
     p.add_argument("--commit", default=None, help="commit recorded in the results (default: git rev-parse)")
-    p.add_argument("--import", dest="import_from", default=None,
-                   help="results.json of an earlier run (e.g. docs/results/<name>/results.json): its arms count as done")
+    p.add_argument(
+        "--import",
+        dest="import_from",
+        default=None,
+        help="results.json of an earlier run (e.g. docs/results/<name>/results.json): its arms count as done",
+    )
     args = p.parse_args(argv)
     if args.parallel < 1:
         p.error("--parallel must be >= 1")
@@ -62,8 +73,9 @@ def _main(argv=None) -> int:
         written = write_report(experiment)
         print("\n".join(str(w) for w in written) if written else f"{PROG}: no finished arms in {experiment.out}")
         return 0
-    return runner.run(experiment, names, parallel=args.parallel, evaluate=not args.train_only,
-                      commit=args.commit or _commit())
+    return runner.run(
+        experiment, names, parallel=args.parallel, evaluate=not args.train_only, commit=args.commit or _commit()
+    )
 
 
 def main(argv=None) -> int:

@@ -30,8 +30,13 @@ def _main(argv=None) -> int:
     p.add_argument("--k", type=int, default=4, help="drafted tokens per step (<= MTP heads)")
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--draft-threshold", type=float, default=None, metavar="P",
-                   help="adaptive drafting: stop at the first head whose top-1 probability is below P")
+    p.add_argument(
+        "--draft-threshold",
+        type=float,
+        default=None,
+        metavar="P",
+        help="adaptive drafting: stop at the first head whose top-1 probability is below P",
+    )
     p.add_argument("--json", default=None, help="also write the result as JSON here")
     a = p.parse_args(argv)
     if a.k < 1:
@@ -53,14 +58,23 @@ def _main(argv=None) -> int:
     tokenizer = load_tokenizer_for(loaded)
     from mtpd_megatron.inference.options import DecodeOptions
 
-    result = speculative_demo(loaded.model, tokenizer, a.prompt, a.k, a.new_tokens, vocab_limit=loaded.vocab_size,
-                              options=DecodeOptions(draft_threshold=a.draft_threshold))
+    result = speculative_demo(
+        loaded.model,
+        tokenizer,
+        a.prompt,
+        a.k,
+        a.new_tokens,
+        vocab_limit=loaded.vocab_size,
+        options=DecodeOptions(draft_threshold=a.draft_threshold),
+    )
     accept = " ".join(f"{x:.2f}" for x in result["per_position_acceptance"])
     print(f"prompt: {a.prompt!r}")
     print(f"continuation: {result['text']!r}")
-    print(f"K={a.k}: {result['new_tokens']} tokens in {result['steps']} steps = {result['tokens_per_step']:.2f} "
-          f"tokens/step; per-position acceptance {accept}; identical to greedy: {result['identical_to_greedy']}; "
-          f"wall-clock {result['greedy_seconds']:.2f}s greedy vs {result['speculative_seconds']:.2f}s speculative")
+    print(
+        f"K={a.k}: {result['new_tokens']} tokens in {result['steps']} steps = {result['tokens_per_step']:.2f} "
+        f"tokens/step; per-position acceptance {accept}; identical to greedy: {result['identical_to_greedy']}; "
+        f"wall-clock {result['greedy_seconds']:.2f}s greedy vs {result['speculative_seconds']:.2f}s speculative"
+    )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2, default=float)

@@ -9,7 +9,12 @@ from typing import Any
 from mtpd_megatron.checkpoint.layout import CheckpointError, complete_checkpoints, iter_dir_name, read_meta, verify
 
 __all__ = [
-    "CheckpointError", "CheckpointManager", "TrainState", "complete_checkpoints", "iter_dir_name", "read_meta",
+    "CheckpointError",
+    "CheckpointManager",
+    "TrainState",
+    "complete_checkpoints",
+    "iter_dir_name",
+    "read_meta",
     "verify",
 ]
 

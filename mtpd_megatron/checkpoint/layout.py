@@ -35,7 +35,11 @@ from typing import Iterable, Optional
 
 from mtpd_megatron.checkpoint.atomic import replace_dir, write_atomic
 from mtpd_megatron.checkpoint.metadata import (  # noqa: F401 (re-exported: the names a reader of a checkpoint needs)
-    HF_IMPORT_STAGE, META_FILE, CheckpointError, meta_problem, read_meta,
+    HF_IMPORT_STAGE,
+    META_FILE,
+    CheckpointError,
+    meta_problem,
+    read_meta,
 )
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -107,8 +111,13 @@ def _write_integrity_manifest(ckpt_tmp: Path) -> None:
         with open(part) as f:
             files.update(json.load(f))
     for entry in sorted(ckpt_tmp.iterdir()):
-        if entry.is_file() and entry.name != INTEGRITY_FILE and not _PART.match(entry.name) \
-                and entry.name not in files and not entry.name.startswith(f".{INTEGRITY_FILE}."):
+        if (
+            entry.is_file()
+            and entry.name != INTEGRITY_FILE
+            and not _PART.match(entry.name)
+            and entry.name not in files
+            and not entry.name.startswith(f".{INTEGRITY_FILE}.")
+        ):
             files[entry.name] = file_digest(entry)
     payload = {"algorithm": INTEGRITY_ALGORITHM, "files": dict(sorted(files.items()))}
     write_atomic(ckpt_tmp / INTEGRITY_FILE, json.dumps(payload, indent=2))
@@ -146,7 +155,7 @@ def integrity_problem(ckpt: Path, names: Optional[Iterable[str]] = None) -> Opti
         return str(e)
     if files is None:
         return None
-    for name in (sorted(files) if names is None else names):
+    for name in sorted(files) if names is None else names:
         path = ckpt / name
         try:
             actual = file_digest(path)
@@ -218,21 +227,26 @@ def newest_valid(root: Path, log=print, checksums: bool = False) -> Optional[Pat
 
 
 def no_valid_checkpoint(root: Path, flag: str) -> CheckpointError:
-    fix = ("fix or move them, or start fresh with --resume none" if flag == "--resume"
-           else "pass another checkpoint")
-    return CheckpointError(f"{flag}: {root} holds checkpoints but none is complete and intact (each was skipped "
-                           f"above); {fix}")
+    fix = "fix or move them, or start fresh with --resume none" if flag == "--resume" else "pass another checkpoint"
+    return CheckpointError(
+        f"{flag}: {root} holds checkpoints but none is complete and intact (each was skipped above); {fix}"
+    )
 
 
-def resolve(spec: str, root: Optional[str], log=print, flag: str = "--resume",
-            checksums: bool = False) -> Optional[Path]:
+def resolve(
+    spec: str, root: Optional[str], log=print, flag: str = "--resume", checksums: bool = False
+) -> Optional[Path]:
     """`auto` -> newest valid under root (or None); `none` -> None; a path -> that checkpoint (or newest in it).
 
     `flag` is the option the user gave `spec` with, for the error messages (--resume, or --ckpt in the tools).
     A directory that holds published checkpoints none of which is valid is an error, never a fresh start
     (that would train from scratch beside them, and keep-last would then prune by iteration).
     """
-    hint = "pass auto, none or an iter_XXXXXXX directory" if flag == "--resume" else "pass a save directory or an iter_XXXXXXX directory"
+    hint = (
+        "pass auto, none or an iter_XXXXXXX directory"
+        if flag == "--resume"
+        else "pass a save directory or an iter_XXXXXXX directory"
+    )
     if spec == "none":
         return None
     if spec == "auto":
@@ -252,8 +266,10 @@ def resolve(spec: str, root: Optional[str], log=print, flag: str = "--resume",
         raise CheckpointError(f"{flag} {spec}: no such checkpoint directory ({hint})")
     problem = verify(path, checksums)
     if problem:
-        raise CheckpointError(f"{flag} {spec}: not a complete checkpoint ({problem}); pick another"
-                              + (" or use --resume auto" if flag == "--resume" else ""))
+        raise CheckpointError(
+            f"{flag} {spec}: not a complete checkpoint ({problem}); pick another"
+            + (" or use --resume auto" if flag == "--resume" else "")
+        )
     return path
 
 

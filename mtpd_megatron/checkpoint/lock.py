@@ -55,7 +55,9 @@ _HELD_HERE: set = set()  # lock files this process holds (a second RunLock here 
 
 def _identity() -> dict:
     return {
-        "host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.time(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
     }
@@ -82,8 +84,11 @@ def stale_reason(holder: dict, age_s: float, got_lock: bool, me: dict) -> Option
         except PermissionError:
             pass
     job = me.get("slurm_job_id")
-    if job and holder.get("slurm_job_id") == job and \
-            int(holder.get("slurm_restart_count") or 0) < me["slurm_restart_count"]:
+    if (
+        job
+        and holder.get("slurm_job_id") == job
+        and int(holder.get("slurm_restart_count") or 0) < me["slurm_restart_count"]
+    ):
         return "an earlier run of this Slurm job (requeued)"
     if age_s > STALE_AFTER_S:
         return f"no heartbeat for {age_s:.0f} s (> {STALE_AFTER_S:.0f} s)"
@@ -152,9 +157,11 @@ class RunLock:
             fd, state = self._open_locked()
         except OSError as e:
             self._remove_created_dirs()
-            raise CheckpointError(f"checkpoint.save {self.directory}: cannot create the run lock "
-                                  f"{self.path} ({e.strerror or e}); point checkpoint.save at a writable "
-                                  "directory") from None
+            raise CheckpointError(
+                f"checkpoint.save {self.directory}: cannot create the run lock "
+                f"{self.path} ({e.strerror or e}); point checkpoint.save at a writable "
+                "directory"
+            ) from None
         try:
             holder, age = self._read_holder(fd)
             if state == "held":
@@ -179,9 +186,11 @@ class RunLock:
         return self
 
     def _held_message(self, who: str) -> str:
-        return (f"checkpoint.save {self.directory} is in use by another trainer ({who}; lock {self.path}): "
-                f"stop that run or use another checkpoint.save (a lock whose holder died is taken over: on the "
-                f"same host at once, from other hosts after {STALE_AFTER_S:.0f} s without heartbeat)")
+        return (
+            f"checkpoint.save {self.directory} is in use by another trainer ({who}; lock {self.path}): "
+            f"stop that run or use another checkpoint.save (a lock whose holder died is taken over: on the "
+            f"same host at once, from other hosts after {STALE_AFTER_S:.0f} s without heartbeat)"
+        )
 
     @staticmethod
     def _read_holder(fd: int) -> tuple[Optional[dict], float]:

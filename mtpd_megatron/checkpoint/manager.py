@@ -44,7 +44,6 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -56,10 +55,14 @@ from torch.distributed.checkpoint.api import CheckpointException
 from mtpd_megatron.checkpoint import layout
 from mtpd_megatron.checkpoint.layout import CheckpointError
 from mtpd_megatron.checkpoint.metadata import (  # noqa: F401 (check_compatible: re-exported)
-    FORMAT_VERSION, build_meta, check_compatible, lookup,
+    FORMAT_VERSION,
+    build_meta,
+    check_compatible,
+    lookup,
 )
 from mtpd_megatron.checkpoint.optimizer_state import load_optimizer_state, prime_adam_state
 from mtpd_megatron.config.schema import Config
+
 
 @dataclasses.dataclass
 class TrainState:
@@ -79,8 +82,10 @@ def layout_signature(cfg: Config) -> dict:
     p = cfg.parallel
     return {
         "world_size": dist.get_world_size(),
-        "tp": p.tensor_model_parallel_size, "pp": p.pipeline_model_parallel_size,
-        "ep": p.expert_model_parallel_size, "etp": p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
+        "tp": p.tensor_model_parallel_size,
+        "pp": p.pipeline_model_parallel_size,
+        "ep": p.expert_model_parallel_size,
+        "etp": p.expert_tensor_parallel_size or p.tensor_model_parallel_size,
         "cp": p.context_parallel_size,
     }
 
@@ -131,8 +136,7 @@ def _results_queue_without_server(async_save: bool) -> None:
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = (multiprocessing.get_context("fork").Queue() if async_save
-                                           else queue.Queue())
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Queue() if async_save else queue.Queue()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,7 +152,7 @@ EXIT_IO_ERROR = 1
 # errno -> what it means for a checkpoint directory and the fix (exit code 2: the user can act on it).
 _FIXABLE = {
     errno.ENOSPC: "no space left on device (free space, lower checkpoint.keep_last or point checkpoint.save "
-                  "at a larger file system)",
+    "at a larger file system)",
     errno.EDQUOT: "disk quota exceeded (free space or raise the quota of checkpoint.save's file system)",
     errno.EFBIG: "file too large for this file system or for the process's file-size limit (ulimit -f)",
     errno.EROFS: "read-only file system (point checkpoint.save at a writable directory)",
@@ -233,8 +237,9 @@ def diagnose_file_system(root: Path, needed: int) -> Optional[tuple[int, str]]:
 
     soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
     if soft != resource.RLIM_INFINITY and soft < max(needed, 1):
-        return EXIT_USER_ERROR, (f"file too large for the process's file-size limit of {soft} bytes (ulimit -f; "
-                                 "raise it)")
+        return EXIT_USER_ERROR, (
+            f"file too large for the process's file-size limit of {soft} bytes (ulimit -f; raise it)"
+        )
     try:
         st = os.statvfs(root)
         free = st.f_bavail * st.f_frsize
@@ -294,8 +299,7 @@ def verify_integrity_collective(ckpt: Path, log: Callable[[str], None]) -> Optio
     if dist.get_rank() == 0:
         try:
             files = layout.read_integrity(ckpt)
-            listing = [("ok", None if files is None else
-                        sorted(files, key=lambda n: -_size(ckpt / n)))]
+            listing = [("ok", None if files is None else sorted(files, key=lambda n: -_size(ckpt / n)))]
         except CheckpointError as e:
             listing = [("error", str(e))]
     if dist.get_world_size() > 1:
@@ -306,7 +310,7 @@ def verify_integrity_collective(ckpt: Path, log: Callable[[str], None]) -> Optio
     if names is None:
         log(f"[checkpoint] {ckpt} has no {layout.INTEGRITY_FILE} (written before checksums): not verified")
         return None
-    mine = names[dist.get_rank()::dist.get_world_size()]
+    mine = names[dist.get_rank() :: dist.get_world_size()]
     return _first(all_ranks(layout.integrity_problem(ckpt, mine)))
 
 
@@ -351,6 +355,7 @@ def _agreed_metadata_json(tmp: Path) -> Callable:
     """megatron's metadata.json finalize step (serialization.py `metadata_finalize_fn`: rank 0 writes, then a
     barrier), with rank 0's outcome shared, so that a failed write stops every rank instead of leaving the
     others in the barrier."""
+
     def write_metadata_json():
         on_rank0(lambda: save_config(CheckpointingConfig("torch_dist", 1), str(tmp)))
 
@@ -360,8 +365,15 @@ def _agreed_metadata_json(tmp: Path) -> Callable:
 class CheckpointManager:
     """Saves to `cfg.checkpoint.save`; loads what `resolve_resume` picked. Collective: call on every rank."""
 
-    def __init__(self, cfg: Config, *, vocab_size: int, padded_vocab_size: int, stage: str = "pretrain",
-                 log: Callable[[str], None] = print):
+    def __init__(
+        self,
+        cfg: Config,
+        *,
+        vocab_size: int,
+        padded_vocab_size: int,
+        stage: str = "pretrain",
+        log: Callable[[str], None] = print,
+    ):
         self.cfg = cfg
         self.save_root = Path(cfg.checkpoint.save) if cfg.checkpoint.save else None
         self.vocab_size = vocab_size
@@ -378,8 +390,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ state dict
 
-    def _state_dict(self, model: list, optimizer, scheduler, state: TrainState, *, is_loading: bool,
-                    with_rng: bool) -> dict:
+    def _state_dict(
+        self, model: list, optimizer, scheduler, state: TrainState, *, is_loading: bool, with_rng: bool
+    ) -> dict:
         if len(model) != 1:
             raise NotImplementedError("virtual pipeline stages (several model chunks) are not supported yet")
         md = sharded_metadata()
@@ -393,15 +406,24 @@ class CheckpointManager:
         }
         if with_rng:
             sd["rng_state"] = ShardedObject(
-                "rng_state", _rng_state(), (dist.get_world_size(),),
-                (dist.get_rank(),), replica_id=0,
+                "rng_state",
+                _rng_state(),
+                (dist.get_world_size(),),
+                (dist.get_rank(),),
+                replica_id=0,
             )
         return sd
 
     def _meta(self, state: TrainState) -> dict:
-        return build_meta(self.cfg, iteration=state.iteration, consumed_samples=state.consumed_samples,
-                          stage=self.stage, vocab_size=self.vocab_size, padded_vocab_size=self.padded_vocab_size,
-                          layout=layout_signature(self.cfg))
+        return build_meta(
+            self.cfg,
+            iteration=state.iteration,
+            consumed_samples=state.consumed_samples,
+            stage=self.stage,
+            vocab_size=self.vocab_size,
+            padded_vocab_size=self.padded_vocab_size,
+            layout=layout_signature(self.cfg),
+        )
 
     # ------------------------------------------------------------------ save
 
@@ -413,8 +435,11 @@ class CheckpointManager:
             needed = sum(_size(f) for f in previous[-1].iterdir())
             free = shutil.disk_usage(self.save_root).free
             if free < needed:
-                raise _Agreed(EXIT_USER_ERROR, f"only {free / 2**20:.1f} MiB free but the last checkpoint took "
-                                               f"{needed / 2**20:.1f} MiB: {_FIXABLE[errno.ENOSPC]}")
+                raise _Agreed(
+                    EXIT_USER_ERROR,
+                    f"only {free / 2**20:.1f} MiB free but the last checkpoint took "
+                    f"{needed / 2**20:.1f} MiB: {_FIXABLE[errno.ENOSPC]}",
+                )
         layout.prepare_tmp(self.save_root, iteration)
 
     def save(self, state: TrainState, model: list, optimizer, scheduler) -> None:
@@ -427,15 +452,21 @@ class CheckpointManager:
         try:
             on_rank0(lambda: self._prepare(it))
             sd = self._state_dict(model, optimizer, scheduler, state, is_loading=False, with_rng=True)
-            request = dist_checkpointing.save(sd, str(tmp), async_sharded_save=True, async_strategy="mcore",
-                                              content_metadata={"mtpd_format": FORMAT_VERSION})
+            request = dist_checkpointing.save(
+                sd,
+                str(tmp),
+                async_sharded_save=True,
+                async_strategy="mcore",
+                content_metadata={"mtpd_format": FORMAT_VERSION},
+            )
             if request.async_fn is not None:
                 request = request._replace(async_fn=_hash_after_write(request.async_fn, tmp, dist.get_rank()))
             for i, fn in enumerate(request.finalize_fns):
                 if getattr(fn, "__name__", "") == "metadata_finalize_fn":
                     request.finalize_fns[i] = _agreed_metadata_json(tmp)
-            request.add_finalize_fn(_Publisher(self.save_root, it, self._meta(state),
-                                               self.cfg.checkpoint.keep_last, self.log))
+            request.add_finalize_fn(
+                _Publisher(self.save_root, it, self._meta(state), self.cfg.checkpoint.keep_last, self.log)
+            )
             if self._async_queue is None:
                 request.execute_sync()
             else:
@@ -460,8 +491,9 @@ class CheckpointManager:
                 kept = f"the last complete checkpoint {done[-1].name} is intact"
         if dist.get_world_size() > 1:
             dist.barrier()
-        raise CheckpointSaveError(f"checkpoint.save {self.save_root}: saving iteration {iteration} failed: {reason}; "
-                                  f"{kept}", code) from None
+        raise CheckpointSaveError(
+            f"checkpoint.save {self.save_root}: saving iteration {iteration} failed: {reason}; {kept}", code
+        ) from None
 
     def finalize(self, blocking: bool = False) -> None:
         """Publish finished background saves (every rank must call; blocking waits for all of them)."""
@@ -503,8 +535,11 @@ class CheckpointManager:
                 path = layout.resolve(spec, root, self.log)
                 older = []
                 if path is not None and (spec == "auto" or layout.iteration_of(Path(spec)) is None):
-                    older = [str(p) for p in reversed(layout.complete_checkpoints(path.parent))
-                             if layout.iteration_of(p) < layout.iteration_of(path)]
+                    older = [
+                        str(p)
+                        for p in reversed(layout.complete_checkpoints(path.parent))
+                        if layout.iteration_of(p) < layout.iteration_of(path)
+                    ]
                 choice[0] = ("ok", str(path) if path else None, older)
             except CheckpointError as e:
                 choice[0] = ("error", str(e), [])
@@ -531,7 +566,7 @@ class CheckpointManager:
         candidates = [Path(path)] + self._fallbacks
         for i, ckpt in enumerate(candidates):
             if i > 0:
-                problem = on_rank0(lambda: layout.verify(ckpt))
+                problem = on_rank0(lambda ckpt=ckpt: layout.verify(ckpt))
                 if problem:
                     self.log(f"[checkpoint] skipping {ckpt}: {problem}")
                     continue
@@ -548,20 +583,24 @@ class CheckpointManager:
                 return state
             if not self._fallbacks:
                 where = "the integrity check" if not verified else "loading it"
-                raise CheckpointError(f"--resume {ckpt}: {where} failed: {problem}; pick another checkpoint "
-                                      "or use --resume auto")
+                raise CheckpointError(
+                    f"--resume {ckpt}: {where} failed: {problem}; pick another checkpoint or use --resume auto"
+                )
             self.log(f"[checkpoint] skipping {ckpt}: {problem}")
         raise layout.no_valid_checkpoint(Path(path).parent, "--resume")
 
     def _load_one(self, path: Path, meta: dict, model: list, optimizer, scheduler) -> Optional[str]:
         """(every rank) Load one checkpoint; None on success, else the agreed reason it failed."""
         same_layout = meta.get("layout") == layout_signature(self.cfg)
-        if lookup(meta.get("config", {}), "parallel.use_distributed_optimizer") is False \
-                and self.cfg.parallel.use_distributed_optimizer:
+        if (
+            lookup(meta.get("config", {}), "parallel.use_distributed_optimizer") is False
+            and self.cfg.parallel.use_distributed_optimizer
+        ):
             raise CheckpointError(
                 f"checkpoint {path}: parallel.use_distributed_optimizer=true, but the checkpoint's optimizer state "
                 "was written by the plain (non-distributed) optimizer, which the distributed one cannot load "
-                "(resume with parallel.use_distributed_optimizer=false)")
+                "(resume with parallel.use_distributed_optimizer=false)"
+            )
         fatal = failed = None
         try:
             prime_adam_state(optimizer)
@@ -583,8 +622,10 @@ class CheckpointManager:
             raise CheckpointError(f"checkpoint {path}: {fatal}")
         failed = _first([v[1] for v in verdicts])
         if failed is None and not same_layout:
-            self.log(f"[checkpoint] layout changed ({meta.get('layout')} -> {layout_signature(self.cfg)}): "
-                     "weights, optimizer and data position restored, RNG states re-seeded")
+            self.log(
+                f"[checkpoint] layout changed ({meta.get('layout')} -> {layout_signature(self.cfg)}): "
+                "weights, optimizer and data position restored, RNG states re-seeded"
+            )
         return failed
 
 

@@ -22,10 +22,19 @@ FORMAT_VERSION = 1  # bump when a reader of the previous version could not load 
 HF_IMPORT_STAGE = "hf_import"  # checkpoints written by tools/convert_from_hf.py: weights, no optimizer state
 # Fields whose change makes a checkpoint belong to another model (weight shapes or what the heads mean).
 ARCHITECTURE_FIELDS = (
-    "model.num_layers", "model.hidden_size", "model.ffn_hidden_size", "model.num_attention_heads",
-    "model.num_query_groups", "model.kv_channels", "model.qk_layernorm", "model.tie_embeddings",
-    "model.moe.num_experts", "model.moe.ffn_hidden_size", "model.moe.shared_expert_hidden_size",
-    "model.moe.layer_freq", "mtp.num_heads",
+    "model.num_layers",
+    "model.hidden_size",
+    "model.ffn_hidden_size",
+    "model.num_attention_heads",
+    "model.num_query_groups",
+    "model.kv_channels",
+    "model.qk_layernorm",
+    "model.tie_embeddings",
+    "model.moe.num_experts",
+    "model.moe.ffn_hidden_size",
+    "model.moe.shared_expert_hidden_size",
+    "model.moe.layer_freq",
+    "mtp.num_heads",
 )
 
 
@@ -33,15 +42,30 @@ class CheckpointError(RuntimeError):
     """A user-facing checkpoint problem, one line (the CLI exits with code 2)."""
 
 
-def build_meta(cfg: Config, *, iteration: int, stage: str, vocab_size: int, padded_vocab_size: int,
-               layout: Optional[dict] = None, consumed_samples: int = 0, source: Optional[dict] = None) -> dict:
+def build_meta(
+    cfg: Config,
+    *,
+    iteration: int,
+    stage: str,
+    vocab_size: int,
+    padded_vocab_size: int,
+    layout: Optional[dict] = None,
+    consumed_samples: int = 0,
+    source: Optional[dict] = None,
+) -> dict:
     """The metadata of a checkpoint of `cfg`'s model (the whole config travels with it)."""
     from mtpd_megatron.parallel.cpu_compat import installed_megatron_version
 
     meta = {
-        "format": FORMAT_VERSION, "iteration": iteration, "consumed_samples": consumed_samples, "stage": stage,
-        "megatron_core_version": installed_megatron_version(), "vocab_size": vocab_size,
-        "padded_vocab_size": padded_vocab_size, "layout": layout, "config": config_to_dict(cfg),
+        "format": FORMAT_VERSION,
+        "iteration": iteration,
+        "consumed_samples": consumed_samples,
+        "stage": stage,
+        "megatron_core_version": installed_megatron_version(),
+        "vocab_size": vocab_size,
+        "padded_vocab_size": padded_vocab_size,
+        "layout": layout,
+        "config": config_to_dict(cfg),
     }
     if source:
         meta["source"] = source
@@ -59,8 +83,10 @@ def meta_problem(ckpt: Path) -> tuple[Optional[dict], Optional[str]]:
         return None, f"{META_FILE} has no iteration"
     version = meta.get("format", FORMAT_VERSION)
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        return None, (f"{META_FILE} has format {version!r}, newer than the {FORMAT_VERSION} this mtpd-megatron "
-                      "reads (update mtpd-megatron)")
+        return None, (
+            f"{META_FILE} has format {version!r}, newer than the {FORMAT_VERSION} this mtpd-megatron "
+            "reads (update mtpd-megatron)"
+        )
     return meta, None
 
 

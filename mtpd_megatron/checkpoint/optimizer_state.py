@@ -28,7 +28,6 @@
 from __future__ import annotations
 
 import torch
-
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer.optimizer import param_group_identifier_keys
 
@@ -53,12 +52,16 @@ def prime_adam_state(optimizer: MegatronOptimizer) -> None:
             continue
         for group in inner.param_groups:
             for p in group["params"]:
-                inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
-                                  "exp_avg_sq": torch.zeros_like(p)}
+                inner.state[p] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(p),
+                    "exp_avg_sq": torch.zeros_like(p),
+                }
 
 
 def _with_both_expert_flags(groups: list[dict]) -> list[dict]:
     """Saved param groups, plus a copy with `is_expert_parallel` flipped where no saved group has it."""
+
     def ident(g):
         return tuple(g.get(k, g.get(f"pre_{k}")) for k in param_group_identifier_keys)
 
@@ -75,12 +78,15 @@ def _with_both_expert_flags(groups: list[dict]) -> list[dict]:
 def _split_distributed(state_dict: dict, n: int) -> list[dict]:
     """A loaded DistributedOptimizer state (one or several saved) -> one state per current sub-optimizer."""
     indices = sorted(k for k in state_dict if isinstance(k, int))
-    saved = [state_dict] if "optimizer" in state_dict else [state_dict[i] for i in indices if "optimizer" in state_dict[i]]
+    saved = (
+        [state_dict] if "optimizer" in state_dict else [state_dict[i] for i in indices if "optimizer" in state_dict[i]]
+    )
     if not saved or "param_state_sharding_type" not in saved[0]:
         raise CheckpointError(
             "parallel.use_distributed_optimizer=true: the checkpoint's optimizer state was written by the plain "
             "(non-distributed) optimizer, which the distributed one cannot load (resume with "
-            "parallel.use_distributed_optimizer=false)")
+            "parallel.use_distributed_optimizer=false)"
+        )
     groups = _with_both_expert_flags([g for s in saved for g in s["optimizer"]["param_groups"]])
     common = {k: v for k, v in saved[0].items() if k not in ("optimizer", "param_state") and not isinstance(k, int)}
     param_states = [state_dict.get("param_state")] if n == 1 else [state_dict[i].get("param_state") for i in range(n)]
@@ -105,8 +111,10 @@ def _distributed_to_plain(opt, sd: dict) -> dict:
     for current, template in zip(opt.optimizer.param_groups, sd["param_groups"], strict=True):
         match = pool.get(_structure(current))
         if not match:
-            raise CheckpointError("the checkpoint's optimizer param groups do not fit this model's "
-                                  "(resume with the parallel.use_distributed_optimizer it was written with)")
+            raise CheckpointError(
+                "the checkpoint's optimizer param groups do not fit this model's "
+                "(resume with the parallel.use_distributed_optimizer it was written with)"
+            )
         groups.append({**match.pop(0), "params": template["params"]})
     state = dict(sd["state"])
     step = next((g["step"] for g in sd["optimizer"]["param_groups"] if "step" in g), None)
@@ -124,7 +132,8 @@ def _split_plain(optimizer: MegatronOptimizer, state_dict) -> list:
             raise CheckpointError(
                 "parallel.use_distributed_optimizer=false: the checkpoint was written by the distributed "
                 "optimizer, which converts to the plain one only for a fp32 model without expert parallelism "
-                "(resume with parallel.use_distributed_optimizer=true)")
+                "(resume with parallel.use_distributed_optimizer=true)"
+            )
         return [_distributed_to_plain(subs[0], state_dict)]
     if len(subs) == 1:
         return [state_dict]
@@ -132,7 +141,8 @@ def _split_plain(optimizer: MegatronOptimizer, state_dict) -> list:
     if len(states) != len(subs):
         raise CheckpointError(
             f"the checkpoint's optimizer has {len(states)} parts but this layout has {len(subs)} (expert "
-            "parallelism changed): resume with parallel.use_distributed_optimizer=true, whose format reshards")
+            "parallelism changed): resume with parallel.use_distributed_optimizer=true, whose format reshards"
+        )
     return states
 
 
@@ -144,8 +154,9 @@ _FROM_CHECKPOINT = ("params", "step")
 
 def _structure(group: dict) -> tuple:
     """A param group's identity without its hyperparameters (megatron's identifier, NeMo aliases included)."""
-    return tuple(group.get(k, group.get(f"pre_{k}")) for k in param_group_identifier_keys
-                 if k not in _HYPERPARAMETER_KEYS)
+    return tuple(
+        group.get(k, group.get(f"pre_{k}")) for k in param_group_identifier_keys if k not in _HYPERPARAMETER_KEYS
+    )
 
 
 def _saved_groups(state_dict) -> list:

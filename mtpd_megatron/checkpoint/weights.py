@@ -32,12 +32,17 @@ def load_model_state(model, checkpoint: Path, keep: Optional[Callable[[str], boo
     try:
         return dist_checkpointing.load({"model": wanted}, str(checkpoint))["model"]
     except FAILURES as e:  # shape mismatches, missing keys, unreadable shards (CheckpointException)
-        raise CheckpointError(f"checkpoint {checkpoint}: weights could not be loaded into this model: "
-                              f"{one_line(e, 300)}") from None
+        raise CheckpointError(
+            f"checkpoint {checkpoint}: weights could not be loaded into this model: {one_line(e, 300)}"
+        ) from None
 
 
-def load_model_weights(model, checkpoint: Path, keep: Optional[Callable[[str], bool]] = None,
-                       log: Callable[[str], None] = lambda line: None) -> list[str]:
+def load_model_weights(
+    model,
+    checkpoint: Path,
+    keep: Optional[Callable[[str], bool]] = None,
+    log: Callable[[str], None] = lambda line: None,
+) -> list[str]:
     """(every rank) Load the keys accepted by `keep` (all by default); returns the model keys left as they were."""
     problem = verify_integrity_collective(Path(checkpoint), log)
     if problem:

@@ -15,7 +15,19 @@ from mtpd_megatron.config.schema import (
 )
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "LoggingConfig", "ModelConfig", "MoEConfig",
-    "MTPConfig", "MTPDConfig", "ParallelConfig", "TrainingConfig", "config_from_dict", "config_to_dict",
-    "dump_config", "load_config",
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "MTPConfig",
+    "MTPDConfig",
+    "ParallelConfig",
+    "TrainingConfig",
+    "config_from_dict",
+    "config_to_dict",
+    "dump_config",
+    "load_config",
 ]

@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import typing
 import os
 import sys
+import typing
 from typing import Optional, Sequence
 
 from mtpd_megatron.cli import cli_parser, report_error
@@ -28,19 +28,39 @@ PROG = "python -m mtpd_megatron.config"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = cli_parser(PROG, "Load, override and validate a config as the trainer will; print "
-                     "it with its parallel layout and parameter counts. Exit code 2 on a bad config.")
+    parser = cli_parser(
+        PROG,
+        "Load, override and validate a config as the trainer will; print "
+        "it with its parallel layout and parameter counts. Exit code 2 on a bad config.",
+    )
     parser.add_argument("config", nargs="?", help="YAML config file, e.g. configs/tiny_dense.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides such as model.num_layers=4")
-    parser.add_argument("--world-size", type=int, default=None,
-                        help="ranks to check the layout for (default: the smallest the layout allows)")
-    parser.add_argument("--no-env", action="store_true",
-                        help="skip the checks of this machine (Transformer Engine installed, output paths usable): "
-                        "for a config meant for other nodes")
-    parser.add_argument("--vocab-size", type=int, default=None,
-                        help="tokenizer vocabulary size (default: model.vocab_size, else read data.tokenizer)")
-    parser.add_argument("--help-config", nargs="?", const="", default=None, metavar="SECTION",
-                        help="print every config field (or a section's, e.g. mtp.mtpd) with its type, default and doc")
+    parser.add_argument(
+        "--world-size",
+        type=int,
+        default=None,
+        help="ranks to check the layout for (default: the smallest the layout allows)",
+    )
+    parser.add_argument(
+        "--no-env",
+        action="store_true",
+        help="skip the checks of this machine (Transformer Engine installed, output paths usable): "
+        "for a config meant for other nodes",
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="tokenizer vocabulary size (default: model.vocab_size, else read data.tokenizer)",
+    )
+    parser.add_argument(
+        "--help-config",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="SECTION",
+        help="print every config field (or a section's, e.g. mtp.mtpd) with its type, default and doc",
+    )
     return parser
 
 
@@ -58,7 +78,9 @@ def config_reference(section: str = "") -> str:
     for part in [p for p in section.split(".") if p]:
         hints = typing.get_type_hints(cls)
         if part not in hints or not dataclasses.is_dataclass(hints[part]):
-            sections = [f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])]
+            sections = [
+                f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])
+            ]
             raise ConfigError(f"--help-config {section}: no section {part!r} (sections here: {', '.join(sections)})")
         cls, prefix = hints[part], f"{prefix}{part}."
     lines = []
@@ -98,23 +120,30 @@ def tokenizer_vocab_size(cfg: Config) -> Optional[int]:
     try:
         return Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
     except Exception as err:  # the tokenizers library raises plain Exceptions
-        raise ConfigError(f"data.tokenizer={path!r}: not a Hugging Face tokenizer.json "
-                          f"({' '.join(str(err).split())[:120]})") from None
+        raise ConfigError(
+            f"data.tokenizer={path!r}: not a Hugging Face tokenizer.json ({' '.join(str(err).split())[:120]})"
+        ) from None
 
 
 def summary(cfg: Config, world: int, vocab_size: Optional[int]) -> str:
     p = cfg.parallel
     tp, pp, cp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.context_parallel_size
-    lines = [f"# layout: world {world} = TP {tp} x PP {pp} x CP {cp} x DP {world // (tp * pp * cp)}"
-             f"{' (sequence parallel)' if p.sequence_parallel else ''}"]
+    lines = [
+        f"# layout: world {world} = TP {tp} x PP {pp} x CP {cp} x DP {world // (tp * pp * cp)}"
+        f"{' (sequence parallel)' if p.sequence_parallel else ''}"
+    ]
     if cfg.model.moe.num_experts:
         etp = p.expert_tensor_parallel_size or tp
-        lines.append(f"# experts: EP {p.expert_model_parallel_size} x ETP {etp} x expert-DP "
-                     f"{world // (p.expert_model_parallel_size * etp * pp)}")
+        lines.append(
+            f"# experts: EP {p.expert_model_parallel_size} x ETP {etp} x expert-DP "
+            f"{world // (p.expert_model_parallel_size * etp * pp)}"
+        )
     vocab = cfg.model.vocab_size or vocab_size
     if vocab is None:
-        lines.append(f"# parameters: unknown until the tokenizer exists ({cfg.data.tokenizer}); "
-                     "pass --vocab-size N to count them")
+        lines.append(
+            f"# parameters: unknown until the tokenizer exists ({cfg.data.tokenizer}); "
+            "pass --vocab-size N to count them"
+        )
         return "\n".join(lines)
     c = count_parameters(cfg, vocab)
     lines += [

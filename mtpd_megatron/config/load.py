@@ -143,8 +143,9 @@ def read_yaml(path: str, flag: Optional[str] = "--config") -> dict:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{where}: not a text file (byte {e.start} is not UTF-8): pass the YAML "
-                          "config, not a binary or other file") from None
+        raise ConfigError(
+            f"{where}: not a text file (byte {e.start} is not UTF-8): pass the YAML config, not a binary or other file"
+        ) from None
     if "\x00" in text:
         raise ConfigError(f"{where}: not a text file (it contains NUL bytes): pass the YAML config")
     try:

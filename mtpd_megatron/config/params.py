@@ -72,8 +72,9 @@ def count_parameters(cfg: Config, vocab_size: int) -> dict[str, int]:
     MTP heads), active (total's active part) and an `_active` twin of decoder, mtp_head(s) and main_model.
     """
     m = cfg.model
-    vocab = padded_vocab(m.vocab_size or vocab_size, m.make_vocab_size_divisible_by,
-                         cfg.parallel.tensor_model_parallel_size)
+    vocab = padded_vocab(
+        m.vocab_size or vocab_size, m.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size
+    )
     pattern = moe_layer_pattern(cfg)
     layers = [_layer(cfg, bool(is_moe)) for is_moe in pattern]
     final_norm = m.hidden_size

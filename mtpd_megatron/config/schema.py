@@ -29,9 +29,12 @@ class MoEConfig:
     aux_loss_coeff: float = doc("Load-balancing loss coefficient.", 1e-2)
     expert_bias: bool = doc("Aux-loss-free balancing with a learned-free expert bias (needs sigmoid).", False)
     token_dispatcher: str = doc("alltoall or allgather (alltoall is the one to use with EP > 1).", "alltoall")
-    experts_backend: str = doc("auto (torch grouped GEMM on the torch-native path, i.e. when TE is absent; "
-                               "megatron's experts with TE), grouped, or sequential (megatron's SequentialMLP "
-                               "loop). Same parameters and checkpoint keys either way.", "auto")
+    experts_backend: str = doc(
+        "auto (torch grouped GEMM on the torch-native path, i.e. when TE is absent; "
+        "megatron's experts with TE), grouped, or sequential (megatron's SequentialMLP "
+        "loop). Same parameters and checkpoint keys either way.",
+        "auto",
+    )
 
 
 @dataclass
@@ -51,12 +54,18 @@ class ModelConfig:
     tie_embeddings: bool = doc("Share the input embedding and the output layer.", False)
     init_method_std: float = doc("Std of the normal weight init.", 0.02)
     attention_backend: str = doc("auto (TE if importable, else torch SDPA), sdpa, te or local.", "auto")
-    compile_layers: bool = doc("Fused elementwise kernels without TE: megatron's torch.compile'd SwiGLU "
-                               "(bias_activation_fusion) and torch.compile'd RMSNorm modules "
-                               "(tools/bench_train.py --compare compile_layers measures it).", False)
-    init_on_device: bool = doc("Draw the initial weights on the GPU (megatron's default; fast for billions of "
-                               "parameters) instead of on the host (the default here: the same weights for every "
-                               "TP/EP layout). Ignored without a GPU.", False)
+    compile_layers: bool = doc(
+        "Fused elementwise kernels without TE: megatron's torch.compile'd SwiGLU "
+        "(bias_activation_fusion) and torch.compile'd RMSNorm modules "
+        "(tools/bench_train.py --compare compile_layers measures it).",
+        False,
+    )
+    init_on_device: bool = doc(
+        "Draw the initial weights on the GPU (megatron's default; fast for billions of "
+        "parameters) instead of on the host (the default here: the same weights for every "
+        "TP/EP layout). Ignored without a GPU.",
+        False,
+    )
     moe: MoEConfig = doc("Mixture-of-experts settings.", factory=MoEConfig)
 
 
@@ -66,7 +75,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = doc("PP stages (MTP heads live on the last stage).", 1)
     expert_model_parallel_size: int = doc("EP: ranks the experts are spread over.", 1)
     expert_tensor_parallel_size: Optional[int] = doc("ETP; null = same as TP. 1 is best for small experts.", None)
-    context_parallel_size: int = doc("CP: splits every sequence over ranks (2 load-balanced chunks each; long context).", 1)
+    context_parallel_size: int = doc(
+        "CP: splits every sequence over ranks (2 load-balanced chunks each; long context).", 1
+    )
     sequence_parallel: bool = doc("Split activations along the sequence in TP regions (needed by MoE at TP>1).", False)
     use_distributed_optimizer: bool = doc("Shard optimizer state over data-parallel ranks.", True)
 
@@ -78,42 +89,72 @@ class MTPDConfig:
     beta: Union[float, list] = doc("Weight of each head's KL to the main head (scalar or one per head).", 1.0)
     topn: int = doc("Teacher TopN logits kept; 0 or >= vocab means the full vocabulary.", 10000)
     direction: str = doc("forward = KL(teacher||head) (default), reverse = KL(head||teacher).", "forward")
-    mode: str = doc("renorm: both renormalised over the teacher's TopN; tail: TopN + one bucket for the rest.", "renorm")
+    mode: str = doc(
+        "renorm: both renormalised over the teacher's TopN; tail: TopN + one bucket for the rest.", "renorm"
+    )
     temperature: float = doc("Softmax temperature of the KL (the KL is multiplied by T^2).", 1.0)
-    objective: str = doc("kl (the paper), or lk = lk_lambda * KL + (1 - lk_lambda) * total variation "
-                         "(the LK loss of arXiv 2602.23881, aimed at acceptance).", "kl")
+    objective: str = doc(
+        "kl (the paper), or lk = lk_lambda * KL + (1 - lk_lambda) * total variation "
+        "(the LK loss of arXiv 2602.23881, aimed at acceptance).",
+        "kl",
+    )
     lk_lambda: float = doc("objective lk: weight of the KL against total variation, in [0, 1].", 0.5)
-    detach_teacher: bool = doc("The paper's stop-gradient on the teacher (main head). false = the seesaw "
-                               "ablation: the KL also pulls the main head towards the heads.", True)
-    kl_to_trunk: bool = doc("The KL's gradient reaches the shared trunk (decoder, embeddings, output layer) "
-                            "through the heads. false = it trains the heads only (CE still flows); costs "
-                            "a second forward/backward of the heads.", True)
-    fused_output_layer: bool = doc("Each head's output layer + CE + TopN KL chunk by chunk over tokens with "
-                                   "the gradients computed in the forward (mtpd/fused_head.py): no [tokens, V] "
-                                   "logits of a head are kept for backward.", False)
-    share_teacher_logits: bool = doc("Compute the main head's logits once: the teacher is their detached copy "
-                                     "and megatron's main loss reuses them (instead of a second output layer "
-                                     "pass).", False)
-    compile: bool = doc("torch.compile the MTP-D loss's chunk kernels on CUDA (false = eager, for debugging or "
-                        "timing); CPU runs are always eager.", True)
-    chunk_elems: Optional[int] = doc("Logits per chunk of the MTP-D loss (memory vs. launches); null = by device "
-                                     "(256M compiled on CUDA, 32M eager).", None)
+    detach_teacher: bool = doc(
+        "The paper's stop-gradient on the teacher (main head). false = the seesaw "
+        "ablation: the KL also pulls the main head towards the heads.",
+        True,
+    )
+    kl_to_trunk: bool = doc(
+        "The KL's gradient reaches the shared trunk (decoder, embeddings, output layer) "
+        "through the heads. false = it trains the heads only (CE still flows); costs "
+        "a second forward/backward of the heads.",
+        True,
+    )
+    fused_output_layer: bool = doc(
+        "Each head's output layer + CE + TopN KL chunk by chunk over tokens with "
+        "the gradients computed in the forward (mtpd/fused_head.py): no [tokens, V] "
+        "logits of a head are kept for backward.",
+        False,
+    )
+    share_teacher_logits: bool = doc(
+        "Compute the main head's logits once: the teacher is their detached copy "
+        "and megatron's main loss reuses them (instead of a second output layer "
+        "pass).",
+        False,
+    )
+    compile: bool = doc(
+        "torch.compile the MTP-D loss's chunk kernels on CUDA (false = eager, for debugging or "
+        "timing); CPU runs are always eager.",
+        True,
+    )
+    chunk_elems: Optional[int] = doc(
+        "Logits per chunk of the MTP-D loss (memory vs. launches); null = by device "
+        "(256M compiled on CUDA, 32M eager).",
+        None,
+    )
 
 
 @dataclass
 class MTPConfig:
     num_heads: int = doc("Cascaded MTP heads (megatron's mtp_num_layers); 0 disables MTP.", 4)
-    loss_scaling_factor: float = doc("megatron's mtp_loss_scaling_factor: each head's loss is scaled by this / num_heads.", 0.1)
-    detach_heads: bool = doc("megatron's mtp_detach_heads: no MTP gradient reaches the trunk at all (the "
-                             "heads train on the trunk's features, FastMTP-style); head gradients are clipped "
-                             "as their own group.", False)
+    loss_scaling_factor: float = doc(
+        "megatron's mtp_loss_scaling_factor: each head's loss is scaled by this / num_heads.", 0.1
+    )
+    detach_heads: bool = doc(
+        "megatron's mtp_detach_heads: no MTP gradient reaches the trunk at all (the "
+        "heads train on the trunk's features, FastMTP-style); head gradients are clipped "
+        "as their own group.",
+        False,
+    )
     mtpd: MTPDConfig = doc("Self-distillation settings.", factory=MTPDConfig)
 
 
 @dataclass
 class DataConfig:
     tokenizer: Optional[str] = doc("Path to a Hugging Face tokenizer.json.", None)
-    paths: list = doc("Indexed dataset prefixes (.bin/.idx without suffix), optionally as [weight, prefix, ...].", factory=list)
+    paths: list = doc(
+        "Indexed dataset prefixes (.bin/.idx without suffix), optionally as [weight, prefix, ...].", factory=list
+    )
     split: str = doc("train,valid,test split by document, e.g. '949,50,1'.", "949,50,1")
     seq_length: int = doc("Tokens per training sample.", 128)
     cache_dir: Optional[str] = doc("Where megatron caches the sample indices; null = next to the data.", None)
@@ -134,8 +175,11 @@ class TrainingConfig:
     adam_beta1: float = doc("AdamW beta1.", 0.9)
     adam_beta2: float = doc("AdamW beta2.", 0.95)
     adam_eps: float = doc("AdamW epsilon.", 1e-8)
-    fused_adam: bool = doc("torch's fused AdamW kernel (fused=True) where megatron falls back to torch's "
-                           "foreach AdamW (no TE/apex); same update, fewer kernel launches.", False)
+    fused_adam: bool = doc(
+        "torch's fused AdamW kernel (fused=True) where megatron falls back to torch's "
+        "foreach AdamW (no TE/apex); same update, fewer kernel launches.",
+        False,
+    )
     clip_grad: float = doc("Global gradient-norm clip; 0 disables.", 1.0)
     precision: str = doc("auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", "auto")
     seed: int = doc("Seed for weights, data order and dropout.", 1234)
@@ -181,7 +225,9 @@ class StageConfig:
 @dataclass
 class LoopedConfig:
     root: Optional[str] = doc("Directory of the stage checkpoints (stage_<i>/); null = checkpoint.save.", None)
-    stages: list = doc("Stages in order; stage 0 trains from scratch (nothing frozen), later ones extend.", factory=list)
+    stages: list = doc(
+        "Stages in order; stage 0 trains from scratch (nothing frozen), later ones extend.", factory=list
+    )
 
 
 @dataclass

@@ -88,9 +88,11 @@ def check_finite(name: str, tensor, where: str, allow: bool) -> None:
         return
     bad = int((~torch.isfinite(tensor)).sum())
     if bad:
-        raise ConvertError(f"{name} in {where} has {bad} non-finite value(s) (NaN/inf) of {tensor.numel()}: the "
-                           "model is damaged or diverged (convert another checkpoint, or pass --allow-nonfinite "
-                           "to convert it anyway)")
+        raise ConvertError(
+            f"{name} in {where} has {bad} non-finite value(s) (NaN/inf) of {tensor.numel()}: the "
+            "model is damaged or diverged (convert another checkpoint, or pass --allow-nonfinite "
+            "to convert it anyway)"
+        )
 
 
 def cli_parser(prog: str, description: str):

@@ -27,12 +27,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from mtpd_megatron.config.load import config_from_dict, config_to_dict, load_config
-from mtpd_megatron.config.schema import Config
-from mtpd_megatron.convert import ConvertError, atomic_output_dir, check_finite, cli_parser, megatron_world
 from mtpd_megatron.checkpoint.metadata import HF_IMPORT_STAGE as STAGE
 from mtpd_megatron.checkpoint.metadata import build_meta
-from mtpd_megatron.convert import mapping
+from mtpd_megatron.config.load import config_from_dict, config_to_dict, load_config
+from mtpd_megatron.config.schema import Config
+from mtpd_megatron.convert import ConvertError, atomic_output_dir, check_finite, cli_parser, mapping, megatron_world
 from mtpd_megatron.inference.hf_mtp import head_index
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
@@ -101,8 +100,9 @@ def inspect_hf_dir(hf_dir: str | os.PathLike) -> tuple[dict, dict, dict]:
     if weight_map is not None:
         absent = [k for k, f in weight_map.items() if where.get(k) != root / f]
         if absent:
-            raise ConvertError(f"{index}: tensor {absent[0]} is not in {weight_map[absent[0]]} (index and shards "
-                               f"disagree)")
+            raise ConvertError(
+                f"{index}: tensor {absent[0]} is not in {weight_map[absent[0]]} (index and shards disagree)"
+            )
     return hf, where, info
 
 
@@ -118,8 +118,10 @@ def inspect_heads(hf_dir: Path, hf: dict) -> tuple[int, dict, dict]:
     if heads["layout"] != "sidecar":
         return mapping.model_fields_from_hf(hf)[2], {}, {}
     if heads["num_hidden_layers"] != hf.get("num_hidden_layers"):
-        raise ConvertError(f"{hf_dir / hf_mtp.SIDECAR_DIR / hf_mtp.MANIFEST}: heads of a "
-                           f"{heads['num_hidden_layers']}-layer model, config.json has {hf.get('num_hidden_layers')}")
+        raise ConvertError(
+            f"{hf_dir / hf_mtp.SIDECAR_DIR / hf_mtp.MANIFEST}: heads of a "
+            f"{heads['num_hidden_layers']}-layer model, config.json has {hf.get('num_hidden_layers')}"
+        )
     where, info = {}, {}
     for path in sorted(set(heads["files"].values())):
         if not path.is_file():
@@ -145,9 +147,18 @@ def _check_same_model(cfg: Config, derived: Config, config_path: str) -> None:
             )
 
 
-def build_config(hf: dict, *, config_path: Optional[str], tp: Optional[int], ep: Optional[int], pp: Optional[int],
-                 etp: Optional[int], mtp_mode: str, mtp_heads: Optional[int],
-                 hf_mtp: int) -> tuple[Config, mapping.HFArch, int]:
+def build_config(
+    hf: dict,
+    *,
+    config_path: Optional[str],
+    tp: Optional[int],
+    ep: Optional[int],
+    pp: Optional[int],
+    etp: Optional[int],
+    mtp_mode: str,
+    mtp_heads: Optional[int],
+    hf_mtp: int,
+) -> tuple[Config, mapping.HFArch, int]:
     """Our Config for the imported model and the number of MTP heads it will have.
 
     Parallel sizes not given come from --config, else TP=EP=PP=1; ETP defaults to 1 for MoE (fine-grained
@@ -168,8 +179,9 @@ def build_config(hf: dict, *, config_path: Optional[str], tp: Optional[int], ep:
         mtp_mode = "copy" if hf_mtp else ("init" if (wanted or mtp_heads) else "none")
     if mtp_mode == "copy":
         if not hf_mtp:
-            raise ConvertError("--mtp copy: the HF checkpoint has no MTP heads (no mtp/ sidecar, "
-                               "num_nextn_predict_layers is 0)")
+            raise ConvertError(
+                "--mtp copy: the HF checkpoint has no MTP heads (no mtp/ sidecar, num_nextn_predict_layers is 0)"
+            )
         heads = hf_mtp
         if mtp_heads is not None and mtp_heads != hf_mtp:
             raise ConvertError(f"--mtp copy takes all {hf_mtp} heads of the file; --mtp-heads {mtp_heads} disagrees")
@@ -200,8 +212,9 @@ def build_config(hf: dict, *, config_path: Optional[str], tp: Optional[int], ep:
     base["parallel"] = par
     cfg = config_from_dict(base)
     if mapping.choose_arch(cfg).name != arch.name:  # e.g. a --config whose router differs
-        raise ConvertError(f"wrong architecture: the HF file is {arch.name} but --config maps to "
-                           f"{mapping.choose_arch(cfg).name}")
+        raise ConvertError(
+            f"wrong architecture: the HF file is {arch.name} but --config maps to {mapping.choose_arch(cfg).name}"
+        )
     return cfg, arch, heads
 
 
@@ -239,19 +252,31 @@ def _build(cfg: Config, vocab_rows: int, dtype: torch.dtype, init: bool):
     return model.to_empty(device="cpu")
 
 
-def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: Optional[int] = None,
-                    ep: Optional[int] = None, pp: Optional[int] = None, etp: Optional[int] = None,
-                    mtp: str = "auto", mtp_heads: Optional[int] = None, dtype: str = "auto",
-                    overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False) -> dict:
+def convert_from_hf(
+    hf_dir: str,
+    out: str,
+    *,
+    config: Optional[str] = None,
+    tp: Optional[int] = None,
+    ep: Optional[int] = None,
+    pp: Optional[int] = None,
+    etp: Optional[int] = None,
+    mtp: str = "auto",
+    mtp_heads: Optional[int] = None,
+    dtype: str = "auto",
+    overwrite: bool = False,
+    progress: bool = True,
+    allow_nonfinite: bool = False,
+) -> dict:
     """Convert HF directory `hf_dir` into checkpoint root `out` (created atomically). Returns a summary.
 
     Tensors with NaN/inf values are refused unless `allow_nonfinite`."""
     from safetensors import safe_open
     from tqdm import tqdm
 
+    from mtpd_megatron.checkpoint.weights import save_model_weights
     from mtpd_megatron.convert.to_hf import exported_vocab_size
     from mtpd_megatron.model.builder import padded_vocab_size
-    from mtpd_megatron.checkpoint.weights import save_model_weights
 
     hf_root = Path(hf_dir)
     hf, where, info = inspect_hf_dir(hf_root)
@@ -260,14 +285,16 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
     if clash:
         raise ConvertError(f"--hf {hf_root}: tensor {clash[0]} is both in the main files and in the MTP sidecar")
     where, info = {**where, **head_where}, {**info, **head_info}
-    cfg, arch, heads = build_config(hf, config_path=config, tp=tp, ep=ep, pp=pp, etp=etp, mtp_mode=mtp,
-                                    mtp_heads=mtp_heads, hf_mtp=hf_mtp)
+    cfg, arch, heads = build_config(
+        hf, config_path=config, tp=tp, ep=ep, pp=pp, etp=etp, mtp_mode=mtp, mtp_heads=mtp_heads, hf_mtp=hf_mtp
+    )
     d = mapping.dims(cfg)
     tp, pp = cfg.parallel.tensor_model_parallel_size, cfg.parallel.pipeline_model_parallel_size
     copy_mtp = heads > 0 and hf_mtp > 0 and mtp in ("auto", "copy")
     if copy_mtp and not any(head_index(k, d.num_layers) is not None for k in where):
-        raise ConvertError(f"--hf {hf_root} declares {hf_mtp} MTP heads but its files hold no "
-                           f"model.layers.{d.num_layers}.* tensors")
+        raise ConvertError(
+            f"--hf {hf_root} declares {hf_mtp} MTP heads but its files hold no model.layers.{d.num_layers}.* tensors"
+        )
 
     # vocabulary: HF rows V_hf, model vocabulary V (tokenizer / config), megatron pads V to P at the target TP
     emb = info.get("model.embed_tokens.weight")
@@ -275,13 +302,15 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
         raise ConvertError(f"--hf {hf_root}: no model.embed_tokens.weight (wrong architecture)")
     v_hf = emb[1][0]
     if hf.get("vocab_size") not in (None, v_hf):
-        raise ConvertError(f"vocab mismatch: config.json vocab_size {hf.get('vocab_size')} but the embedding has "
-                           f"{v_hf} rows")
+        raise ConvertError(
+            f"vocab mismatch: config.json vocab_size {hf.get('vocab_size')} but the embedding has {v_hf} rows"
+        )
     tok = _tokenizer(hf_root)
     vocab = cfg.model.vocab_size or (tok["vocab_size"] if tok else exported_vocab_size(hf_root) or v_hf)
     if tok and tok["vocab_size"] > vocab:
-        raise ConvertError(f"vocab mismatch: {tok['file']} has {tok['vocab_size']} tokens but model.vocab_size "
-                           f"is {vocab}")
+        raise ConvertError(
+            f"vocab mismatch: {tok['file']} has {tok['vocab_size']} tokens but model.vocab_size is {vocab}"
+        )
     padded = padded_vocab_size(vocab, cfg.model.make_vocab_size_divisible_by, tp)
     if vocab > v_hf:
         raise ConvertError(
@@ -289,8 +318,10 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
             f"(set model.vocab_size in --config to the tokenizer the model was trained with)"
         )
     if v_hf > padded and progress:
-        print(f"note: rows {padded}..{v_hf - 1} of the HF embedding/LM head are padding beyond the {vocab}-token "
-              f"vocabulary and are dropped (megatron pads to {padded} at TP{tp})")
+        print(
+            f"note: rows {padded}..{v_hf - 1} of the HF embedding/LM head are padding beyond the {vocab}-token "
+            f"vocabulary and are dropped (megatron pads to {padded} at TP{tp})"
+        )
     out_dtype = _hf_dtype(hf, info) if dtype == "auto" else DTYPES.get(dtype)
     if out_dtype is None:
         raise ConvertError(f"--dtype {dtype}: choose auto, bf16 or fp32")
@@ -312,19 +343,32 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
     with atomic_output_dir(out, overwrite) as tmp, megatron_world():
         if tok is not None:
             keep = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-            shutil.copytree(tok["file"].parent, tmp / "tokenizer",
-                            ignore=lambda _d, names: [n for n in names if n not in keep])
-            cfg = config_from_dict({**config_to_dict(cfg),
-                                    "data": {**config_to_dict(cfg)["data"],
-                                             "tokenizer": str(Path(out).absolute() / "tokenizer" / "tokenizer.json")}})
+            shutil.copytree(
+                tok["file"].parent, tmp / "tokenizer", ignore=lambda _d, names: [n for n in names if n not in keep]
+            )
+            cfg = config_from_dict(
+                {
+                    **config_to_dict(cfg),
+                    "data": {
+                        **config_to_dict(cfg)["data"],
+                        "tokenizer": str(Path(out).absolute() / "tokenizer" / "tokenizer.json"),
+                    },
+                }
+            )
         model = _build(cfg, padded, out_dtype, init=heads > 0 and not copy_mtp)
         live = {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
         planned = {r.megatron for g in groups for r in g.rules if r.megatron}
         if set(live) != planned:
             extra = sorted(set(live) ^ planned)
             raise ConvertError(f"converter and model disagree about parameter {extra[0]} (mapping.py is out of date)")
-        need = {(r.megatron, p) for g in groups for r in g.rules if r.megatron
-                for p in range(len(r.hf)) if copy_mtp or not r.megatron.startswith("mtp.")}
+        need = {
+            (r.megatron, p)
+            for g in groups
+            for r in g.rules
+            if r.megatron
+            for p in range(len(r.hf))
+            if copy_mtp or not r.megatron.startswith("mtp.")
+        }
         filled: set = set()
         files = sorted(set(where.values()))
 
@@ -340,7 +384,8 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
                         target = targets.get(name)
                         if target is None:
                             if head_index(name, d.num_layers) is not None and (
-                                    not copy_mtp or name.endswith(MTP_SHARED_COPIES)):
+                                not copy_mtp or name.endswith(MTP_SHARED_COPIES)
+                            ):
                                 continue
                             if name.endswith("rotary_emb.inv_freq"):
                                 continue
@@ -371,24 +416,45 @@ def convert_from_hf(hf_dir: str, out: str, *, config: Optional[str] = None, tp: 
             if missing:
                 rule_name, part = missing[0]
                 hf_name = next(r.hf[part] for g in groups for r in g.rules if r.megatron == rule_name)
-                raise ConvertError(f"the HF checkpoint lacks {hf_name} ({len(missing)} tensors missing): "
-                                   f"incomplete or wrong architecture")
+                raise ConvertError(
+                    f"the HF checkpoint lacks {hf_name} ({len(missing)} tensors missing): "
+                    f"incomplete or wrong architecture"
+                )
             for name in ("embedding.word_embeddings.weight", "output_layer.weight"):
                 if name in live:
-                    live[name][min(v_hf, padded):].zero_()  # megatron's padding rows the file does not fill
+                    live[name][min(v_hf, padded) :].zero_()  # megatron's padding rows the file does not fill
 
         meta = build_meta(
-            cfg, iteration=0, vocab_size=vocab, padded_vocab_size=padded, stage=STAGE,
-            layout={"world_size": None, "tp": tp, "pp": pp, "ep": cfg.parallel.expert_model_parallel_size,
-                    "etp": cfg.parallel.expert_tensor_parallel_size or tp, "cp": 1},
-            source={"hf": str(hf_root.absolute()), "architecture": arch.architecture,
-                    "mtp": "copied" if copy_mtp else ("initialised" if heads else "none")},
+            cfg,
+            iteration=0,
+            vocab_size=vocab,
+            padded_vocab_size=padded,
+            stage=STAGE,
+            layout={
+                "world_size": None,
+                "tp": tp,
+                "pp": pp,
+                "ep": cfg.parallel.expert_model_parallel_size,
+                "etp": cfg.parallel.expert_tensor_parallel_size or tp,
+                "cp": 1,
+            },
+            source={
+                "hf": str(hf_root.absolute()),
+                "architecture": arch.architecture,
+                "mtp": "copied" if copy_mtp else ("initialised" if heads else "none"),
+            },
         )
         save_model_weights(model, tmp, meta)
         del model, live
-    return {"out": str(Path(out).absolute()), "arch": arch.name, "mtp_heads": heads,
-            "mtp": meta["source"]["mtp"], "vocab_size": vocab, "padded_vocab_size": padded,
-            "dtype": str(out_dtype).replace("torch.", "")}
+    return {
+        "out": str(Path(out).absolute()),
+        "arch": arch.name,
+        "mtp_heads": heads,
+        "mtp": meta["source"]["mtp"],
+        "vocab_size": vocab,
+        "padded_vocab_size": padded,
+        "dtype": str(out_dtype).replace("torch.", ""),
+    }
 
 
 def _place(target, value: torch.Tensor, live: dict, filled: set, d: mapping.Dims, name: str) -> None:
@@ -408,33 +474,60 @@ def _place(target, value: torch.Tensor, live: dict, filled: set, d: mapping.Dims
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = cli_parser("convert_from_hf.py", "Convert a Hugging Face model directory into a torch_dist checkpoint "
-                   "(loadable at any TP/EP/PP).")
+    p = cli_parser(
+        "convert_from_hf.py",
+        "Convert a Hugging Face model directory into a torch_dist checkpoint (loadable at any TP/EP/PP).",
+    )
     p.add_argument("--hf", required=True, help="HF model directory (config.json + safetensors)")
     p.add_argument("--out", required=True, help="checkpoint root to create (iter_0000000 inside)")
-    p.add_argument("--config", default=None,
-                   help="training YAML to take everything but the weights from (checked against config.json)")
-    p.add_argument("--tp", type=int, default=None,
-                   help="target tensor-parallel size: fixes the vocabulary padding (default: --config's, else 1)")
+    p.add_argument(
+        "--config",
+        default=None,
+        help="training YAML to take everything but the weights from (checked against config.json)",
+    )
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="target tensor-parallel size: fixes the vocabulary padding (default: --config's, else 1)",
+    )
     p.add_argument("--ep", type=int, default=None, help="target expert-parallel size (default: --config's, else 1)")
     p.add_argument("--pp", type=int, default=None, help="target pipeline-parallel size (default: --config's, else 1)")
     p.add_argument("--etp", type=int, default=None, help="target expert-tensor-parallel size (default 1 for MoE)")
-    p.add_argument("--mtp", default="auto", choices=["auto", "copy", "init", "none"],
-                   help="MTP heads: copy from the file, fresh megatron init, or none (auto: copy if present)")
+    p.add_argument(
+        "--mtp",
+        default="auto",
+        choices=["auto", "copy", "init", "none"],
+        help="MTP heads: copy from the file, fresh megatron init, or none (auto: copy if present)",
+    )
     p.add_argument("--mtp-heads", type=int, default=None, help="number of heads for --mtp init")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="parameter dtype (auto = config.json's)")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "bf16", "fp32"], help="parameter dtype (auto = config.json's)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors with NaN/inf values too")
     args = p.parse_args(argv)
     for flag in ("tp", "ep", "pp", "etp"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise ConvertError(f"--{flag} must be >= 1")
-    s = convert_from_hf(args.hf, args.out, config=args.config, tp=args.tp, ep=args.ep, pp=args.pp, etp=args.etp,
-                        mtp=args.mtp, mtp_heads=args.mtp_heads, dtype=args.dtype, overwrite=args.overwrite,
-                        allow_nonfinite=args.allow_nonfinite)
-    print(f"wrote {s['out']}: {s['arch']} weights, {s['mtp_heads']} MTP head(s) {s['mtp']}, "
-          f"vocabulary {s['vocab_size']} padded to {s['padded_vocab_size']}, {s['dtype']}")
+    s = convert_from_hf(
+        args.hf,
+        args.out,
+        config=args.config,
+        tp=args.tp,
+        ep=args.ep,
+        pp=args.pp,
+        etp=args.etp,
+        mtp=args.mtp,
+        mtp_heads=args.mtp_heads,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
+    )
+    print(
+        f"wrote {s['out']}: {s['arch']} weights, {s['mtp_heads']} MTP head(s) {s['mtp']}, "
+        f"vocabulary {s['vocab_size']} padded to {s['padded_vocab_size']}, {s['dtype']}"
+    )
     return 0
 
 

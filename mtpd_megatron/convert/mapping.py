@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 
 from mtpd_megatron.config.schema import Config
 from mtpd_megatron.convert import ConvertError
-
 
 # ---------------------------------------------------------------------------------------------------------
 # Architectures
@@ -60,25 +59,38 @@ from mtpd_megatron.convert import ConvertError
 class HFArch:
     """One transformers class and the names its checkpoints use."""
 
-    name: str                        # our key, also the HF model_type
-    architecture: str                # config.json "architectures"
-    config_class: str                # transformers config class
+    name: str  # our key, also the HF model_type
+    architecture: str  # config.json "architectures"
+    config_class: str  # transformers config class
     moe: bool
-    moe_block: str = "mlp"           # module holding router and experts in the checkpoint
+    moe_block: str = "mlp"  # module holding router and experts in the checkpoint
     expert_proj: tuple = ("gate_proj", "up_proj", "down_proj")
-    router_fp32: bool = False        # the class keeps the router in fp32 (_keep_in_fp32_modules_strict)
-    expert_bias: bool = False        # has gate.e_score_correction_bias
-    shared_expert: bool = False      # has ungated mlp.shared_experts
+    router_fp32: bool = False  # the class keeps the router in fp32 (_keep_in_fp32_modules_strict)
+    expert_bias: bool = False  # has gate.e_score_correction_bias
+    shared_expert: bool = False  # has ungated mlp.shared_experts
 
 
 ARCHS = {
     "qwen3": HFArch("qwen3", "Qwen3ForCausalLM", "Qwen3Config", moe=False),
     "llama": HFArch("llama", "LlamaForCausalLM", "LlamaConfig", moe=False),
-    "glm4_moe": HFArch("glm4_moe", "Glm4MoeForCausalLM", "Glm4MoeConfig", moe=True, router_fp32=True,
-                       expert_bias=True, shared_expert=True),
+    "glm4_moe": HFArch(
+        "glm4_moe",
+        "Glm4MoeForCausalLM",
+        "Glm4MoeConfig",
+        moe=True,
+        router_fp32=True,
+        expert_bias=True,
+        shared_expert=True,
+    ),
     "qwen3_moe": HFArch("qwen3_moe", "Qwen3MoeForCausalLM", "Qwen3MoeConfig", moe=True),
-    "mixtral": HFArch("mixtral", "MixtralForCausalLM", "MixtralConfig", moe=True, moe_block="block_sparse_moe",
-                      expert_proj=("w1", "w3", "w2")),
+    "mixtral": HFArch(
+        "mixtral",
+        "MixtralForCausalLM",
+        "MixtralConfig",
+        moe=True,
+        moe_block="block_sparse_moe",
+        expert_proj=("w1", "w3", "w2"),
+    ),
 }
 
 
@@ -95,8 +107,8 @@ class Dims:
     experts: int
     topk: int
     moe_ffn: int
-    shared_ffn: int                  # 0 = no shared expert
-    pattern: tuple                   # 1 = MoE layer, per decoder layer
+    shared_ffn: int  # 0 = no shared expert
+    pattern: tuple  # 1 = MoE layer, per decoder layer
     qk_norm: bool
     tied: bool
     mtp: int
@@ -173,8 +185,9 @@ def choose_arch(cfg: Config) -> HFArch:
             raise ConvertError("model.moe.num_experts must be >= 2 for Glm4Moe's router")
         return ARCHS["glm4_moe"]
     if moe.score_function != "softmax":
-        raise ConvertError(f"model.moe.score_function={moe.score_function!r}: only softmax and sigmoid map to "
-                           f"transformers")
+        raise ConvertError(
+            f"model.moe.score_function={moe.score_function!r}: only softmax and sigmoid map to transformers"
+        )
     if moe.expert_bias:
         raise ConvertError("model.moe.expert_bias with a softmax router has no transformers class (use sigmoid)")
     if d.shared_ffn:
@@ -197,8 +210,9 @@ def choose_arch(cfg: Config) -> HFArch:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def hf_config_kwargs(cfg: Config, arch: HFArch, vocab_rows: int, *, dtype: torch.dtype,
-                     special_ids: Optional[dict] = None) -> dict:
+def hf_config_kwargs(
+    cfg: Config, arch: HFArch, vocab_rows: int, *, dtype: torch.dtype, special_ids: Optional[dict] = None
+) -> dict:
     """Keyword arguments for the transformers config class of `arch` (the main model; the MTP fields depend on
     where the export puts the heads: convert/mtp_heads.py `config_fields`)."""
     d = dims(cfg)
@@ -226,33 +240,58 @@ def hf_config_kwargs(cfg: Config, arch: HFArch, vocab_rows: int, *, dtype: torch
     kw.update(special_ids or {})
     L = d.num_layers
     if arch.name == "qwen3":
-        kw.update(use_sliding_window=False, sliding_window=None, max_window_layers=L,
-                  layer_types=["full_attention"] * L)
+        kw.update(
+            use_sliding_window=False, sliding_window=None, max_window_layers=L, layer_types=["full_attention"] * L
+        )
     elif arch.name == "llama":
         kw.update(mlp_bias=False, pretraining_tp=1)
     elif arch.name == "glm4_moe":
         kw.update(
-            moe_intermediate_size=d.moe_ffn, n_routed_experts=d.experts, num_experts_per_tok=d.topk,
-            n_shared_experts=d.shared_ffn // d.moe_ffn, first_k_dense_replace=d.pattern.index(1),
-            norm_topk_prob=d.topk > 1, routed_scaling_factor=1.0, n_group=1, topk_group=1,
+            moe_intermediate_size=d.moe_ffn,
+            n_routed_experts=d.experts,
+            num_experts_per_tok=d.topk,
+            n_shared_experts=d.shared_ffn // d.moe_ffn,
+            first_k_dense_replace=d.pattern.index(1),
+            norm_topk_prob=d.topk > 1,
+            routed_scaling_factor=1.0,
+            n_group=1,
+            topk_group=1,
             use_qk_norm=d.qk_norm,
         )
         kw["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, "partial_rotary_factor": 1.0}
     elif arch.name == "qwen3_moe":
         kw.update(
-            moe_intermediate_size=d.moe_ffn, num_experts=d.experts, num_experts_per_tok=d.topk,
-            decoder_sparse_step=1, mlp_only_layers=[i for i, x in enumerate(d.pattern) if not x],
-            norm_topk_prob=True, use_sliding_window=False, sliding_window=None, max_window_layers=L,
+            moe_intermediate_size=d.moe_ffn,
+            num_experts=d.experts,
+            num_experts_per_tok=d.topk,
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i, x in enumerate(d.pattern) if not x],
+            norm_topk_prob=True,
+            use_sliding_window=False,
+            sliding_window=None,
+            max_window_layers=L,
             layer_types=["full_attention"] * L,
         )
     elif arch.name == "mixtral":
-        kw.update(num_local_experts=d.experts, num_experts_per_tok=d.topk, router_jitter_noise=0.0,
-                  sliding_window=None, intermediate_size=d.moe_ffn)  # Mixtral's intermediate_size is the expert's
+        kw.update(
+            num_local_experts=d.experts,
+            num_experts_per_tok=d.topk,
+            router_jitter_noise=0.0,
+            sliding_window=None,
+            intermediate_size=d.moe_ffn,
+        )  # Mixtral's intermediate_size is the expert's
     return kw
 
 
-def hf_config_json(cfg: Config, arch: HFArch, vocab_rows: int, *, dtype: torch.dtype,
-                   special_ids: Optional[dict] = None, extra: Optional[dict] = None) -> dict:
+def hf_config_json(
+    cfg: Config,
+    arch: HFArch,
+    vocab_rows: int,
+    *,
+    dtype: torch.dtype,
+    special_ids: Optional[dict] = None,
+    extra: Optional[dict] = None,
+) -> dict:
     """config.json contents, built through the transformers class so the installed version validates it.
 
     Two legacy keys are added for older readers: top-level `rope_theta` and, for GLM, `partial_rotary_factor`
@@ -323,11 +362,16 @@ def model_fields_from_hf(hf: dict) -> tuple[HFArch, dict, int]:
     groups = hf.get("num_key_value_heads") or heads
     L = hf["num_hidden_layers"]
     model = dict(
-        num_layers=L, hidden_size=hidden, ffn_hidden_size=hf["intermediate_size"], num_attention_heads=heads,
+        num_layers=L,
+        hidden_size=hidden,
+        ffn_hidden_size=hf["intermediate_size"],
+        num_attention_heads=heads,
         num_query_groups=None if groups == heads else groups,
         kv_channels=None if head_dim == hidden // heads else head_dim,
-        max_position_embeddings=hf.get("max_position_embeddings", 4096), rotary_base=float(int(theta)),
-        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        rotary_base=float(int(theta)),
+        norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_method_std=float(hf.get("initializer_range", 0.02)),
         qk_layernorm=mt in ("qwen3", "qwen3_moe") or (mt == "glm4_moe" and bool(hf.get("use_qk_norm", False))),
     )
@@ -335,38 +379,56 @@ def model_fields_from_hf(hf: dict) -> tuple[HFArch, dict, int]:
         partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5))
         need("partial_rotary_factor", float(partial) == 1.0, "RoPE on the full head dimension only")
         topk = hf["num_experts_per_tok"]
-        need("n_group", hf.get("n_group", 1) == 1 or hf.get("topk_group") == hf.get("n_group"),
-             "no group-limited routing")
+        need(
+            "n_group",
+            hf.get("n_group", 1) == 1 or hf.get("topk_group") == hf.get("n_group"),
+            "no group-limited routing",
+        )
         need("routed_scaling_factor", float(hf.get("routed_scaling_factor", 1.0)) == 1.0, "routed scale 1.0 only")
-        need("norm_topk_prob", bool(hf.get("norm_topk_prob", True)) == (topk > 1),
-             "megatron's sigmoid router normalises the top-k weights exactly when k > 1")
+        need(
+            "norm_topk_prob",
+            bool(hf.get("norm_topk_prob", True)) == (topk > 1),
+            "megatron's sigmoid router normalises the top-k weights exactly when k > 1",
+        )
         k = hf.get("first_k_dense_replace", 1)
         need("first_k_dense_replace", k < L, "at least one MoE layer")
         n_shared = hf.get("n_shared_experts", 1) or 0
         model["moe"] = dict(
-            num_experts=_first(hf, "n_routed_experts", "num_local_experts"), router_topk=topk,
+            num_experts=_first(hf, "n_routed_experts", "num_local_experts"),
+            router_topk=topk,
             ffn_hidden_size=hf["moe_intermediate_size"],
             shared_expert_hidden_size=n_shared * hf["moe_intermediate_size"] or None,
-            layer_freq=[0] * k + [1] * (L - k) if k else 1, score_function="sigmoid", expert_bias=True,
+            layer_freq=[0] * k + [1] * (L - k) if k else 1,
+            score_function="sigmoid",
+            expert_bias=True,
         )
     elif mt == "qwen3_moe":
-        need("norm_topk_prob", bool(hf.get("norm_topk_prob", False)),
-             "megatron's softmax router renormalises the top-k")
+        need(
+            "norm_topk_prob", bool(hf.get("norm_topk_prob", False)), "megatron's softmax router renormalises the top-k"
+        )
         step = hf.get("decoder_sparse_step", 1)
         dense = set(hf.get("mlp_only_layers") or [])
         pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(L)]
         need("mlp_only_layers", any(pattern), "at least one MoE layer")
         model["moe"] = dict(
-            num_experts=_first(hf, "num_experts", "num_local_experts"), router_topk=hf["num_experts_per_tok"],
-            ffn_hidden_size=hf["moe_intermediate_size"], shared_expert_hidden_size=None,
-            layer_freq=1 if all(pattern) else pattern, score_function="softmax", expert_bias=False,
+            num_experts=_first(hf, "num_experts", "num_local_experts"),
+            router_topk=hf["num_experts_per_tok"],
+            ffn_hidden_size=hf["moe_intermediate_size"],
+            shared_expert_hidden_size=None,
+            layer_freq=1 if all(pattern) else pattern,
+            score_function="softmax",
+            expert_bias=False,
         )
     elif mt == "mixtral":
         need("router_jitter_noise", not hf.get("router_jitter_noise", 0.0), "no router jitter")
         model["moe"] = dict(
-            num_experts=_first(hf, "num_local_experts", "num_experts"), router_topk=hf["num_experts_per_tok"],
-            ffn_hidden_size=hf["intermediate_size"], shared_expert_hidden_size=None, layer_freq=1,
-            score_function="softmax", expert_bias=False,
+            num_experts=_first(hf, "num_local_experts", "num_experts"),
+            router_topk=hf["num_experts_per_tok"],
+            ffn_hidden_size=hf["intermediate_size"],
+            shared_expert_hidden_size=None,
+            layer_freq=1,
+            score_function="softmax",
+            expert_bias=False,
         )
     mtp = int(hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0)
     return arch, model, mtp
@@ -401,8 +463,8 @@ class Rule:
     megatron: Optional[str]
     hf: tuple
     op: str = "copy"
-    fp32: bool = False               # stored in fp32 on the HF side whatever the export dtype
-    shape: tuple = ()                # for op == zeros
+    fp32: bool = False  # stored in fp32 on the HF side whatever the export dtype
+    shape: tuple = ()  # for op == zeros
 
 
 @dataclass(frozen=True)
@@ -411,19 +473,24 @@ class Group:
 
     name: str
     rules: tuple
-    head: Optional[int] = None       # 0-based MTP head (None: the main model's tensors)
+    head: Optional[int] = None  # 0-based MTP head (None: the main model's tensors)
 
 
 def _layer_rules(arch: HFArch, d: Dims, moe_layer: bool, has_expert_bias: bool, meg: str, hf: str) -> list:
     r = [
         Rule(f"{meg}input_layernorm.weight", (f"{hf}input_layernorm.weight",)),
-        Rule(f"{meg}self_attention.linear_qkv.weight",
-             (f"{hf}self_attn.q_proj.weight", f"{hf}self_attn.k_proj.weight", f"{hf}self_attn.v_proj.weight"), "qkv"),
+        Rule(
+            f"{meg}self_attention.linear_qkv.weight",
+            (f"{hf}self_attn.q_proj.weight", f"{hf}self_attn.k_proj.weight", f"{hf}self_attn.v_proj.weight"),
+            "qkv",
+        ),
         Rule(f"{meg}self_attention.linear_proj.weight", (f"{hf}self_attn.o_proj.weight",)),
     ]
     if d.qk_norm:
-        r += [Rule(f"{meg}self_attention.q_layernorm.weight", (f"{hf}self_attn.q_norm.weight",)),
-              Rule(f"{meg}self_attention.k_layernorm.weight", (f"{hf}self_attn.k_norm.weight",))]
+        r += [
+            Rule(f"{meg}self_attention.q_layernorm.weight", (f"{hf}self_attn.q_norm.weight",)),
+            Rule(f"{meg}self_attention.k_layernorm.weight", (f"{hf}self_attn.k_norm.weight",)),
+        ]
     r.append(Rule(f"{meg}pre_mlp_layernorm.weight", (f"{hf}post_attention_layernorm.weight",)))
     if not moe_layer:
         return r + [
@@ -435,21 +502,30 @@ def _layer_rules(arch: HFArch, d: Dims, moe_layer: bool, has_expert_bias: bool, 
     r.append(Rule(f"{meg}mlp.router.weight", (f"{b}gate.weight",), fp32=arch.router_fp32))
     if arch.expert_bias:
         bias = f"{b}gate.e_score_correction_bias"
-        r.append(Rule(f"{meg}mlp.router.expert_bias", (bias,), fp32=True) if has_expert_bias
-                 else Rule(None, (bias,), "zeros", fp32=True, shape=(d.experts,)))
+        r.append(
+            Rule(f"{meg}mlp.router.expert_bias", (bias,), fp32=True)
+            if has_expert_bias
+            else Rule(None, (bias,), "zeros", fp32=True, shape=(d.experts,))
+        )
     for e in range(d.experts):
         me, he = f"{meg}mlp.experts.local_experts.{e}.", f"{b}experts.{e}."
-        r += [Rule(f"{me}linear_fc1.weight", (f"{he}{gate}.weight", f"{he}{up}.weight"), "glu"),
-              Rule(f"{me}linear_fc2.weight", (f"{he}{down}.weight",))]
+        r += [
+            Rule(f"{me}linear_fc1.weight", (f"{he}{gate}.weight", f"{he}{up}.weight"), "glu"),
+            Rule(f"{me}linear_fc2.weight", (f"{he}{down}.weight",)),
+        ]
     if arch.shared_expert:
         ms, hs = f"{meg}mlp.shared_experts.", f"{hf}mlp.shared_experts."
         if d.shared_ffn:
-            r += [Rule(f"{ms}linear_fc1.weight", (f"{hs}gate_proj.weight", f"{hs}up_proj.weight"), "glu"),
-                  Rule(f"{ms}linear_fc2.weight", (f"{hs}down_proj.weight",))]
+            r += [
+                Rule(f"{ms}linear_fc1.weight", (f"{hs}gate_proj.weight", f"{hs}up_proj.weight"), "glu"),
+                Rule(f"{ms}linear_fc2.weight", (f"{hs}down_proj.weight",)),
+            ]
         else:  # Glm4Moe always builds the shared expert; zero width computes exactly zero
-            r += [Rule(None, (f"{hs}gate_proj.weight",), "zeros", shape=(0, d.hidden)),
-                  Rule(None, (f"{hs}up_proj.weight",), "zeros", shape=(0, d.hidden)),
-                  Rule(None, (f"{hs}down_proj.weight",), "zeros", shape=(d.hidden, 0))]
+            r += [
+                Rule(None, (f"{hs}gate_proj.weight",), "zeros", shape=(0, d.hidden)),
+                Rule(None, (f"{hs}up_proj.weight",), "zeros", shape=(0, d.hidden)),
+                Rule(None, (f"{hs}down_proj.weight",), "zeros", shape=(d.hidden, 0)),
+            ]
     return r
 
 
@@ -460,17 +536,23 @@ def plan(cfg: Config, arch: HFArch, num_mtp: Optional[int] = None) -> list:
     bias = bool(cfg.model.moe.expert_bias) if d.experts else False
     groups = [Group("embedding", (Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),))]
     for i in range(d.num_layers):
-        groups.append(Group(f"layer {i}", tuple(_layer_rules(
-            arch, d, bool(d.pattern[i]), bias, f"decoder.layers.{i}.", f"model.layers.{i}."))))
+        groups.append(
+            Group(
+                f"layer {i}",
+                tuple(_layer_rules(arch, d, bool(d.pattern[i]), bias, f"decoder.layers.{i}.", f"model.layers.{i}.")),
+            )
+        )
     head = [Rule("decoder.final_layernorm.weight", ("model.norm.weight",))]
     if not d.tied:
         head.append(Rule("output_layer.weight", ("lm_head.weight",)))
     groups.append(Group("head", tuple(head)))
     for k in range(D):
         meg, hf = f"mtp.layers.{k}.", f"model.layers.{d.num_layers + k}."
-        rules = [Rule(f"{meg}enorm.weight", (f"{hf}enorm.weight",)),
-                 Rule(f"{meg}hnorm.weight", (f"{hf}hnorm.weight",)),
-                 Rule(f"{meg}eh_proj.weight", (f"{hf}eh_proj.weight",))]
+        rules = [
+            Rule(f"{meg}enorm.weight", (f"{hf}enorm.weight",)),
+            Rule(f"{meg}hnorm.weight", (f"{hf}hnorm.weight",)),
+            Rule(f"{meg}eh_proj.weight", (f"{hf}eh_proj.weight",)),
+        ]
         rules += _layer_rules(arch, d, d.mtp_layer_moe, bias, f"{meg}mtp_model_layer.", hf)
         rules.append(Rule(f"{meg}final_layernorm.weight", (f"{hf}shared_head.norm.weight",)))
         groups.append(Group(f"mtp head {k + 1}", tuple(rules), head=k))
@@ -546,7 +628,22 @@ def fused_expert_names(arch: HFArch, d: Dims, hf_prefix: str) -> dict:
 
 
 __all__ = [
-    "ARCHS", "Dims", "Group", "HFArch", "Rule", "choose_arch", "dims", "effective", "fill_slot",
-    "fused_expert_names", "hf_config_json", "hf_config_kwargs", "hf_shape_for_slot",
-    "megatron_slot", "model_fields_from_hf", "moe_pattern", "plan", "to_hf_tensors",
+    "ARCHS",
+    "Dims",
+    "Group",
+    "HFArch",
+    "Rule",
+    "choose_arch",
+    "dims",
+    "effective",
+    "fill_slot",
+    "fused_expert_names",
+    "hf_config_json",
+    "hf_config_kwargs",
+    "hf_shape_for_slot",
+    "megatron_slot",
+    "model_fields_from_hf",
+    "moe_pattern",
+    "plan",
+    "to_hf_tensors",
 ]

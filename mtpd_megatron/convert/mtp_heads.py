@@ -43,10 +43,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from mtpd_megatron.convert import ConvertError, atomic_output_dir
-from mtpd_megatron.convert import mapping
+from mtpd_megatron.convert import ConvertError, atomic_output_dir, mapping
 from mtpd_megatron.inference import hf_mtp
-from mtpd_megatron.inference.hf_mtp import FORMAT, LAYOUT, MANIFEST, SIDECAR_DIR, head_index
+from mtpd_megatron.inference.hf_mtp import FORMAT, LAYOUT, MANIFEST, SIDECAR_DIR
 
 LAYOUTS = ("auto", "sidecar", "inline", "none")
 GENERATE_FILE = Path("custom_generate") / "generate.py"
@@ -111,16 +110,33 @@ def vocab_fingerprint(tokenizer_json: Optional[Path]) -> Optional[str]:
     return hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
 
 
-def manifest(arch: mapping.HFArch, *, num_heads: int, num_layers: int, hidden: int, vocab_rows: int,
-             vocab_size: Optional[int], dtype: torch.dtype, vocab_sha256: Optional[str]) -> dict:
+def manifest(
+    arch: mapping.HFArch,
+    *,
+    num_heads: int,
+    num_layers: int,
+    hidden: int,
+    vocab_rows: int,
+    vocab_size: Optional[int],
+    dtype: torch.dtype,
+    vocab_sha256: Optional[str],
+) -> dict:
     """mtp/mtp_heads.json: everything needed to use or re-attach the heads without the rest of the export."""
     return {
-        "format": FORMAT, "num_heads": num_heads, "num_hidden_layers": num_layers, "architecture": arch.architecture,
-        "model_type": arch.name, "hidden_size": hidden, "vocab_size": vocab_rows, "unpadded_vocab_size": vocab_size,
-        "tokenizer_vocab_sha256": vocab_sha256, "dtype": str(dtype).replace("torch.", ""), "layout": LAYOUT,
+        "format": FORMAT,
+        "num_heads": num_heads,
+        "num_hidden_layers": num_layers,
+        "architecture": arch.architecture,
+        "model_type": arch.name,
+        "hidden_size": hidden,
+        "vocab_size": vocab_rows,
+        "unpadded_vocab_size": vocab_size,
+        "tokenizer_vocab_sha256": vocab_sha256,
+        "dtype": str(dtype).replace("torch.", ""),
+        "layout": LAYOUT,
         "transformers_config": {"num_mtp_layers": num_heads},
         "use": "transformers: model.generate(ids, custom_generate=EXPORT, trust_remote_code=True) drafts with every "
-               "head (custom_generate/generate.py); see docs/serving.md",
+        "head (custom_generate/generate.py); see docs/serving.md",
     }
 
 
@@ -150,8 +166,10 @@ def _export_heads(src: Path) -> dict:
     except hf_mtp.MTPHeadsError as e:
         raise ConvertError(f"--heads {e}") from None
     if not heads["num_heads"]:
-        raise ConvertError(f"--heads {src}: it has no MTP heads (no {SIDECAR_DIR}/{MANIFEST}, config.json declares "
-                           f"none); pass the training checkpoint instead")
+        raise ConvertError(
+            f"--heads {src}: it has no MTP heads (no {SIDECAR_DIR}/{MANIFEST}, config.json declares "
+            f"none); pass the training checkpoint instead"
+        )
     conf = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
     man = heads["manifest"] or {}
     tensors = {}
@@ -163,11 +181,17 @@ def _export_heads(src: Path) -> dict:
     model_type = man.get("model_type") or conf.get("model_type")
     if model_type not in mapping.ARCHS:
         raise ConvertError(f"--heads {src}: model_type {model_type!r} is not one of {', '.join(mapping.ARCHS)}")
-    return {"tensors": tensors, "num_heads": heads["num_heads"], "num_layers": heads["num_hidden_layers"],
-            "vocab_rows": man.get("vocab_size") or conf.get("vocab_size"),
-            "vocab_size": man.get("unpadded_vocab_size"), "arch": mapping.ARCHS[model_type],
-            "manifest": heads["manifest"], "dtype": man.get("dtype"),
-            "vocab_sha256": man.get("tokenizer_vocab_sha256") or vocab_fingerprint(src / "tokenizer.json")}
+    return {
+        "tensors": tensors,
+        "num_heads": heads["num_heads"],
+        "num_layers": heads["num_hidden_layers"],
+        "vocab_rows": man.get("vocab_size") or conf.get("vocab_size"),
+        "vocab_size": man.get("unpadded_vocab_size"),
+        "arch": mapping.ARCHS[model_type],
+        "manifest": heads["manifest"],
+        "dtype": man.get("dtype"),
+        "vocab_sha256": man.get("tokenizer_vocab_sha256") or vocab_fingerprint(src / "tokenizer.json"),
+    }
 
 
 def _checkpoint_heads(ckpt: Path, iteration: Optional[int]) -> dict:
@@ -187,7 +211,11 @@ def read_source(heads: str, iteration: Optional[int] = None) -> dict:
         return _export_heads(src)
     from mtpd_megatron.checkpoint import layout
 
-    if layout.iteration_of(src) is not None or (src / layout.TRACKER_FILE).is_file() or layout.complete_checkpoints(src):
+    if (
+        layout.iteration_of(src) is not None
+        or (src / layout.TRACKER_FILE).is_file()
+        or layout.complete_checkpoints(src)
+    ):
         return _checkpoint_heads(src, iteration)
     raise ConvertError(f"--heads {src}: neither a Hugging Face export (config.json) nor a checkpoint (iter_XXXXXXX)")
 
@@ -197,38 +225,54 @@ def check_fit(source: dict, target: Path, conf: dict, info: dict) -> None:
     shapes `info` from its safetensors headers)."""
     arch = source["arch"]
     if conf.get("model_type") != arch.name:
-        raise ConvertError(f"--model {target}: a {conf.get('model_type')} model, the heads belong to a {arch.name} "
-                           f"({arch.architecture}); pass the model they were trained with")
+        raise ConvertError(
+            f"--model {target}: a {conf.get('model_type')} model, the heads belong to a {arch.name} "
+            f"({arch.architecture}); pass the model they were trained with"
+        )
     L = conf.get("num_hidden_layers")
     if L != source["num_layers"]:
-        raise ConvertError(f"--model {target}: {L} decoder layers, the heads follow a {source['num_layers']}-layer "
-                           f"model (their input is that model's last hidden state)")
+        raise ConvertError(
+            f"--model {target}: {L} decoder layers, the heads follow a {source['num_layers']}-layer "
+            f"model (their input is that model's last hidden state)"
+        )
     emb = info.get("model.embed_tokens.weight")
     rows = emb[1][0] if emb else conf.get("vocab_size")
     hidden = conf.get("hidden_size")
     if rows != source["vocab_rows"] or conf.get("vocab_size") != rows:
-        raise ConvertError(f"vocab mismatch: --model {target} has {rows} embedding rows (config.json vocab_size "
-                           f"{conf.get('vocab_size')}), the heads were trained with {source['vocab_rows']} (a resized "
-                           f"vocabulary changes what the shared LM head means to them)")
+        raise ConvertError(
+            f"vocab mismatch: --model {target} has {rows} embedding rows (config.json vocab_size "
+            f"{conf.get('vocab_size')}), the heads were trained with {source['vocab_rows']} (a resized "
+            f"vocabulary changes what the shared LM head means to them)"
+        )
     ours = vocab_fingerprint(target / "tokenizer.json")
     if ours and source.get("vocab_sha256") and ours != source["vocab_sha256"]:
-        raise ConvertError(f"vocab mismatch: {target / 'tokenizer.json'} maps tokens to ids differently from the "
-                           f"tokenizer the heads were trained with (pass the model fine-tuned from that export)")
+        raise ConvertError(
+            f"vocab mismatch: {target / 'tokenizer.json'} maps tokens to ids differently from the "
+            f"tokenizer the heads were trained with (pass the model fine-tuned from that export)"
+        )
     last = f"model.layers.{L - 1}."
-    layer = {n[len(last):]: shape for n, (_, shape) in info.items() if n.startswith(last)}
-    own = {"enorm.weight": (hidden,), "hnorm.weight": (hidden,), "eh_proj.weight": (hidden, 2 * hidden),
-           "shared_head.norm.weight": (hidden,)}
+    layer = {n[len(last) :]: shape for n, (_, shape) in info.items() if n.startswith(last)}
+    own = {
+        "enorm.weight": (hidden,),
+        "hnorm.weight": (hidden,),
+        "eh_proj.weight": (hidden, 2 * hidden),
+        "shared_head.norm.weight": (hidden,),
+    }
     for k in range(source["num_heads"]):
         prefix = f"model.layers.{L + k}."
-        have = {n[len(prefix):]: tuple(t.shape) for n, t in source["tensors"].items() if n.startswith(prefix)}
+        have = {n[len(prefix) :]: tuple(t.shape) for n, t in source["tensors"].items() if n.startswith(prefix)}
         expected = {**layer, **own}
         for suffix, shape in sorted(have.items()):
             if suffix not in expected:
-                raise ConvertError(f"head {k + 1} tensor {prefix}{suffix} has no counterpart in --model {target}'s "
-                                   f"last decoder layer (a different layer structure)")
+                raise ConvertError(
+                    f"head {k + 1} tensor {prefix}{suffix} has no counterpart in --model {target}'s "
+                    f"last decoder layer (a different layer structure)"
+                )
             if tuple(expected[suffix]) != shape:
-                raise ConvertError(f"head {k + 1} tensor {prefix}{suffix} has shape {shape}, --model {target} needs "
-                                   f"{tuple(expected[suffix])} (a different model shape)")
+                raise ConvertError(
+                    f"head {k + 1} tensor {prefix}{suffix} has shape {shape}, --model {target} needs "
+                    f"{tuple(expected[suffix])} (a different model shape)"
+                )
         lacking = sorted(set(expected) - set(have))
         if lacking:
             raise ConvertError(f"--heads: head {k + 1} lacks {prefix}{lacking[0]} ({len(lacking)} tensors missing)")
@@ -251,9 +295,16 @@ def _write_sidecar(directory: Path, source: dict, target_conf: dict, target: Pat
     if man is None:
         arch = source["arch"]
         first = next(iter(source["tensors"].values()))
-        man = manifest(arch, num_heads=source["num_heads"], num_layers=source["num_layers"],
-                       hidden=target_conf["hidden_size"], vocab_rows=source["vocab_rows"],
-                       vocab_size=source.get("vocab_size"), dtype=first.dtype, vocab_sha256=source.get("vocab_sha256"))
+        man = manifest(
+            arch,
+            num_heads=source["num_heads"],
+            num_layers=source["num_layers"],
+            hidden=target_conf["hidden_size"],
+            vocab_rows=source["vocab_rows"],
+            vocab_size=source.get("vocab_size"),
+            dtype=first.dtype,
+            vocab_sha256=source.get("vocab_sha256"),
+        )
     write_manifest(directory, man)
 
 
@@ -294,8 +345,15 @@ def _inline_into(out: Path, source: dict, conf: dict) -> None:
     (out / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True))
 
 
-def attach_heads(model_dir: str, heads: str, out: Optional[str] = None, *, mtp: str = "auto",
-                 iteration: Optional[int] = None, overwrite: bool = False) -> dict:
+def attach_heads(
+    model_dir: str,
+    heads: str,
+    out: Optional[str] = None,
+    *,
+    mtp: str = "auto",
+    iteration: Optional[int] = None,
+    overwrite: bool = False,
+) -> dict:
     """Attach the MTP heads of `heads` (an export or a checkpoint) to HF model `model_dir`: in place as a sidecar
     (`mtp/` appears whole or not at all), or into a new directory `out` (any layout). Returns a summary."""
     from mtpd_megatron.convert.from_hf import inspect_hf_dir
@@ -307,11 +365,15 @@ def attach_heads(model_dir: str, heads: str, out: Optional[str] = None, *, mtp: 
         raise ConvertError(str(e).replace("--hf ", "--model ")) from None
     existing = hf_mtp.locate_heads(target)
     if existing["layout"] == "inline":
-        raise ConvertError(f"--model {target} already holds {existing['num_heads']} inline MTP heads in its weight "
-                           f"files (re-export it with --mtp sidecar, or pass a model saved by save_pretrained)")
+        raise ConvertError(
+            f"--model {target} already holds {existing['num_heads']} inline MTP heads in its weight "
+            f"files (re-export it with --mtp sidecar, or pass a model saved by save_pretrained)"
+        )
     if existing["layout"] == "sidecar" and not overwrite and out is None:
-        raise ConvertError(f"--model {target} already has {existing['num_heads']} MTP heads in {target / SIDECAR_DIR} "
-                           f"(pass --overwrite to replace them)")
+        raise ConvertError(
+            f"--model {target} already has {existing['num_heads']} MTP heads in {target / SIDECAR_DIR} "
+            f"(pass --overwrite to replace them)"
+        )
     source = read_source(heads, iteration)
     check_fit(source, target, conf, info)
     layout = choose_layout(source["arch"], source["num_layers"], source["num_heads"], mtp)
@@ -319,8 +381,10 @@ def attach_heads(model_dir: str, heads: str, out: Optional[str] = None, *, mtp: 
         raise ConvertError("--mtp none attaches nothing (choose auto, sidecar or inline)")
     if out is None:
         if layout == "inline":
-            raise ConvertError("--mtp inline rewrites config.json and the weight index, which cannot be done "
-                               "atomically in place: pass --out NEW_DIR")
+            raise ConvertError(
+                "--mtp inline rewrites config.json and the weight index, which cannot be done "
+                "atomically in place: pass --out NEW_DIR"
+            )
         from mtpd_megatron.checkpoint.atomic import atomic_dir, write_atomic
 
         new_hook = not (target / GENERATE_FILE).exists()
@@ -342,29 +406,48 @@ def attach_heads(model_dir: str, heads: str, out: Optional[str] = None, *, mtp: 
                 _inline_into(tmp, source, conf)
             ship_generate(tmp)
         where = Path(out).absolute()
-    return {"out": str(where.absolute()), "layout": layout, "num_heads": source["num_heads"],
-            "tensors": len(source["tensors"]), "source": str(Path(heads).absolute())}
+    return {
+        "out": str(where.absolute()),
+        "layout": layout,
+        "num_heads": source["num_heads"],
+        "tensors": len(source["tensors"]),
+        "source": str(Path(heads).absolute()),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from mtpd_megatron.cli import cli_parser
 
-    p = cli_parser("attach_mtp_heads.py", "Re-attach MTP heads (from a checkpoint or an export) to a Hugging Face "
-                   "model, e.g. after a fine-tune through transformers dropped them.")
+    p = cli_parser(
+        "attach_mtp_heads.py",
+        "Re-attach MTP heads (from a checkpoint or an export) to a Hugging Face "
+        "model, e.g. after a fine-tune through transformers dropped them.",
+    )
     p.add_argument("--model", required=True, help="the HF model directory to give heads (e.g. a fine-tune's output)")
-    p.add_argument("--heads", required=True,
-                   help="where the heads come from: an export of ours (sidecar or inline) or a torch_dist checkpoint")
-    p.add_argument("--out", default=None,
-                   help="write a copy of --model with the heads here (without it: add mtp/ to --model in place)")
-    p.add_argument("--mtp", default="auto", choices=[x for x in LAYOUTS if x != "none"],
-                   help="layout of the attached heads (auto: as convert_to_hf.py would choose; inline needs --out)")
+    p.add_argument(
+        "--heads",
+        required=True,
+        help="where the heads come from: an export of ours (sidecar or inline) or a torch_dist checkpoint",
+    )
+    p.add_argument(
+        "--out",
+        default=None,
+        help="write a copy of --model with the heads here (without it: add mtp/ to --model in place)",
+    )
+    p.add_argument(
+        "--mtp",
+        default="auto",
+        choices=[x for x in LAYOUTS if x != "none"],
+        help="layout of the attached heads (auto: as convert_to_hf.py would choose; inline needs --out)",
+    )
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration for a checkpoint --heads")
     p.add_argument("--overwrite", action="store_true", help="replace existing sidecar heads / an existing --out")
     args = p.parse_args(argv)
-    s = attach_heads(args.model, args.heads, args.out, mtp=args.mtp, iteration=args.iteration,
-                     overwrite=args.overwrite)
-    print(f"attached {s['num_heads']} MTP head(s) ({s['tensors']} tensors, {s['layout']}) from {s['source']} "
-          f"to {s['out']}")
+    s = attach_heads(args.model, args.heads, args.out, mtp=args.mtp, iteration=args.iteration, overwrite=args.overwrite)
+    print(
+        f"attached {s['num_heads']} MTP head(s) ({s['tensors']} tensors, {s['layout']}) from {s['source']} "
+        f"to {s['out']}"
+    )
     return 0
 
 
@@ -374,5 +457,16 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     return run_cli("attach_mtp_heads.py", main, argv)
 
 
-__all__ = ["LAYOUTS", "attach_heads", "check_fit", "choose_layout", "config_fields", "manifest", "read_source",
-           "ship_generate", "stock_declares_heads", "vocab_fingerprint", "write_manifest"]
+__all__ = [
+    "LAYOUTS",
+    "attach_heads",
+    "check_fit",
+    "choose_layout",
+    "config_fields",
+    "manifest",
+    "read_source",
+    "ship_generate",
+    "stock_declares_heads",
+    "vocab_fingerprint",
+    "write_manifest",
+]

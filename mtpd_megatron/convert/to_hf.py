@@ -26,8 +26,15 @@ import torch
 
 from mtpd_megatron.config.load import ConfigError, config_from_dict
 from mtpd_megatron.config.schema import Config
-from mtpd_megatron.convert import ConvertError, atomic_output_dir, check_finite, cli_parser, megatron_world
-from mtpd_megatron.convert import mapping, mtp_heads
+from mtpd_megatron.convert import (
+    ConvertError,
+    atomic_output_dir,
+    check_finite,
+    cli_parser,
+    mapping,
+    megatron_world,
+    mtp_heads,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_MAX_SHARD = 5 * 1024**3
@@ -46,8 +53,9 @@ def resolve_checkpoint(path: str | os.PathLike, iteration: Optional[int] = None)
 
     root = Path(path)
     if not root.is_dir():
-        raise ConvertError(f"--ckpt {root}: no such directory (pass a checkpoint.save directory or an "
-                           f"iter_XXXXXXX in it)")
+        raise ConvertError(
+            f"--ckpt {root}: no such directory (pass a checkpoint.save directory or an iter_XXXXXXX in it)"
+        )
     if iteration is not None:
         ckpt = root / layout.iter_dir_name(iteration) if layout.iteration_of(root) is None else root
         if layout.iteration_of(ckpt) != iteration:
@@ -90,9 +98,16 @@ def read_checkpoint_meta(ckpt: Path) -> tuple[Config, dict]:
 def _single_process(cfg: Config) -> Config:
     """The same model at TP=EP=PP=1 (what this process builds)."""
     return config_from_dict(
-        {**_asdict(cfg), "parallel": {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1,
-                                      "expert_model_parallel_size": 1, "expert_tensor_parallel_size": None,
-                                      "sequence_parallel": False}}
+        {
+            **_asdict(cfg),
+            "parallel": {
+                "tensor_model_parallel_size": 1,
+                "pipeline_model_parallel_size": 1,
+                "expert_model_parallel_size": 1,
+                "expert_tensor_parallel_size": None,
+                "sequence_parallel": False,
+            },
+        }
     )
 
 
@@ -134,8 +149,12 @@ def _sharded_metadata_candidates() -> list:
         cands.append(sharded_metadata())
     except ImportError:
         pass
-    return cands + [None, {"singleton_local_shards": True}, {"non_homogeneous_layers": True},
-                    {"non_homogeneous_layers": True, "singleton_local_shards": True}]
+    return cands + [
+        None,
+        {"singleton_local_shards": True},
+        {"non_homogeneous_layers": True},
+        {"non_homogeneous_layers": True, "singleton_local_shards": True},
+    ]
 
 
 class CheckpointReader:
@@ -314,14 +333,25 @@ def tokenizer_info(path: Optional[str]) -> Optional[dict]:
     def special(key, default):
         value = conf.get(key) or default
         value = value.get("content") if isinstance(value, dict) else value
-        return (value, tok.token_to_id(value)) if isinstance(value, str) and tok.token_to_id(value) is not None \
+        return (
+            (value, tok.token_to_id(value))
+            if isinstance(value, str) and tok.token_to_id(value) is not None
             else (None, None)
+        )
 
     eos, eos_id = special("eos_token", EOD_TOKEN)
     pad, pad_id = special("pad_token", PAD_TOKEN)
     bos, bos_id = special("bos_token", None)
-    return dict(file=file, vocab_size=tok.get_vocab_size(with_added_tokens=True), eos=eos, eos_id=eos_id,
-                pad=pad, pad_id=pad_id, bos=bos, bos_id=bos_id)
+    return dict(
+        file=file,
+        vocab_size=tok.get_vocab_size(with_added_tokens=True),
+        eos=eos,
+        eos_id=eos_id,
+        pad=pad,
+        pad_id=pad_id,
+        bos=bos,
+        bos_id=bos_id,
+    )
 
 
 def write_tokenizer(tok: dict, out: Path, max_length: int) -> None:
@@ -332,8 +362,11 @@ def write_tokenizer(tok: dict, out: Path, max_length: int) -> None:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
     if not (out / "tokenizer_config.json").is_file():
-        conf = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-                "clean_up_tokenization_spaces": False}
+        conf = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "model_max_length": max_length,
+            "clean_up_tokenization_spaces": False,
+        }
         for key in ("eos", "pad", "bos"):
             if tok[key] is not None:
                 conf[f"{key}_token"] = tok[key]
@@ -341,10 +374,21 @@ def write_tokenizer(tok: dict, out: Path, max_length: int) -> None:
             json.dump(conf, f, indent=2)
 
 
-def write_hf(cfg: Config, read_group: Callable[[list], dict], out: Path, *, vocab_rows: int, dtype: torch.dtype,
-             vocab_size: Optional[int] = None, tokenizer: Optional[dict] = None, num_mtp: Optional[int] = None,
-             mtp_layout: str = "auto", max_shard_bytes: int = DEFAULT_MAX_SHARD, progress: bool = True,
-             allow_nonfinite: bool = False) -> dict:
+def write_hf(
+    cfg: Config,
+    read_group: Callable[[list], dict],
+    out: Path,
+    *,
+    vocab_rows: int,
+    dtype: torch.dtype,
+    vocab_size: Optional[int] = None,
+    tokenizer: Optional[dict] = None,
+    num_mtp: Optional[int] = None,
+    mtp_layout: str = "auto",
+    max_shard_bytes: int = DEFAULT_MAX_SHARD,
+    progress: bool = True,
+    allow_nonfinite: bool = False,
+) -> dict:
     """Convert group by group (`read_group(live names) -> tensors`) and write everything HF needs into `out`.
 
     `vocab_rows` is megatron's padded vocabulary (kept: logits stay equal entry by entry); rows from
@@ -379,19 +423,37 @@ def write_hf(cfg: Config, read_group: Callable[[list], dict], out: Path, *, voca
     head_tensors = 0
     if layout == "sidecar":
         head_tensors = len(head_writer.finish()["weight_map"])
-        mtp_heads.write_manifest(out / mtp_heads.SIDECAR_DIR, mtp_heads.manifest(
-            arch, num_heads=heads, num_layers=d.num_layers, hidden=d.hidden, vocab_rows=vocab_rows,
-            vocab_size=vocab_size, dtype=dtype,
-            vocab_sha256=mtp_heads.vocab_fingerprint(tokenizer["file"] if tokenizer else None)))
+        mtp_heads.write_manifest(
+            out / mtp_heads.SIDECAR_DIR,
+            mtp_heads.manifest(
+                arch,
+                num_heads=heads,
+                num_layers=d.num_layers,
+                hidden=d.hidden,
+                vocab_rows=vocab_rows,
+                vocab_size=vocab_size,
+                dtype=dtype,
+                vocab_sha256=mtp_heads.vocab_fingerprint(tokenizer["file"] if tokenizer else None),
+            ),
+        )
     if heads:
         mtp_heads.ship_generate(out)
 
     special = {}
     if tokenizer:
-        special = {"eos_token_id": tokenizer["eos_id"], "pad_token_id": tokenizer["pad_id"],
-                   "bos_token_id": tokenizer["bos_id"]}
-    conf = mapping.hf_config_json(cfg, arch, vocab_rows, dtype=dtype, special_ids=special,
-                                  extra=mtp_heads.config_fields(arch, layout, heads, d.num_layers))
+        special = {
+            "eos_token_id": tokenizer["eos_id"],
+            "pad_token_id": tokenizer["pad_id"],
+            "bos_token_id": tokenizer["bos_id"],
+        }
+    conf = mapping.hf_config_json(
+        cfg,
+        arch,
+        vocab_rows,
+        dtype=dtype,
+        special_ids=special,
+        extra=mtp_heads.config_fields(arch, layout, heads, d.num_layers),
+    )
     with open(out / "config.json", "w") as f:
         json.dump(conf, f, indent=2, sort_keys=True)
     from transformers import GenerationConfig
@@ -402,8 +464,14 @@ def write_hf(cfg: Config, read_group: Callable[[list], dict], out: Path, *, voca
     gen.save_pretrained(str(out))
     if tokenizer:
         write_tokenizer(tokenizer, out, cfg.model.max_position_embeddings)
-    return {"arch": arch.name, "tensors": len(index["weight_map"]) + head_tensors, "bytes": index["metadata"]["total_size"],
-            "shards": len(set(index["weight_map"].values())), "mtp_layout": layout, "mtp_heads": heads}
+    return {
+        "arch": arch.name,
+        "tensors": len(index["weight_map"]) + head_tensors,
+        "bytes": index["metadata"]["total_size"],
+        "shards": len(set(index["weight_map"].values())),
+        "mtp_layout": layout,
+        "mtp_heads": heads,
+    }
 
 
 def read_checkpoint_heads(ckpt: str, iteration: Optional[int] = None) -> dict:
@@ -434,9 +502,15 @@ def read_checkpoint_heads(ckpt: str, iteration: Optional[int] = None) -> dict:
                 src = got.pop(rule.megatron) if rule.megatron is not None else None
                 for name, t in mapping.to_hf_tensors(rule, src, d):
                     tensors[name] = t.to(torch.float32 if rule.fp32 else dtype).contiguous().clone()
-    return {"tensors": tensors, "num_heads": d.mtp, "num_layers": d.num_layers, "vocab_rows": rows,
-            "vocab_size": meta.get("vocab_size"), "arch": arch,
-            "vocab_sha256": mtp_heads.vocab_fingerprint(tok["file"] if tok else None)}
+    return {
+        "tensors": tensors,
+        "num_heads": d.mtp,
+        "num_layers": d.num_layers,
+        "vocab_rows": rows,
+        "vocab_size": meta.get("vocab_size"),
+        "arch": arch,
+        "vocab_sha256": mtp_heads.vocab_fingerprint(tok["file"] if tok else None),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -444,10 +518,20 @@ def read_checkpoint_heads(ckpt: str, iteration: Optional[int] = None) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def convert_to_hf(ckpt: str, out: str, *, dtype: str = "auto", iteration: Optional[int] = None,
-                  tokenizer: Optional[str] = None, max_shard_bytes: int = DEFAULT_MAX_SHARD,
-                  mtp: str = "auto", mtp_heads_count: Optional[int] = None,
-                  overwrite: bool = False, progress: bool = True, allow_nonfinite: bool = False) -> dict:
+def convert_to_hf(
+    ckpt: str,
+    out: str,
+    *,
+    dtype: str = "auto",
+    iteration: Optional[int] = None,
+    tokenizer: Optional[str] = None,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD,
+    mtp: str = "auto",
+    mtp_heads_count: Optional[int] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    allow_nonfinite: bool = False,
+) -> dict:
     """Convert checkpoint `ckpt` into HF directory `out` (created atomically). Returns a summary.
 
     The checkpoint's files are checked against integrity.json first; tensors with NaN/inf values are
@@ -457,8 +541,10 @@ def convert_to_hf(ckpt: str, out: str, *, dtype: str = "auto", iteration: Option
     arch = mapping.choose_arch(cfg)  # refuse before any work
     mtp_heads.choose_layout(arch, cfg.model.num_layers, cfg.mtp.num_heads, mtp)
     if mtp_heads_count is not None and not 0 <= mtp_heads_count <= cfg.mtp.num_heads:
-        raise ConvertError(f"--mtp-heads {mtp_heads_count}: the checkpoint has {cfg.mtp.num_heads} MTP heads "
-                           f"(use 0..{cfg.mtp.num_heads})")
+        raise ConvertError(
+            f"--mtp-heads {mtp_heads_count}: the checkpoint has {cfg.mtp.num_heads} MTP heads "
+            f"(use 0..{cfg.mtp.num_heads})"
+        )
     from torch.distributed.checkpoint import FileSystemReader
 
     stored = FileSystemReader(str(path)).read_metadata().state_dict_metadata.get("embedding.word_embeddings.weight")
@@ -468,8 +554,9 @@ def convert_to_hf(ckpt: str, out: str, *, dtype: str = "auto", iteration: Option
     vocab = meta.get("vocab_size")
     padded = meta.get("padded_vocab_size")
     if padded is not None and padded != rows:
-        raise ConvertError(f"checkpoint {path}: metadata says padded vocabulary {padded} but the embedding has "
-                           f"{rows} rows")
+        raise ConvertError(
+            f"checkpoint {path}: metadata says padded vocabulary {padded} but the embedding has {rows} rows"
+        )
     tok = tokenizer_info(tokenizer if tokenizer is not None else cfg.data.tokenizer)
     if tokenizer is not None and tok is None:
         raise ConvertError(f"--tokenizer {tokenizer}: no readable tokenizer.json there")
@@ -480,8 +567,9 @@ def convert_to_hf(ckpt: str, out: str, *, dtype: str = "auto", iteration: Option
                 f"trained with {vocab} (pass --tokenizer with the training tokenizer)"
             )
         if tok["vocab_size"] > rows:
-            raise ConvertError(f"vocab mismatch: tokenizer {tok['file']} has {tok['vocab_size']} tokens, the "
-                               f"model only {rows}")
+            raise ConvertError(
+                f"vocab mismatch: tokenizer {tok['file']} has {tok['vocab_size']} tokens, the model only {rows}"
+            )
     if vocab is not None and rows < vocab:
         raise ConvertError(f"vocab mismatch: checkpoint embedding has {rows} rows for vocabulary size {vocab}")
     stored_dtype = stored.properties.dtype
@@ -491,14 +579,30 @@ def convert_to_hf(ckpt: str, out: str, *, dtype: str = "auto", iteration: Option
 
     with atomic_output_dir(out, overwrite) as tmp, megatron_world():
         reader = CheckpointReader(path, cfg, rows, stored_dtype)
-        summary = write_hf(cfg, reader.read, tmp, vocab_rows=rows, dtype=out_dtype, tokenizer=tok,
-                           vocab_size=vocab if vocab is not None else (tok["vocab_size"] if tok else None),
-                           num_mtp=mtp_heads_count, mtp_layout=mtp, max_shard_bytes=max_shard_bytes, progress=progress,
-                           allow_nonfinite=allow_nonfinite)
-        source = {"checkpoint": str(path.absolute()), "iteration": meta.get("iteration"),
-                  "megatron_core_version": meta.get("megatron_core_version"), "vocab_size": vocab,
-                  "padded_vocab_size": rows, "mtp_heads": summary["mtp_heads"], "mtp_layout": summary["mtp_layout"],
-                  "mtp_hidden": "each head's input hidden is the previous depth's output after its final norm"}
+        summary = write_hf(
+            cfg,
+            reader.read,
+            tmp,
+            vocab_rows=rows,
+            dtype=out_dtype,
+            tokenizer=tok,
+            vocab_size=vocab if vocab is not None else (tok["vocab_size"] if tok else None),
+            num_mtp=mtp_heads_count,
+            mtp_layout=mtp,
+            max_shard_bytes=max_shard_bytes,
+            progress=progress,
+            allow_nonfinite=allow_nonfinite,
+        )
+        source = {
+            "checkpoint": str(path.absolute()),
+            "iteration": meta.get("iteration"),
+            "megatron_core_version": meta.get("megatron_core_version"),
+            "vocab_size": vocab,
+            "padded_vocab_size": rows,
+            "mtp_heads": summary["mtp_heads"],
+            "mtp_layout": summary["mtp_layout"],
+            "mtp_hidden": "each head's input hidden is the previous depth's output after its final norm",
+        }
         with open(tmp / SOURCE_FILE, "w") as f:
             json.dump(source, f, indent=2)
     summary.update(out=str(Path(out).absolute()), checkpoint=str(path), dtype=str(out_dtype).replace("torch.", ""))
@@ -515,33 +619,61 @@ def _parse_size(text: str) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = cli_parser("convert_to_hf.py", "Convert a torch_dist checkpoint (any TP/EP/PP) into a Hugging Face model "
-                   "directory.")
-    p.add_argument("--ckpt", required=True,
-                   help="checkpoint.save directory (its tracked/newest iteration) or an iter_XXXXXXX directory")
+    p = cli_parser(
+        "convert_to_hf.py", "Convert a torch_dist checkpoint (any TP/EP/PP) into a Hugging Face model directory."
+    )
+    p.add_argument(
+        "--ckpt",
+        required=True,
+        help="checkpoint.save directory (its tracked/newest iteration) or an iter_XXXXXXX directory",
+    )
     p.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp32"],
-                   help="weights dtype (auto = as stored in the checkpoint)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bf16", "fp32"],
+        help="weights dtype (auto = as stored in the checkpoint)",
+    )
     p.add_argument("--iteration", type=int, default=None, help="iteration to convert (default: the tracked one)")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json to ship (default: the config's data.tokenizer)")
     p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    p.add_argument("--mtp", default="auto", choices=list(mtp_heads.LAYOUTS),
-                   help="where the MTP heads go: sidecar = own mtp/ directory, the main files keep exactly the stock "
-                        "class's keys (strict loaders such as vLLM's load them); inline = model.layers.{L+k}.* in "
-                        "the main files (vLLM/SGLang GLM MTP); none = no heads; auto (default) = inline only where "
-                        "the stock transformers class declares those layers itself, else sidecar (docs/serving.md)")
-    p.add_argument("--mtp-heads", type=int, default=None,
-                   help="export only the first N heads (default all; SGLang's NextN takes exactly 1)")
+    p.add_argument(
+        "--mtp",
+        default="auto",
+        choices=list(mtp_heads.LAYOUTS),
+        help="where the MTP heads go: sidecar = own mtp/ directory, the main files keep exactly the stock "
+        "class's keys (strict loaders such as vLLM's load them); inline = model.layers.{L+k}.* in "
+        "the main files (vLLM/SGLang GLM MTP); none = no heads; auto (default) = inline only where "
+        "the stock transformers class declares those layers itself, else sidecar (docs/serving.md)",
+    )
+    p.add_argument(
+        "--mtp-heads",
+        type=int,
+        default=None,
+        help="export only the first N heads (default all; SGLang's NextN takes exactly 1)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--allow-nonfinite", action="store_true", help="convert tensors with NaN/inf values too")
     args = p.parse_args(argv)
-    summary = convert_to_hf(args.ckpt, args.out, dtype=args.dtype, iteration=args.iteration,
-                            tokenizer=args.tokenizer, max_shard_bytes=_parse_size(args.max_shard_size),
-                            mtp=args.mtp, mtp_heads_count=args.mtp_heads, overwrite=args.overwrite,
-                            allow_nonfinite=args.allow_nonfinite)
-    heads = f", {summary['mtp_heads']} MTP head(s) {summary['mtp_layout']}" if summary["mtp_heads"] else ", no MTP heads"
-    print(f"wrote {summary['out']}: {summary['arch']} ({summary['tensors']} tensors, {summary['shards']} shard(s), "
-          f"{summary['bytes'] / 1e6:.1f} MB {summary['dtype']}{heads}) from {summary['checkpoint']}")
+    summary = convert_to_hf(
+        args.ckpt,
+        args.out,
+        dtype=args.dtype,
+        iteration=args.iteration,
+        tokenizer=args.tokenizer,
+        max_shard_bytes=_parse_size(args.max_shard_size),
+        mtp=args.mtp,
+        mtp_heads_count=args.mtp_heads,
+        overwrite=args.overwrite,
+        allow_nonfinite=args.allow_nonfinite,
+    )
+    heads = (
+        f", {summary['mtp_heads']} MTP head(s) {summary['mtp_layout']}" if summary["mtp_heads"] else ", no MTP heads"
+    )
+    print(
+        f"wrote {summary['out']}: {summary['arch']} ({summary['tensors']} tensors, {summary['shards']} shard(s), "
+        f"{summary['bytes'] / 1e6:.1f} MB {summary['dtype']}{heads}) from {summary['checkpoint']}"
+    )
     return 0
 
 

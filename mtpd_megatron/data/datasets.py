@@ -71,7 +71,9 @@ def parse_paths(paths: Any) -> tuple[list[str], Optional[list[float]]]:
 def _split_matrix(split: str) -> list[Optional[tuple[float, float]]]:
     ensure_megatron_importable()
     from megatron.core.datasets.blended_megatron_dataset_config import (
-        convert_split_vector_to_split_matrix, parse_and_normalize_split)
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
 
     try:
         vector = parse_and_normalize_split(str(split))
@@ -132,8 +134,10 @@ def build_datasets(
     infos = [validate_indexed_dataset(p, vocab_size=tokenizer.vocab_size) for p in prefixes]
     _check_splits(infos, matrix, split, num_samples)
     if len(prefixes) > 1 and any(n is None for n, m in zip(num_samples, matrix) if m is not None):
-        raise DataError(f"num_samples {tuple(num_samples)} has None (one pass) for a blend of several "
-                        f"prefixes; give every split a sample count")
+        raise DataError(
+            f"num_samples {tuple(num_samples)} has None (one pass) for a blend of several "
+            f"prefixes; give every split a sample count"
+        )
     if weights is None and len(prefixes) > 1:
         weights = [float(info.num_tokens) for info in infos]
 
@@ -141,7 +145,9 @@ def build_datasets(
     try:
         os.makedirs(cache_dir, exist_ok=True)
     except OSError as err:
-        raise DataError(f"cannot create the dataset cache {cache_dir} ({err.strerror}); set data.cache_dir to a writable directory")
+        raise DataError(
+            f"cannot create the dataset cache {cache_dir} ({err.strerror}); set data.cache_dir to a writable directory"
+        )
     if not os.access(cache_dir, os.W_OK):
         raise DataError(f"the dataset cache {cache_dir} is not writable; set data.cache_dir to a writable directory")
 
@@ -166,14 +172,17 @@ def build_datasets(
     )
     # A split asked for 0 samples is not built at all (megatron would otherwise build a full epoch).
     config.split_matrix = [m if n != 0 else None for m, n in zip(config.split_matrix, num_samples)]
-    builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config)
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), is_built_on_rank or (lambda: True), config)
     train, valid, test = builder.build()
     return train, valid, test
 
 
-def _check_splits(infos: Sequence[IndexedInfo], matrix: Sequence[Optional[tuple[float, float]]], split: str,
-                  num_samples: Sequence[Optional[int]]) -> None:
+def _check_splits(
+    infos: Sequence[IndexedInfo],
+    matrix: Sequence[Optional[tuple[float, float]]],
+    split: str,
+    num_samples: Sequence[Optional[int]],
+) -> None:
     """Refuse splits that would hold no document (megatron would loop forever looking for tokens)."""
     for info in infos:
         n = info.num_sequences
@@ -200,14 +209,24 @@ class PretrainingSampler(Sampler[list[int]]):
     starts right after them, which is what makes a resumed run see exactly the batches it had not seen.
     """
 
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, drop_last: bool = True) -> None:
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        drop_last: bool = True,
+    ) -> None:
         if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
-            raise ValueError(f"need micro_batch_size >= 1 and 0 <= dp_rank < dp_size, got "
-                             f"{micro_batch_size}, {dp_rank}, {dp_size}")
+            raise ValueError(
+                f"need micro_batch_size >= 1 and 0 <= dp_rank < dp_size, got {micro_batch_size}, {dp_rank}, {dp_size}"
+            )
         if total_samples < 0 or not 0 <= consumed_samples <= total_samples:
-            raise DataError(f"consumed_samples {consumed_samples} is beyond the dataset's {total_samples} samples; "
-                            f"build the datasets with more samples (num_samples) to resume this run")
+            raise DataError(
+                f"consumed_samples {consumed_samples} is beyond the dataset's {total_samples} samples; "
+                f"build the datasets with more samples (num_samples) to resume this run"
+            )
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
@@ -226,10 +245,10 @@ class PretrainingSampler(Sampler[list[int]]):
         for idx in range(self.consumed_samples, self.total_samples):
             batch.append(idx)
             if len(batch) == self.global_micro_batch:
-                yield batch[start:start + self.micro_batch_size]
+                yield batch[start : start + self.micro_batch_size]
                 batch = []
-        if batch and not self.drop_last and batch[start:start + self.micro_batch_size]:
-            yield batch[start:start + self.micro_batch_size]
+        if batch and not self.drop_last and batch[start : start + self.micro_batch_size]:
+            yield batch[start : start + self.micro_batch_size]
 
 
 def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -238,15 +257,34 @@ def collate_samples(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     return {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in keys}
 
 
-def build_dataloader(dataset: Dataset, micro_batch_size: int, dp_rank: int, dp_size: int, consumed_samples: int,
-                     num_workers: int = 0, *, drop_last: bool = True) -> DataLoader:
+def build_dataloader(
+    dataset: Dataset,
+    micro_batch_size: int,
+    dp_rank: int,
+    dp_size: int,
+    consumed_samples: int,
+    num_workers: int = 0,
+    *,
+    drop_last: bool = True,
+) -> DataLoader:
     """A DataLoader over ``dataset`` for one data-parallel rank, resuming after ``consumed_samples``.
 
     Batches are dicts of tensors: ``tokens``, ``labels`` (tokens shifted left by one), ``loss_mask``,
     ``position_ids`` (all [micro_batch_size, seq_length]) and, if the dataset makes it, ``attention_mask``
     ([micro_batch_size, 1, seq, seq], True = masked). Deterministic for any ``num_workers``.
     """
-    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size,  # type: ignore[arg-type]
-                                 drop_last=drop_last)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_samples,
-                      persistent_workers=num_workers > 0)
+    sampler = PretrainingSampler(
+        len(dataset),
+        consumed_samples,
+        micro_batch_size,
+        dp_rank,
+        dp_size,  # type: ignore[arg-type]
+        drop_last=drop_last,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate_samples,
+        persistent_workers=num_workers > 0,
+    )

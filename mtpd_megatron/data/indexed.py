@@ -29,8 +29,16 @@ from mtpd_megatron.data import DataError, cli_parser, ensure_megatron_importable
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"  # megatron/core/datasets/indexed_dataset.py: _INDEX_HEADER
 _HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, sequence count, document count
-_DTYPES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
-           8: np.uint16}  # megatron's DType codes
+_DTYPES = {
+    1: np.uint8,
+    2: np.int8,
+    3: np.int16,
+    4: np.int32,
+    5: np.int64,
+    6: np.float64,
+    7: np.float32,
+    8: np.uint16,
+}  # megatron's DType codes
 _REBUILD = "re-create it with tools/preprocess_data.py"
 
 
@@ -62,7 +70,9 @@ def validate_indexed_dataset(prefix: str | os.PathLike, *, vocab_size: Optional[
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
-            raise DataError(f"{path} does not exist; create {prefix}.bin/.idx with tools/preprocess_data.py or fix data.paths")
+            raise DataError(
+                f"{path} does not exist; create {prefix}.bin/.idx with tools/preprocess_data.py or fix data.paths"
+            )
 
     idx_size = os.path.getsize(idx_path)
     with open(idx_path, "rb") as f:
@@ -97,7 +107,9 @@ def validate_indexed_dataset(prefix: str | os.PathLike, *, vocab_size: Optional[
     bin_size = os.path.getsize(bin_path)
     if bin_size != num_tokens * dtype.itemsize:
         state = "truncated" if bin_size < num_tokens * dtype.itemsize else "longer than its index"
-        raise DataError(f"{bin_path} is {state} ({bin_size} bytes, index says {num_tokens * dtype.itemsize}); {_REBUILD}")
+        raise DataError(
+            f"{bin_path} is {state} ({bin_size} bytes, index says {num_tokens * dtype.itemsize}); {_REBUILD}"
+        )
 
     max_id: Optional[int] = None
     if vocab_size is not None and num_tokens > 0:
@@ -117,7 +129,7 @@ def _token_range(bin_path: str, dtype: np.dtype, num_tokens: int, chunk: int = 1
     try:
         lo, hi = None, None
         for start in range(0, num_tokens, chunk):
-            part = data[start:start + chunk]
+            part = data[start : start + chunk]
             p_lo, p_hi = int(part.min()), int(part.max())
             lo = p_lo if lo is None else min(lo, p_lo)
             hi = p_hi if hi is None else max(hi, p_hi)
@@ -130,6 +142,7 @@ def _token_range(bin_path: str, dtype: np.dtype, num_tokens: int, chunk: int = 1
 # ----------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------
+
 
 class _Encoder:
     """Documents -> token id arrays (+ EOD when asked), already in the output dtype (cheap to send back)."""
@@ -246,10 +259,18 @@ def preprocess(
                 # they only run the Rust tokenizer, which this process has not used in parallel yet.
                 method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
                 pool = multiprocessing.get_context(method).Pool(
-                    workers, initializer=_init_pool_worker, initargs=(str(tokenizer_file), eod, dtype.name))
+                    workers, initializer=_init_pool_worker, initargs=(str(tokenizer_file), eod, dtype.name)
+                )
                 encoded = pool.imap(_pool_encode, texts_only())
-            with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenise", disable=not progress,
-                      file=sys.stderr, mininterval=1.0) as bar:
+            with tqdm(
+                total=total_bytes,
+                unit="B",
+                unit_scale=True,
+                desc="tokenise",
+                disable=not progress,
+                file=sys.stderr,
+                mininterval=1.0,
+            ) as bar:
                 for i, arrays in enumerate(encoded):
                     for ids in arrays:
                         if len(ids) == (1 if eod is not None else 0):
@@ -270,8 +291,11 @@ def preprocess(
                 pool.join()
             if builder is not None:
                 builder.data_file.close()  # already closed by finalize() on success
-    print(f"preprocess: {docs} documents ({skipped} empty skipped), {tokens:,} tokens as {dtype.name} "
-          f"-> {prefix}.bin/.idx", file=sys.stderr)
+    print(
+        f"preprocess: {docs} documents ({skipped} empty skipped), {tokens:,} tokens as {dtype.name} "
+        f"-> {prefix}.bin/.idx",
+        file=sys.stderr,
+    )
     return IndexedInfo(prefix, dtype, info.num_sequences, info.num_documents, info.num_tokens, None)
 
 
@@ -282,20 +306,37 @@ def preprocess(
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = cli_parser("preprocess_data.py", "Tokenise jsonl/txt documents into megatron .bin/.idx files.")
-    parser.add_argument("--input", nargs="+", required=True,
-                        help=".jsonl (one {\"text\": ...} per line) or .txt files, concatenated in this order")
+    parser.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        help='.jsonl (one {"text": ...} per line) or .txt files, concatenated in this order',
+    )
     parser.add_argument("--tokenizer", required=True, help="tokenizer.json (or its directory)")
     parser.add_argument("--output-prefix", required=True, help="writes PREFIX.bin and PREFIX.idx")
     parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokeniser processes")
     parser.add_argument("--append-eod", action="store_true", help="end every document with <|endoftext|>")
     parser.add_argument("--json-key", default="text", help="jsonl field holding the document text")
-    parser.add_argument("--txt-mode", choices=("file", "blank-line"), default="file",
-                        help=".txt inputs: one document per file, or per blank-line-separated block")
+    parser.add_argument(
+        "--txt-mode",
+        choices=("file", "blank-line"),
+        default="file",
+        help=".txt inputs: one document per file, or per blank-line-separated block",
+    )
     parser.add_argument("--chunk-docs", type=int, default=32, help="documents per task sent to a worker")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    preprocess(args.input, args.tokenizer, args.output_prefix, workers=args.workers, append_eod=args.append_eod,
-               json_key=args.json_key, txt_mode=args.txt_mode, chunk_docs=args.chunk_docs, progress=not args.quiet)
+    preprocess(
+        args.input,
+        args.tokenizer,
+        args.output_prefix,
+        workers=args.workers,
+        append_eod=args.append_eod,
+        json_key=args.json_key,
+        txt_mode=args.txt_mode,
+        chunk_docs=args.chunk_docs,
+        progress=not args.quiet,
+    )
     return 0
 
 

@@ -191,8 +191,13 @@ def _tokenizer_class() -> type:
 
         def __init__(self, path: str, eod_token: Optional[str] = None) -> None:
             self._eod_token = eod_token
-            config = {"library": "tokenizers-json", "class_name": "HFJsonTokenizer",
-                      "class_path": __name__, "model_type": "gpt", "chat_template": None}
+            config = {
+                "library": "tokenizers-json",
+                "class_name": "HFJsonTokenizer",
+                "class_path": __name__,
+                "model_type": "gpt",
+                "chat_template": None,
+            }
             super().__init__(str(path), config)
 
         def _restore_model(self, **kwargs: Any) -> _TokenizerJsonLibrary:
@@ -257,8 +262,14 @@ def load_tokenizer(path: str | os.PathLike, eod_token: Optional[str] = None) -> 
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS) + 1  # the byte alphabet + specials + at least one merge
 
 
-def train_bpe(texts: Iterable[str], *, vocab_size: int, min_frequency: int = 2,
-              length: Optional[int] = None, show_progress: bool = False) -> "tokenizers.Tokenizer":
+def train_bpe(
+    texts: Iterable[str],
+    *,
+    vocab_size: int,
+    min_frequency: int = 2,
+    length: Optional[int] = None,
+    show_progress: bool = False,
+) -> "tokenizers.Tokenizer":
     """Train a GPT-2 style ByteLevel BPE; ``<|endoftext|>`` gets id 0 and ``<|pad|>`` id 1.
 
     Byte-level (all 256 bytes in the initial alphabet) means any text encodes without an unknown token.
@@ -305,7 +316,8 @@ def save_tokenizer(tok: "tokenizers.Tokenizer", out_dir: str | os.PathLike) -> P
         TOKENIZER_FILE: tok.to_str(pretty=True),
         "tokenizer_config.json": json.dumps(config, indent=2),
         "special_tokens_map.json": json.dumps(
-            {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2),
+            {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}, indent=2
+        ),
     }
     names = sorted(files, key=lambda n: n == TOKENIZER_FILE)  # tokenizer.json last: it marks a complete directory
     with atomic_files(*(out / name for name in names)) as temps:
@@ -314,9 +326,16 @@ def save_tokenizer(tok: "tokenizers.Tokenizer", out_dir: str | os.PathLike) -> P
     return out / TOKENIZER_FILE
 
 
-def train_tokenizer(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathLike, *, vocab_size: int,
-                    min_frequency: int = 2, json_key: str = "text", txt_mode: str = "file",
-                    show_progress: bool = False) -> Path:
+def train_tokenizer(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    vocab_size: int,
+    min_frequency: int = 2,
+    json_key: str = "text",
+    txt_mode: str = "file",
+    show_progress: bool = False,
+) -> Path:
     """Train on the documents of .jsonl/.txt ``inputs`` and save to ``out_dir``; returns tokenizer.json's path."""
     from mtpd_megatron.data.corpus import check_input_file, iter_documents
 
@@ -343,26 +362,40 @@ def train_tokenizer(inputs: Sequence[str | os.PathLike], out_dir: str | os.PathL
     if counter["docs"] == 0:
         raise DataError(f"no non-empty documents in {', '.join(map(str, paths))}; check the input files")
     path = save_tokenizer(tok, out_dir)
-    print(f"train_tokenizer: {counter['docs']} documents -> vocab {tok.get_vocab_size()} "
-          f"(asked {vocab_size}), eod {EOD_TOKEN}=0, pad {PAD_TOKEN}=1 -> {path}", file=sys.stderr)
+    print(
+        f"train_tokenizer: {counter['docs']} documents -> vocab {tok.get_vocab_size()} "
+        f"(asked {vocab_size}), eod {EOD_TOKEN}=0, pad {PAD_TOKEN}=1 -> {path}",
+        file=sys.stderr,
+    )
     return path
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = cli_parser("train_tokenizer.py", "Train a ByteLevel BPE tokenizer (HF tokenizers) on a corpus.")
-    parser.add_argument("--input", nargs="+", required=True, help=".jsonl ({\"text\": ...} per line) or .txt files")
+    parser.add_argument("--input", nargs="+", required=True, help='.jsonl ({"text": ...} per line) or .txt files')
     parser.add_argument("--vocab-size", type=int, default=4096, help="target vocabulary incl. special tokens")
     parser.add_argument("--out", required=True, help="output directory for tokenizer.json and its configs")
     parser.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge")
     parser.add_argument("--json-key", default="text", help="jsonl field holding the document text")
-    parser.add_argument("--txt-mode", choices=("file", "blank-line"), default="file",
-                        help=".txt inputs: one document per file, or per blank-line-separated block")
+    parser.add_argument(
+        "--txt-mode",
+        choices=("file", "blank-line"),
+        default="file",
+        help=".txt inputs: one document per file, or per blank-line-separated block",
+    )
     args = parser.parse_args(argv)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a directory; choose another --out")
-    train_tokenizer(args.input, out, vocab_size=args.vocab_size, min_frequency=args.min_frequency,
-                    json_key=args.json_key, txt_mode=args.txt_mode, show_progress=sys.stderr.isatty())
+    train_tokenizer(
+        args.input,
+        out,
+        vocab_size=args.vocab_size,
+        min_frequency=args.min_frequency,
+        json_key=args.json_key,
+        txt_mode=args.txt_mode,
+        show_progress=sys.stderr.isatty(),
+    )
     return 0
 
 

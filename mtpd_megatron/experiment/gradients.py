@@ -62,8 +62,10 @@ def trunk_gradients(model, mtp_cfg, batches: list) -> dict:
             if settings is not None:
                 zero = (0.0,) * heads
                 attached.settings = dataclasses.replace(
-                    settings, alphas=zero if term == "head_kl" else settings.alphas,
-                    betas=zero if term == "head_ce" else settings.betas)
+                    settings,
+                    alphas=zero if term == "head_kl" else settings.alphas,
+                    betas=zero if term == "head_ce" else settings.betas,
+                )
             MTPLossAutoScaler.set_loss_scale(torch.tensor(0.0 if term == "main_ce" else 1.0, device=device))
             model.zero_grad(set_to_none=True)
             captured.clear()
@@ -77,8 +79,9 @@ def trunk_gradients(model, mtp_cfg, batches: list) -> dict:
                 (main if term == "main_ce" else main * 0.0).backward()
                 grad = captured.pop() if captured else torch.zeros(1, device=device)
                 hidden_grad = grad if hidden_grad is None else hidden_grad + grad
-            param_grad = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten()
-                                    for p in last_params])
+            param_grad = torch.cat(
+                [(p.grad if p.grad is not None else torch.zeros_like(p)).float().flatten() for p in last_params]
+            )
             results[term] = (hidden_grad, param_grad)
     finally:
         handle.remove()
@@ -92,7 +95,7 @@ def trunk_gradients(model, mtp_cfg, batches: list) -> dict:
         entry = {f"{t}_norm": float(results[t][index].norm()) for t in results}
         names = list(results)
         for i, a in enumerate(names):
-            for b in names[i + 1:]:
+            for b in names[i + 1 :]:
                 entry[f"cos_{a}_{b}"] = _cosine(results[a][index], results[b][index])
         report[where] = entry
     return report

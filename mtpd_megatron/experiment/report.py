@@ -55,9 +55,13 @@ def table(experiment: Experiment, results: list) -> str:
     ref = next((r for r in results if r["arm"] == experiment.reference), None)
     heads = max([len(r["a"] or []) for r in results if not r.get("extend")] + [0])
     ks = experiment.file.evaluation.decode.k
-    head = (["arm", "main loss", "vs " + (experiment.reference or "ref")] + [f"a_{k}" for k in range(1, heads + 1)]
-            + [f"CAR_{heads}", "tau"] + [f"K={k} tok/step" for k in ks]
-            + ["best wall-clock", "best K", "KL grad vs main (last layer)", "note"])
+    head = (
+        ["arm", "main loss", "vs " + (experiment.reference or "ref")]
+        + [f"a_{k}" for k in range(1, heads + 1)]
+        + [f"CAR_{heads}", "tau"]
+        + [f"K={k} tok/step" for k in ks]
+        + ["best wall-clock", "best K", "KL grad vs main (last layer)", "note"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if r.get("extend"):
@@ -73,15 +77,20 @@ def table(experiment: Experiment, results: list) -> str:
     ext = [r for r in results if r.get("extend")]
     if ext:
         lines += ["", "Looped extensions (heads beyond the parent's; main model and the parent's heads frozen):", ""]
-        lines += ["| arm | parent | heads | checkpoint | main loss | a_k of the new heads | tau |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "| arm | parent | heads | checkpoint | main loss | a_k of the new heads | tau |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for r in ext:
             start = next(x for x in results if x["arm"] == r["extend"]["parent"])["num_heads"]
             for tag in ("copy", "trained"):
                 e = r["evaluation"][tag]
                 new = " ".join(f"{x:.3f}" for x in e["a"][start:])
-                lines.append(f"| {r['arm']} | {r['extend']['parent']} | {start}->{e['num_heads']} | "
-                             f"{'training-free copy' if tag == 'copy' else 'trained stage'} | {e['main_loss']:.4f} | "
-                             f"{new} | {e['tau']:.3f} |")
+                lines.append(
+                    f"| {r['arm']} | {r['extend']['parent']} | {start}->{e['num_heads']} | "
+                    f"{'training-free copy' if tag == 'copy' else 'trained stage'} | {e['main_loss']:.4f} | "
+                    f"{new} | {e['tau']:.3f} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -95,8 +104,12 @@ def _plots(experiment: Experiment, results: list, out: Path) -> list:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for r in results:
         if r.get("a") and not r.get("extend"):
-            ax.plot(range(1, len(r["a"]) + 1), [100 * x for x in r["a"]], marker="o",
-                    label=f"{r['arm']} (loss {r['main_loss']:.3f})")
+            ax.plot(
+                range(1, len(r["a"]) + 1),
+                [100 * x for x in r["a"]],
+                marker="o",
+                label=f"{r['arm']} (loss {r['main_loss']:.3f})",
+            )
     if ax.lines:
         ax.set_xlabel("head k")
         ax.set_ylabel("a_k (%)")
@@ -139,8 +152,10 @@ def _provenance(results: list, key: str) -> str:
         groups.setdefault(r[key], []).append(r["arm"])
     if len(groups) == 1:
         return str(next(iter(groups)))
-    return "; ".join(f"{value} ({', '.join(arms)})" if len(arms) <= 3 else f"{value} ({len(arms)} arms)"
-                     for value, arms in groups.items())
+    return "; ".join(
+        f"{value} ({', '.join(arms)})" if len(arms) <= 3 else f"{value} ({len(arms)} arms)"
+        for value, arms in groups.items()
+    )
 
 
 def write_report(experiment: Experiment) -> list:
@@ -149,14 +164,20 @@ def write_report(experiment: Experiment) -> list:
     if not results:
         return []
     out = experiment.out
-    summary = {"experiment": experiment.name, "file": str(experiment.path), "reference": experiment.reference,
-               "arms": results}
+    summary = {
+        "experiment": experiment.name,
+        "file": str(experiment.path),
+        "reference": experiment.reference,
+        "arms": results,
+    }
     write_atomic(out / "results.json", json.dumps(summary, indent=1) + "\n")
     first = results[0]
-    header = (f"# {experiment.name}\n\n{len(results)} arms, {first['tokens'] / 1e6:.2f}M tokens each (seed "
-              f"{first['seed']}), {_provenance(results, 'device')}, commit {_provenance(results, 'commit')}, "
-              f"{_provenance(results, 'date')}. Main loss = the main "
-              f"head's validation loss on the same held-out sequences for every arm; a_k/CAR_k/tau teacher-forced "
-              f"against the main head; K=k tok/step and wall-clock from real greedy-verified decoding.\n\n")
+    header = (
+        f"# {experiment.name}\n\n{len(results)} arms, {first['tokens'] / 1e6:.2f}M tokens each (seed "
+        f"{first['seed']}), {_provenance(results, 'device')}, commit {_provenance(results, 'commit')}, "
+        f"{_provenance(results, 'date')}. Main loss = the main "
+        f"head's validation loss on the same held-out sequences for every arm; a_k/CAR_k/tau teacher-forced "
+        f"against the main head; K=k tok/step and wall-clock from real greedy-verified decoding.\n\n"
+    )
     write_atomic(out / "results.md", header + table(experiment, results))
     return [out / "results.json", out / "results.md", *_plots(experiment, results, out)]

@@ -76,8 +76,10 @@ def read_result(arm: Arm) -> Optional[dict]:
         return None
     result = json.loads(path.read_text())
     if result.get("config_hash") != arm.config_hash:
-        raise ConfigError(f"arms.{arm.name}: {path} was produced by a different config (hash "
-                          f"{result.get('config_hash')} vs {arm.config_hash}); delete {arm.directory} to rerun it")
+        raise ConfigError(
+            f"arms.{arm.name}: {path} was produced by a different config (hash "
+            f"{result.get('config_hash')} vs {arm.config_hash}); delete {arm.directory} to rerun it"
+        )
     return result
 
 
@@ -95,8 +97,10 @@ def import_results(experiment: Experiment, path: str) -> list:
         if arm is None:
             continue
         if result.get("config_hash") != arm.config_hash:
-            raise ConfigError(f"--import {path}: arm {arm.name} was run with another config (hash "
-                              f"{result.get('config_hash')} vs {arm.config_hash}); leave it out or rerun it")
+            raise ConfigError(
+                f"--import {path}: arm {arm.name} was run with another config (hash "
+                f"{result.get('config_hash')} vs {arm.config_hash}); leave it out or rerun it"
+            )
         if not (arm.directory / RESULT).is_file():
             arm.directory.mkdir(parents=True, exist_ok=True)
             write_atomic(arm.directory / RESULT, json.dumps(result, indent=1) + "\n")
@@ -133,8 +137,15 @@ def _launch(arm: Arm) -> _Job:
         cmd = [sys.executable, "-m", "mtpd_megatron.looped", "run-stage", "--config", str(cfg_path), "--stage", "1"]
     else:
         cmd = [sys.executable, "-m", "mtpd_megatron.train", "--config", str(cfg_path), "--resume", "auto"]
-    env = dict(os.environ, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_free_port()), PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        PYTHONUNBUFFERED="1",
+    )
     log = open(arm.directory / "train.log", "a")
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
@@ -169,8 +180,10 @@ def train_arms(arms: list, parallel: int = 1, poll_seconds: float = 15.0) -> lis
                 _say(f"{job.arm.name}: trained in {took}")
             else:
                 failed.append(job.arm.name)
-                _say(f"{job.arm.name}: training failed (exit {code}) after {took}: "
-                     f"{_last_error(job.arm.directory / 'train.log')} (log: {job.arm.directory / 'train.log'})")
+                _say(
+                    f"{job.arm.name}: training failed (exit {code}) after {took}: "
+                    f"{_last_error(job.arm.directory / 'train.log')} (log: {job.arm.directory / 'train.log'})"
+                )
         blocked = {n for n in failed}
         for arm in list(pending):
             parent = arm.spec.extend.parent if arm.is_extension else None
@@ -181,15 +194,21 @@ def train_arms(arms: list, parallel: int = 1, poll_seconds: float = 15.0) -> lis
                 continue
             if len(running) >= parallel:
                 break
-            if parent is not None and any(j.arm.name == parent for j in running) or (
-                    parent is not None and any(a.name == parent for a in pending)):
+            if (
+                parent is not None
+                and any(j.arm.name == parent for j in running)
+                or (parent is not None and any(a.name == parent for a in pending))
+            ):
                 continue
             pending.remove(arm)
             running.append(_launch(arm))
             _say(f"{arm.name}: training started ({arm.tokens / 1e6:.2f}M tokens, log {arm.directory / 'train.log'})")
         if running and time.time() - last_report >= poll_seconds:
-            _say("training: " + ", ".join(j.progress() for j in running)
-                 + (f"; {len(pending)} waiting" if pending else ""))
+            _say(
+                "training: "
+                + ", ".join(j.progress() for j in running)
+                + (f"; {len(pending)} waiting" if pending else "")
+            )
             last_report = time.time()
         if running:
             time.sleep(1.0)
@@ -258,13 +277,26 @@ def evaluate_arm(experiment: Experiment, arm: Arm, samples_cache: dict, commit: 
             torch.cuda.empty_cache()
     main = evaluated["trained"]
     result = {
-        "arm": arm.name, "note": arm.spec.note, "overrides": arm.spec.overrides,
+        "arm": arm.name,
+        "note": arm.spec.note,
+        "overrides": arm.spec.overrides,
         "extend": None if arm.spec.extend is None else vars(arm.spec.extend),
-        "config_hash": arm.config_hash, "tokens": arm.tokens, "seed": arm.config.training.seed,
-        "num_heads": main["num_heads"], "main_loss": main["main_loss"], "main_ppl": main["main_ppl"],
-        "a": main.get("a"), "car": main.get("car"), "tau": main.get("tau"),
-        "evaluation": evaluated, "decode": decode, "gradients": gradients, "train": _train_summary(arm),
-        "device": device, "commit": commit, "date": time.strftime("%Y-%m-%d"),
+        "config_hash": arm.config_hash,
+        "tokens": arm.tokens,
+        "seed": arm.config.training.seed,
+        "num_heads": main["num_heads"],
+        "main_loss": main["main_loss"],
+        "main_ppl": main["main_ppl"],
+        "a": main.get("a"),
+        "car": main.get("car"),
+        "tau": main.get("tau"),
+        "evaluation": evaluated,
+        "decode": decode,
+        "gradients": gradients,
+        "train": _train_summary(arm),
+        "device": device,
+        "commit": commit,
+        "date": time.strftime("%Y-%m-%d"),
         "eval_seconds": time.time() - t0,
     }
     write_atomic(arm.directory / RESULT, json.dumps(result, indent=1) + "\n")
@@ -284,18 +316,38 @@ def _decode(experiment: Experiment, arm: Arm, loaded, samples_cache: dict) -> Op
         return None
     ks = [k for k in spec.k if k <= heads]
     if "prompts" not in samples_cache:
-        prompts = split_samples(loaded, samples_cache["tokenizer"], experiment.file.evaluation.split,
-                                spec.num_prompts, spec.prompt_len)
+        prompts = split_samples(
+            loaded, samples_cache["tokenizer"], experiment.file.evaluation.split, spec.num_prompts, spec.prompt_len
+        )
         samples_cache["prompts"] = [s["tokens"].tolist() for s in prompts]
-    result, _ = bench(loaded.model, samples_cache["prompts"], ks, spec.new_tokens, repeats=spec.repeats,
-                      cuda_graphs=on_gpu, vocab_limit=loaded.vocab_size)
-    result.update(prompts=len(samples_cache["prompts"]), new_tokens=spec.new_tokens, repeats=spec.repeats,
-                  dtype=str(next(loaded.model.parameters()).dtype))
+    result, _ = bench(
+        loaded.model,
+        samples_cache["prompts"],
+        ks,
+        spec.new_tokens,
+        repeats=spec.repeats,
+        cuda_graphs=on_gpu,
+        vocab_limit=loaded.vocab_size,
+    )
+    result.update(
+        prompts=len(samples_cache["prompts"]),
+        new_tokens=spec.new_tokens,
+        repeats=spec.repeats,
+        dtype=str(next(loaded.model.parameters()).dtype),
+    )
     return result
 
 
-def run(experiment: Experiment, names: list, *, parallel: int = 1, train: bool = True, evaluate: bool = True,
-        commit: str = "unknown", on_arm: Optional[Callable] = None) -> int:
+def run(
+    experiment: Experiment,
+    names: list,
+    *,
+    parallel: int = 1,
+    train: bool = True,
+    evaluate: bool = True,
+    commit: str = "unknown",
+    on_arm: Optional[Callable] = None,
+) -> int:
     """Train, evaluate and report the arms `names`; returns 0, or 1 when an arm failed (the rest completed)."""
     arms = [experiment.arms[n] for n in names]
     failed: list = []

@@ -119,8 +119,12 @@ class Arm:
 # Switches that change how a step is computed, exactly or to rounding, not what is trained: an arm run with a
 # kernel switch on is the same arm (and arms recorded before a switch existed keep their hash).
 EXECUTION_KNOBS = (
-    ("mtp.mtpd", "compile"), ("mtp.mtpd", "chunk_elems"), ("mtp.mtpd", "fused_output_layer"),
-    ("mtp.mtpd", "share_teacher_logits"), ("model", "compile_layers"), ("model.moe", "experts_backend"),
+    ("mtp.mtpd", "compile"),
+    ("mtp.mtpd", "chunk_elems"),
+    ("mtp.mtpd", "fused_output_layer"),
+    ("mtp.mtpd", "share_teacher_logits"),
+    ("model", "compile_layers"),
+    ("model.moe", "experts_backend"),
     ("training", "fused_adam"),
 )
 
@@ -148,8 +152,9 @@ def _base_path(base: str, exp_path: Path) -> Path:
     for candidate in (Path(base), ROOT / base, exp_path.parent / base):
         if candidate.is_file():
             return candidate
-    raise ConfigError(f"base: {base!r} not found (give a config path relative to the repository root, e.g. "
-                      "configs/gpu_small.yaml)")
+    raise ConfigError(
+        f"base: {base!r} not found (give a config path relative to the repository root, e.g. configs/gpu_small.yaml)"
+    )
 
 
 def _apply(data: dict, overrides: dict, where: str) -> None:
@@ -187,13 +192,19 @@ def _extension_config(parent: Arm, arm: ArmSpec, name: str, exp_name: str, direc
     cfg.name = f"{exp_name}-{name}"
     cfg.looped.root = str(directory / "stages")
     cfg.checkpoint.keep_last = 0  # keep the iteration-0 checkpoint: the training-free copy is evaluated too
-    stage = {"heads": ext.heads, "init": ext.init, "train_iters": ext.train_iters,
-             "train_old_heads": ext.train_old_heads}
+    stage = {
+        "heads": ext.heads,
+        "init": ext.init,
+        "train_iters": ext.train_iters,
+        "train_old_heads": ext.train_old_heads,
+    }
     for key in ("lr", "lr_warmup_iters"):
         if getattr(ext, key) is not None:
             stage[key] = getattr(ext, key)
-    cfg.looped.stages = [{"heads": parent.config.mtp.num_heads, "train_iters": parent.config.training.train_iters},
-                         stage]
+    cfg.looped.stages = [
+        {"heads": parent.config.mtp.num_heads, "train_iters": parent.config.training.train_iters},
+        stage,
+    ]
     cfg.logging.tensorboard_dir = str(directory / "logs")
     return cfg
 
@@ -249,12 +260,16 @@ def load_experiment(path: str, out: Optional[str] = None) -> Experiment:
         if ext is None:
             continue
         if arm_spec.overrides:
-            raise ConfigError(f"arms.{name}.overrides: an extension arm trains with its parent's config (set "
-                              "the stage's heads/train_iters/init/lr under extend)")
+            raise ConfigError(
+                f"arms.{name}.overrides: an extension arm trains with its parent's config (set "
+                "the stage's heads/train_iters/init/lr under extend)"
+            )
         parent = arms.get(ext.parent)
         if parent is None:
-            raise ConfigError(f"arms.{name}.extend.parent: {ext.parent!r} is not an arm trained from scratch "
-                              f"(choose from {', '.join(arms) or 'none'})")
+            raise ConfigError(
+                f"arms.{name}.extend.parent: {ext.parent!r} is not an arm trained from scratch "
+                f"(choose from {', '.join(arms) or 'none'})"
+            )
         if parent.config.mtp.num_heads < 1:
             raise ConfigError(f"arms.{name}.extend.parent: {ext.parent} has no MTP heads to extend")
         cfg = _extension_config(parent, arm_spec, name, spec.name, out_dir / name)
@@ -269,14 +284,19 @@ def load_experiment(path: str, out: Optional[str] = None) -> Experiment:
     first = scratch[0]
     for arm in scratch[1:]:
         if arm.tokens != first.tokens:
-            raise ConfigError(f"arms.{arm.name}: trains {arm.tokens} tokens (train_iters x global_batch_size x "
-                              f"seq_length) but arms.{first.name} trains {first.tokens}: arms compare at equal tokens")
+            raise ConfigError(
+                f"arms.{arm.name}: trains {arm.tokens} tokens (train_iters x global_batch_size x "
+                f"seq_length) but arms.{first.name} trains {first.tokens}: arms compare at equal tokens"
+            )
         if arm.config.training.seed != first.config.training.seed:
-            raise ConfigError(f"arms.{arm.name}: training.seed={arm.config.training.seed} but arms.{first.name} "
-                              f"uses {first.config.training.seed}: arms compare at the same seed")
+            raise ConfigError(
+                f"arms.{arm.name}: training.seed={arm.config.training.seed} but arms.{first.name} "
+                f"uses {first.config.training.seed}: arms compare at the same seed"
+            )
         if arm.config.data.paths != first.config.data.paths or arm.config.data.split != first.config.data.split:
-            raise ConfigError(f"arms.{arm.name}: data.paths/data.split differ from arms.{first.name}'s: arms "
-                              "compare on the same data")
+            raise ConfigError(
+                f"arms.{arm.name}: data.paths/data.split differ from arms.{first.name}'s: arms compare on the same data"
+            )
     if spec.reference is not None and spec.reference not in arms:
         raise ConfigError(f"reference: {spec.reference!r} is not an arm (choose from {', '.join(arms)})")
     if spec.reference is None:
@@ -291,8 +311,10 @@ def parse_arm_list(text: Optional[str], experiment: Experiment) -> list:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in experiment.arms]
     if unknown:
-        raise ConfigError(f"--arms {text}: {unknown[0]!r} is not an arm of {experiment.path} (choose from "
-                          f"{', '.join(experiment.arms)})")
+        raise ConfigError(
+            f"--arms {text}: {unknown[0]!r} is not an arm of {experiment.path} (choose from "
+            f"{', '.join(experiment.arms)})"
+        )
     chosen = set(names)
     for n in names:
         ext = experiment.arms[n].spec.extend

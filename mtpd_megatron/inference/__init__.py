@@ -24,7 +24,17 @@ from mtpd_megatron.inference.decoder import Generation, SpeculativeDecoder, gene
 from mtpd_megatron.inference.options import DecodeOptions
 
 __all__ = [
-    "AcceptanceStats", "acceptance_counts", "acceptance_metrics", "evaluate_acceptance", "evaluate_model",
-    "teacher_forced_outputs", "teacher_forced_predictions", "vocab_parallel_argmax", "Generation", "SpeculativeDecoder", "generate",
-    "speculative_demo", "DecodeOptions",
+    "AcceptanceStats",
+    "acceptance_counts",
+    "acceptance_metrics",
+    "evaluate_acceptance",
+    "evaluate_model",
+    "teacher_forced_outputs",
+    "teacher_forced_predictions",
+    "vocab_parallel_argmax",
+    "Generation",
+    "SpeculativeDecoder",
+    "generate",
+    "speculative_demo",
+    "DecodeOptions",
 ]

@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-
 # ------------------------------------------------------------------------------------------------------
 # Vocabulary-parallel greedy argmax
 # ------------------------------------------------------------------------------------------------------
@@ -44,8 +43,9 @@ def tp_group_of(model) -> Optional[dist.ProcessGroup]:
     return group
 
 
-def vocab_parallel_argmax(logits: Tensor, *, vocab_limit: Optional[int] = None,
-                          group: Optional[dist.ProcessGroup] = None) -> Tensor:
+def vocab_parallel_argmax(
+    logits: Tensor, *, vocab_limit: Optional[int] = None, group: Optional[dist.ProcessGroup] = None
+) -> Tensor:
     """Global greedy token of logits sharded along the last (vocabulary) dim over `group`.
 
     Each rank takes its local max and index; (value, global index) pairs are all-gathered and the highest
@@ -105,15 +105,20 @@ def _forward_chunks(model, tokens: Tensor) -> list:
     if getattr(model, "mtp", None) is None:
         return [hidden]
     hidden = model.mtp(
-        input_ids=tokens, position_ids=position_ids, hidden_states=hidden, attention_mask=None,
-        rotary_pos_emb=rotary, embedding=model.embedding,
+        input_ids=tokens,
+        position_ids=position_ids,
+        hidden_states=hidden,
+        attention_mask=None,
+        rotary_pos_emb=rotary,
+        embedding=model.embedding,
     )
     return list(torch.chunk(hidden, 1 + num_heads(model), dim=0))
 
 
 @torch.no_grad()
-def teacher_forced_outputs(model, tokens: Tensor, *, vocab_limit: Optional[int] = None,
-                           labels: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+def teacher_forced_outputs(
+    model, tokens: Tensor, *, vocab_limit: Optional[int] = None, labels: Optional[Tensor] = None
+) -> tuple[Tensor, Optional[Tensor]]:
     """Greedy tokens of the main head and every MTP head, [1 + D, b, s] (row 0 = main, row k = head k), and,
     when `labels` [b, s] are given, the main head's per-token cross-entropy [b, s] (fp32, vocab-parallel).
 
@@ -153,8 +158,9 @@ def teacher_forced_predictions(model, tokens: Tensor, *, vocab_limit: Optional[i
 # ------------------------------------------------------------------------------------------------------
 
 
-def acceptance_counts(preds: Tensor, loss_mask: Optional[Tensor] = None, max_k: Optional[int] = None,
-                      select: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
+def acceptance_counts(
+    preds: Tensor, loss_mask: Optional[Tensor] = None, max_k: Optional[int] = None, select: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
     """(acc, base), each [K] int64, from predictions [1 + D, b, s] (row 0 = main greedy).
 
     `loss_mask` [b, s] is megatron's label-aligned mask (entry t is about token t+1): the check of head k at
@@ -235,8 +241,15 @@ def acceptance_metrics(acc: Iterable[int], base: Iterable[int], positions: Optio
 
 
 @torch.no_grad()
-def evaluate_model(model, batches: Iterable, *, vocab_limit: Optional[int] = None, max_k: Optional[int] = None,
-                   dp_group=None, reduce: bool = True) -> dict:
+def evaluate_model(
+    model,
+    batches: Iterable,
+    *,
+    vocab_limit: Optional[int] = None,
+    max_k: Optional[int] = None,
+    dp_group=None,
+    reduce: bool = True,
+) -> dict:
     """Main-head validation loss and perplexity, plus teacher-forced a_k / CAR_k / tau when the model has
     MTP heads, over `batches` of dicts with 'tokens' (+ 'labels', 'loss_mask') or bare token tensors [b, s].
 
@@ -290,8 +303,15 @@ def evaluate_model(model, batches: Iterable, *, vocab_limit: Optional[int] = Non
 
 
 @torch.no_grad()
-def evaluate_acceptance(model, batches: Iterable, *, vocab_limit: Optional[int] = None,
-                        max_k: Optional[int] = None, dp_group=None, reduce: bool = True) -> dict:
+def evaluate_acceptance(
+    model,
+    batches: Iterable,
+    *,
+    vocab_limit: Optional[int] = None,
+    max_k: Optional[int] = None,
+    dp_group=None,
+    reduce: bool = True,
+) -> dict:
     """Teacher-forced a_k / CAR_k / tau (and the main head's loss) over `batches`: `evaluate_model` for a
     model that must have MTP heads."""
     if num_heads(model) == 0:

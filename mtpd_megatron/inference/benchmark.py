@@ -26,8 +26,18 @@ def _groups(prompts: list, batch: int) -> list:
     return [prompts[i : i + batch] for i in range(0, len(prompts) - batch + 1, batch)]
 
 
-def run_decoder(model, prompts: list, k: int, new_tokens: int, options: DecodeOptions, *, repeats: int = 1,
-                vocab_limit=None, batch: int = 1, eos_id: Optional[int] = None) -> dict:
+def run_decoder(
+    model,
+    prompts: list,
+    k: int,
+    new_tokens: int,
+    options: DecodeOptions,
+    *,
+    repeats: int = 1,
+    vocab_limit=None,
+    batch: int = 1,
+    eos_id: Optional[int] = None,
+) -> dict:
     """Decode every batch of prompts (batch 1 = each prompt alone) `repeats` times; keep the median run of each.
 
     Returns the pooled figures and the per-sample tokens (`tokens`, in the order of the batches).
@@ -56,15 +66,20 @@ def run_decoder(model, prompts: list, k: int, new_tokens: int, options: DecodeOp
             depth_runs = [x + y for x, y in zip(depth_runs, best.depth_runs)] if depth_runs else list(best.depth_runs)
     n_tokens = sum(len(t) for t in tokens)
     out = {
-        "k": k, "batch": batch, "options": options.as_dict(),
-        "seconds": sum(seconds), "decode_seconds": sum(decode_seconds), "new_tokens": n_tokens,
+        "k": k,
+        "batch": batch,
+        "options": options.as_dict(),
+        "seconds": sum(seconds),
+        "decode_seconds": sum(decode_seconds),
+        "new_tokens": n_tokens,
         "tokens_per_second": n_tokens / sum(seconds),
         "decode_tokens_per_second": (n_tokens - len(tokens)) / sum(decode_seconds),
         "steps": steps,
         "tokens_per_step": (sum(accepted) + len(accepted)) / len(accepted) if accepted else None,
         "step_ms": 1000 * sum(decode_seconds) / steps if steps else None,
         "per_position_acceptance": [sum(a >= j for a in accepted) / len(accepted) for j in range(1, k + 1)]
-        if accepted else [],
+        if accepted
+        else [],
         "mean_proposed": sum(proposed) / len(proposed) if proposed and k else None,
         "depth_runs": depth_runs,
         "tokens": tokens,
@@ -95,8 +110,18 @@ def _strip(row: dict) -> dict:
     return {key: value for key, value in row.items() if key != "tokens"}
 
 
-def bench(model, prompts: list, ks: list, new_tokens: int, *, repeats: int = 3, cuda_graphs: bool = True,
-          vocab_limit=None, fp32_logits: bool = False, options: Optional[DecodeOptions] = None) -> tuple:
+def bench(
+    model,
+    prompts: list,
+    ks: list,
+    new_tokens: int,
+    *,
+    repeats: int = 3,
+    cuda_graphs: bool = True,
+    vocab_limit=None,
+    fp32_logits: bool = False,
+    options: Optional[DecodeOptions] = None,
+) -> tuple:
     """Time greedy (k=0) and each k on every prompt at batch 1; return (per-k summary, greedy tokens)."""
     cuda = next(model.parameters()).is_cuda
     options = options or DecodeOptions(cuda_graphs=cuda_graphs and cuda, fp32_logits=fp32_logits)
@@ -119,8 +144,18 @@ def _safely(fn, *args, **kwargs) -> dict:
         return {"error": f"{type(err).__name__}: {' '.join(str(err).split())[:400]}"}
 
 
-def bench_ablation(model, prompts: list, k: int, new_tokens: int, base: DecodeOptions, *, switches=None,
-                   repeats: int = 1, vocab_limit=None, on_row=None) -> list:
+def bench_ablation(
+    model,
+    prompts: list,
+    k: int,
+    new_tokens: int,
+    base: DecodeOptions,
+    *,
+    switches=None,
+    repeats: int = 1,
+    vocab_limit=None,
+    on_row=None,
+) -> list:
     """Greedy and K-draft step cost with each switch of ABLATION_SWITCHES on, beside the baseline (all off).
 
     `on_row(rows)` is called after every row (the tool saves its JSON there)."""
@@ -141,9 +176,14 @@ def bench_ablation(model, prompts: list, k: int, new_tokens: int, base: DecodeOp
                 row[f"{label}_error"] = r["error"]
                 continue
             compare(r, reference, "baseline_greedy")
-            row.update({f"{label}_step_ms": r["step_ms"], f"{label}_tokens_per_second": r["tokens_per_second"],
-                        f"{label}_matching_baseline_greedy": r["baseline_greedy_matching"],
-                        f"{label}_tokens_per_step": r["tokens_per_step"]})
+            row.update(
+                {
+                    f"{label}_step_ms": r["step_ms"],
+                    f"{label}_tokens_per_second": r["tokens_per_second"],
+                    f"{label}_matching_baseline_greedy": r["baseline_greedy_matching"],
+                    f"{label}_tokens_per_step": r["tokens_per_step"],
+                }
+            )
         if row.get("greedy_step_ms") and row.get(f"k{k}_step_ms"):
             row[f"k{k}_step_cost_vs_greedy"] = row[f"k{k}_step_ms"] / row["greedy_step_ms"]
         for label in ("greedy", f"k{k}"):
@@ -156,8 +196,18 @@ def bench_ablation(model, prompts: list, k: int, new_tokens: int, base: DecodeOp
     return rows
 
 
-def bench_adaptive(model, prompts: list, k: int, thresholds: list, new_tokens: int, base: DecodeOptions, *,
-                   fixed: Optional[list] = None, repeats: int = 1, vocab_limit=None) -> list:
+def bench_adaptive(
+    model,
+    prompts: list,
+    k: int,
+    thresholds: list,
+    new_tokens: int,
+    base: DecodeOptions,
+    *,
+    fixed: Optional[list] = None,
+    repeats: int = 1,
+    vocab_limit=None,
+) -> list:
     """Fixed K = 1..k and adaptive drafting (threshold P, up to k heads), each against the same greedy run."""
     greedy = run_decoder(model, prompts, 0, new_tokens, base, repeats=repeats, vocab_limit=vocab_limit)
     rows = [dict(_strip(greedy), mode="greedy")]
@@ -172,37 +222,56 @@ def bench_adaptive(model, prompts: list, k: int, thresholds: list, new_tokens: i
     return rows
 
 
-def bench_exact(model, prompts: list, k: int, new_tokens: int, base: DecodeOptions, *, repeats: int = 1,
-                vocab_limit=None) -> dict:
+def bench_exact(
+    model, prompts: list, k: int, new_tokens: int, base: DecodeOptions, *, repeats: int = 1, vocab_limit=None
+) -> dict:
     """Fast greedy (1 position per step), exact greedy (k+1 positions, the verify's kernels) and K drafts.
 
     Counts the prompts whose speculative tokens differ from each greedy, and the cost of the exact greedy.
     """
     fast = run_decoder(model, prompts, 0, new_tokens, base, repeats=repeats, vocab_limit=vocab_limit)
-    exact = run_decoder(model, prompts, 0, new_tokens, base.with_(verify_width=k + 1), repeats=repeats,
-                        vocab_limit=vocab_limit)
+    exact = run_decoder(
+        model, prompts, 0, new_tokens, base.with_(verify_width=k + 1), repeats=repeats, vocab_limit=vocab_limit
+    )
     spec = run_decoder(model, prompts, k, new_tokens, base, repeats=repeats, vocab_limit=vocab_limit)
     for row in (exact, spec):
         compare(row, fast["tokens"], "fast_greedy")
     compare(spec, exact["tokens"], "exact_greedy")
     _relative(spec, fast)
     _relative(exact, fast)
-    return {"k": k, "fast_greedy": _strip(fast), "exact_greedy": _strip(exact), "speculative": _strip(spec),
-            "speculative_mismatches_vs_fast_greedy": len(prompts) - spec["fast_greedy_matching"],
-            "speculative_mismatches_vs_exact_greedy": len(prompts) - spec["exact_greedy_matching"],
-            "exact_greedy_cost_vs_fast": exact["step_ms"] / fast["step_ms"] if fast["step_ms"] else None,
-            "speedup_vs_exact_greedy": exact["seconds"] / spec["seconds"]}
+    return {
+        "k": k,
+        "fast_greedy": _strip(fast),
+        "exact_greedy": _strip(exact),
+        "speculative": _strip(spec),
+        "speculative_mismatches_vs_fast_greedy": len(prompts) - spec["fast_greedy_matching"],
+        "speculative_mismatches_vs_exact_greedy": len(prompts) - spec["exact_greedy_matching"],
+        "exact_greedy_cost_vs_fast": exact["step_ms"] / fast["step_ms"] if fast["step_ms"] else None,
+        "speedup_vs_exact_greedy": exact["seconds"] / spec["seconds"],
+    }
 
 
-def bench_batches(model, prompts: list, k: int, batches: list, new_tokens: int, base: DecodeOptions, *,
-                  repeats: int = 1, vocab_limit=None, reference: Optional[list] = None) -> list:
+def bench_batches(
+    model,
+    prompts: list,
+    k: int,
+    batches: list,
+    new_tokens: int,
+    base: DecodeOptions,
+    *,
+    repeats: int = 1,
+    vocab_limit=None,
+    reference: Optional[list] = None,
+) -> list:
     """Greedy and K-draft tokens/s at each batch size (ragged acceptance), speedup at the same batch."""
     rows = []
     for b in batches:
-        greedy = _safely(run_decoder, model, prompts, 0, new_tokens, base, repeats=repeats, vocab_limit=vocab_limit,
-                         batch=b)
-        spec = _safely(run_decoder, model, prompts, k, new_tokens, base, repeats=repeats, vocab_limit=vocab_limit,
-                       batch=b)
+        greedy = _safely(
+            run_decoder, model, prompts, 0, new_tokens, base, repeats=repeats, vocab_limit=vocab_limit, batch=b
+        )
+        spec = _safely(
+            run_decoder, model, prompts, k, new_tokens, base, repeats=repeats, vocab_limit=vocab_limit, batch=b
+        )
         row = {"batch": b, "k": k}
         if "error" in greedy or "error" in spec:
             row["error"] = greedy.get("error") or spec.get("error")
@@ -214,8 +283,9 @@ def bench_batches(model, prompts: list, k: int, batches: list, new_tokens: int, 
             compare(spec, cycled, "greedy_batch1")
             compare(greedy, cycled, "greedy_batch1")
         _relative(spec, greedy)
-        row.update(greedy=_strip(greedy), speculative=_strip(spec), speedup=spec["speedup"],
-                   samples=len(spec["tokens"]))
+        row.update(
+            greedy=_strip(greedy), speculative=_strip(spec), speedup=spec["speedup"], samples=len(spec["tokens"])
+        )
         rows.append(row)
     return rows
 

@@ -71,10 +71,13 @@ class Generation:
 
     def as_dict(self) -> dict:
         return {
-            "k": self.k, "seconds": self.seconds, "prefill_seconds": self.prefill_seconds,
+            "k": self.k,
+            "seconds": self.seconds,
+            "prefill_seconds": self.prefill_seconds,
             "new_tokens": self.new_tokens,
             "tokens_per_second": self.new_tokens / self.seconds if self.seconds > 0 else None,
-            "steps": sum(self.steps), "tokens_per_step": self.tokens_per_step,
+            "steps": sum(self.steps),
+            "tokens_per_step": self.tokens_per_step,
             "per_position_acceptance": self.per_position_acceptance,
             "per_head_acceptance": self.per_head_acceptance,
         }
@@ -96,9 +99,17 @@ class SpeculativeDecoder:
     speculative output in bf16 too.
     """
 
-    def __init__(self, model, *, k: int = 0, max_length: int = 1024, vocab_limit: Optional[int] = None,
-                 options: Optional[DecodeOptions] = None, cuda_graphs: Optional[bool] = None,
-                 fp32_logits: Optional[bool] = None):
+    def __init__(
+        self,
+        model,
+        *,
+        k: int = 0,
+        max_length: int = 1024,
+        vocab_limit: Optional[int] = None,
+        options: Optional[DecodeOptions] = None,
+        cuda_graphs: Optional[bool] = None,
+        fp32_logits: Optional[bool] = None,
+    ):
         opts = options or DecodeOptions()
         if cuda_graphs is not None:
             opts = opts.with_(cuda_graphs=bool(cuda_graphs))
@@ -109,11 +120,15 @@ class SpeculativeDecoder:
         if k < 0:
             raise ValueError(f"k={k}: the number of drafted tokens must be >= 0")
         if k > heads:
-            raise ValueError(f"k={k} drafted tokens but the model has {heads} MTP heads: use k <= {heads} "
-                             "(each draft position needs its own trained head)")
+            raise ValueError(
+                f"k={k} drafted tokens but the model has {heads} MTP heads: use k <= {heads} "
+                "(each draft position needs its own trained head)"
+            )
         if cfg.sequence_parallel:
-            raise ValueError("decoding needs parallel.sequence_parallel=false (build/load the model without "
-                             "sequence parallelism, e.g. at TP=1: torch_dist checkpoints reshard)")
+            raise ValueError(
+                "decoding needs parallel.sequence_parallel=false (build/load the model without "
+                "sequence parallelism, e.g. at TP=1: torch_dist checkpoints reshard)"
+            )
         if getattr(cfg, "pipeline_model_parallel_size", 1) > 1 or getattr(cfg, "context_parallel_size", 1) > 1:
             raise ValueError("decoding runs on a model without pipeline or context parallelism (PP=CP=1)")
         self.model = model
@@ -127,15 +142,26 @@ class SpeculativeDecoder:
         if opts.cuda_graphs and (not cuda or tp is not None):
             raise ValueError("cuda_graphs=True needs the model on a CUDA device at TP=1 (use cuda_graphs=False)")
         if opts.compile and not cuda:
-            raise ValueError("compile=True needs a CUDA device (inductor's CPU path needs a C++ toolchain and is "
-                             "not what is measured): leave it off on CPU")
-        needs_tp1 = [n for n, on in (("fused_prologue", opts.fused_prologue), ("argmax_chunk", opts.argmax_chunk),
-                                     ("draft_threshold", opts.adaptive)) if on]
+            raise ValueError(
+                "compile=True needs a CUDA device (inductor's CPU path needs a C++ toolchain and is "
+                "not what is measured): leave it off on CPU"
+            )
+        needs_tp1 = [
+            n
+            for n, on in (
+                ("fused_prologue", opts.fused_prologue),
+                ("argmax_chunk", opts.argmax_chunk),
+                ("draft_threshold", opts.adaptive),
+            )
+            if on
+        ]
         if needs_tp1 and tp is not None:
             raise ValueError(f"{', '.join(needs_tp1)} need TP=1 (the model is tensor-parallel)")
         if opts.verify_width is not None and opts.verify_width < k + 1:
-            raise ValueError(f"verify_width={opts.verify_width} < k+1={k + 1}: the verify forward needs a position "
-                             "for x_{p+1} and each draft")
+            raise ValueError(
+                f"verify_width={opts.verify_width} < k+1={k + 1}: the verify forward needs a position "
+                "for x_{p+1} and each draft"
+            )
         self.options = opts
         self.use_graphs = opts.cuda_graphs
         self.width = opts.verify_width or k + 1  # positions per verify forward
@@ -243,8 +269,11 @@ class SpeculativeDecoder:
         rope = self._rope(positions)
         if self._prologues is None:
             out = layer.forward_single_position(
-                hidden_states=hidden, next_token_ids=tokens, position_ids=positions,
-                embedding=self.model.embedding, rotary_pos_emb=rope,
+                hidden_states=hidden,
+                next_token_ids=tokens,
+                position_ids=positions,
+                embedding=self.model.embedding,
+                rotary_pos_emb=rope,
             )
         else:  # the same modules, with enorm/hnorm/concat/eh_proj fused (fused.py)
             with self._region("head_prologue"):
@@ -268,9 +297,15 @@ class SpeculativeDecoder:
         if opts.argmax_chunk:
             limit = self.vocab_limit or self._out_weight.shape[0]
             with self._region(f"{self._phase}.output_layer+argmax"):
-                tokens, prob = chunked_greedy(hidden, self._out_weight, limit, opts.argmax_chunk,
-                                              scale=self.model._scale_logits, fp32=self.fp32_logits,
-                                              confidence=confidence)
+                tokens, prob = chunked_greedy(
+                    hidden,
+                    self._out_weight,
+                    limit,
+                    opts.argmax_chunk,
+                    scale=self.model._scale_logits,
+                    fp32=self.fp32_logits,
+                    confidence=confidence,
+                )
             return (tokens, prob) if confidence else tokens
         if not self.fp32_logits and not confidence and not self.annotate:
             return greedy_tokens(self.model, hidden, vocab_limit=self.vocab_limit)
@@ -469,15 +504,22 @@ class SpeculativeDecoder:
         longest = max(len(x) for x in prompts) + max_new_tokens
         context = getattr(self.model, "max_sequence_length", None)
         if context is not None and longest > context:
-            raise ValueError(f"prompt ({max(len(x) for x in prompts)} tokens) + {max_new_tokens} new tokens exceed the "
-                             f"model's context of {context} tokens (model.max_position_embeddings): shorten the "
-                             "prompt or ask for fewer new tokens")
+            raise ValueError(
+                f"prompt ({max(len(x) for x in prompts)} tokens) + {max_new_tokens} new tokens exceed the "
+                f"model's context of {context} tokens (model.max_position_embeddings): shorten the "
+                "prompt or ask for fewer new tokens"
+            )
         if longest > self.max_length:
             raise ValueError(f"prompt + max_new_tokens = {longest} tokens exceeds max_length={self.max_length}")
 
     @torch.no_grad()
-    def generate(self, prompts: Union[Sequence[Sequence[int]], Tensor], max_new_tokens: int,
-                 eos_id: Optional[int] = None, max_steps_per_sync: Optional[int] = None) -> Generation:
+    def generate(
+        self,
+        prompts: Union[Sequence[Sequence[int]], Tensor],
+        max_new_tokens: int,
+        eos_id: Optional[int] = None,
+        max_steps_per_sync: Optional[int] = None,
+    ) -> Generation:
         """Decode every prompt greedily (k=0) or speculatively; the tokens are the same either way."""
         if isinstance(prompts, Tensor):
             prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
@@ -543,9 +585,16 @@ class SpeculativeDecoder:
         previous = [1.0] + car[:-1]
         per_head = [c / q if q else 0.0 for c, q in zip(car, previous)]
         return Generation(
-            tokens=tokens, k=self.k, steps=steps, accepted=accepted, draft_positions=positions,
-            seconds=seconds, tokens_per_step=(sum(flat) + total) / total if total else 0.0,
-            per_position_acceptance=car, per_head_acceptance=per_head, proposed=proposed,
+            tokens=tokens,
+            k=self.k,
+            steps=steps,
+            accepted=accepted,
+            draft_positions=positions,
+            seconds=seconds,
+            tokens_per_step=(sum(flat) + total) / total if total else 0.0,
+            per_position_acceptance=car,
+            per_head_acceptance=per_head,
+            proposed=proposed,
             depth_runs=list(getattr(self, "_depth_runs", [])) if self.options.per_phase else [],
         )
 
@@ -577,16 +626,26 @@ def _compiled(model, on: bool, backend: str = "inductor"):
         layers += [layer.mtp_model_layer for layer in mtp.layers]
     try:
         for layer in layers:
-            layer.compile(backend=backend)  # automatic dynamic shapes: a window width seen twice compiles once more, not per width
+            layer.compile(
+                backend=backend
+            )  # automatic dynamic shapes: a window width seen twice compiles once more, not per width
         yield
     finally:
         for layer in layers:
             layer._compiled_call_impl = None
 
 
-def generate(model, prompts, max_new_tokens: int, *, k: int = 0, eos_id: Optional[int] = None,
-             vocab_limit: Optional[int] = None, cuda_graphs: bool = False,
-             options: Optional[DecodeOptions] = None) -> Generation:
+def generate(
+    model,
+    prompts,
+    max_new_tokens: int,
+    *,
+    k: int = 0,
+    eos_id: Optional[int] = None,
+    vocab_limit: Optional[int] = None,
+    cuda_graphs: bool = False,
+    options: Optional[DecodeOptions] = None,
+) -> Generation:
     """One-off decoding (builds a decoder sized for this call)."""
     if isinstance(prompts, Tensor):
         prompts = prompts.tolist() if prompts.dim() == 2 else [prompts.tolist()]
@@ -596,6 +655,8 @@ def generate(model, prompts, max_new_tokens: int, *, k: int = 0, eos_id: Optiona
         options = options.with_(cuda_graphs=True)
     decoder = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit, options=options)
     return decoder.generate(prompts, max_new_tokens, eos_id=eos_id)
+
+
 def _encode(tokenizer, text: str) -> list:
     for name in ("tokenize", "encode"):
         fn = getattr(tokenizer, name, None)
@@ -613,8 +674,16 @@ def _decode(tokenizer, ids: list) -> str:
     raise TypeError("tokenizer needs a detokenize() or decode() method")
 
 
-def speculative_demo(model, tokenizer, prompt: str, k: int, max_new_tokens: int, *,
-                     vocab_limit: Optional[int] = None, options: Optional[DecodeOptions] = None) -> dict:
+def speculative_demo(
+    model,
+    tokenizer,
+    prompt: str,
+    k: int,
+    max_new_tokens: int,
+    *,
+    vocab_limit: Optional[int] = None,
+    options: Optional[DecodeOptions] = None,
+) -> dict:
     """Decode `prompt` greedily and with k drafts; check they agree; report speed and acceptance.
 
     Returns dict(text, tokens_per_step, identical_to_greedy, per_position_acceptance, per_head_acceptance,
@@ -625,8 +694,9 @@ def speculative_demo(model, tokenizer, prompt: str, k: int, max_new_tokens: int,
         vocab_limit = getattr(tokenizer, "vocab_size", None)
     length = len(ids) + max_new_tokens
     greedy = SpeculativeDecoder(model, k=0, max_length=length, vocab_limit=vocab_limit).generate([ids], max_new_tokens)
-    spec = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit,
-                              options=options).generate([ids], max_new_tokens)
+    spec = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit, options=options).generate(
+        [ids], max_new_tokens
+    )
     return {
         "prompt": prompt,
         "text": _decode(tokenizer, spec.tokens[0]),

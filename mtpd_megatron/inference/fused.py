@@ -36,7 +36,9 @@ def _norm_kind(norm) -> tuple:
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
     if weight is None or eps is None:
         raise ValueError(f"fused_prologue: cannot read the gain/eps of {type(norm).__name__}")
-    if getattr(norm, "zero_centered_gamma", False) or getattr(getattr(norm, "config", None), "layernorm_zero_centered_gamma", False):
+    if getattr(norm, "zero_centered_gamma", False) or getattr(
+        getattr(norm, "config", None), "layernorm_zero_centered_gamma", False
+    ):
         raise ValueError("fused_prologue does not support layernorm_zero_centered_gamma")
     kind = "rms" if "rms" in name else "layer"
     return kind, float(eps), weight, bias
@@ -92,8 +94,9 @@ class FusedHeadPrologue:
         return F.linear(x.view(s, b, 2 * h), self.weight, self.bias)
 
 
-def chunked_greedy(hidden: Tensor, weight: Tensor, limit: int, chunk: int, *, scale=None, fp32: bool = False,
-                   confidence: bool = False) -> tuple:
+def chunked_greedy(
+    hidden: Tensor, weight: Tensor, limit: int, chunk: int, *, scale=None, fp32: bool = False, confidence: bool = False
+) -> tuple:
     """hidden [s, b, h], weight [V, h] -> (tokens [s, b], top-1 probability [s, b] fp32 or None).
 
     `scale` is applied to each chunk's logits (megatron's `_scale_logits`); `fp32` computes each chunk's logits

@@ -34,13 +34,15 @@ from typing import Optional
 
 import torch
 
-SIDECAR_DIR = "mtp"                # the heads of a sidecar export live in EXPORT/mtp/
-MANIFEST = "mtp_heads.json"        # EXPORT/mtp/mtp_heads.json describes them
+SIDECAR_DIR = "mtp"  # the heads of a sidecar export live in EXPORT/mtp/
+MANIFEST = "mtp_heads.json"  # EXPORT/mtp/mtp_heads.json describes them
 FORMAT = "mtpd-mtp-heads/1"
-LAYOUT = ("DeepSeek-V3 MTP: head k (1-based) is model.layers.{L+k-1}.* = enorm, hnorm, eh_proj, the decoder "
-          "layer's own tensors, shared_head.norm; h_k[t] = shared_head.norm(layer(eh_proj(cat(enorm(embed(x[t+k])), "
-          "hnorm(h_{k-1}[t]))))), logits_k = lm_head(h_k), h_0 = the model's final-normed hidden state; the "
-          "embedding and the LM head are the main model's (not stored here)")
+LAYOUT = (
+    "DeepSeek-V3 MTP: head k (1-based) is model.layers.{L+k-1}.* = enorm, hnorm, eh_proj, the decoder "
+    "layer's own tensors, shared_head.norm; h_k[t] = shared_head.norm(layer(eh_proj(cat(enorm(embed(x[t+k])), "
+    "hnorm(h_{k-1}[t]))))), logits_k = lm_head(h_k), h_0 = the model's final-normed hidden state; the "
+    "embedding and the LM head are the main model's (not stored here)"
+)
 
 
 class MTPHeadsError(ValueError):
@@ -98,10 +100,17 @@ def locate_heads(path) -> dict:
             manifest = json.loads(manifest_path.read_text())
             num, layers = int(manifest["num_heads"]), int(manifest["num_hidden_layers"])
         except (ValueError, KeyError, TypeError):
-            raise MTPHeadsError(f"{manifest_path} is not an MTP heads manifest (num_heads, num_hidden_layers)") from None
+            raise MTPHeadsError(
+                f"{manifest_path} is not an MTP heads manifest (num_heads, num_hidden_layers)"
+            ) from None
         files = weight_files(root / SIDECAR_DIR)
-        return {"layout": "sidecar", "num_heads": num, "num_hidden_layers": layers, "manifest": manifest,
-                "files": {n: f for n, f in files.items() if _is_head(n, layers, num)}}
+        return {
+            "layout": "sidecar",
+            "num_heads": num,
+            "num_hidden_layers": layers,
+            "manifest": manifest,
+            "files": {n: f for n, f in files.items() if _is_head(n, layers, num)},
+        }
     try:
         conf = _text_config(json.loads((root / "config.json").read_text()))
     except FileNotFoundError:
@@ -112,8 +121,13 @@ def locate_heads(path) -> dict:
     num = int(conf.get("num_nextn_predict_layers") or conf.get("num_mtp_layers") or 0)
     if not num:
         return {"layout": "none", "num_heads": 0, "num_hidden_layers": layers, "manifest": None, "files": {}}
-    return {"layout": "inline", "num_heads": num, "num_hidden_layers": layers, "manifest": None,
-            "files": {n: f for n, f in weight_files(root).items() if _is_head(n, layers, num)}}
+    return {
+        "layout": "inline",
+        "num_heads": num,
+        "num_hidden_layers": layers,
+        "manifest": None,
+        "files": {n: f for n, f in weight_files(root).items() if _is_head(n, layers, num)},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,8 +185,10 @@ def _weight_conversions(mtp, model) -> list:
     from transformers.core_model_loading import WeightRenaming
 
     layers = model.config.get_text_config().num_hidden_layers
-    conversions = [WeightRenaming(source_patterns=f"layers.{n}.", target_patterns=f"layers.{n - layers}.mtp_block.")
-                   for n in range(layers, layers + mtp.num_mtp_layers)]
+    conversions = [
+        WeightRenaming(source_patterns=f"layers.{n}.", target_patterns=f"layers.{n - layers}.mtp_block.")
+        for n in range(layers, layers + mtp.num_mtp_layers)
+    ]
     conversions.extend(get_model_conversion_mapping(mtp, add_legacy=False))
     main = getattr(model, "_weight_conversions", None)
     conversions.extend(main if main is not None else get_model_conversion_mapping(model))
@@ -183,9 +199,9 @@ def load_mtp_model(model, path=None, num_heads: Optional[int] = None):
     """transformers' MtpModel holding the first `num_heads` (default: all) heads of export `path` (default: where
     `model` was loaded from), tied to `model`'s embedding, LM head and rotary embedding."""
     from safetensors import safe_open
+    from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.modeling_layers import MtpModel
     from transformers.modeling_utils import LoadStateDictConfig
-    from transformers.core_model_loading import convert_and_load_state_dict_in_model
     from transformers.utils import ContextManagers
 
     path = Path(path or model.config.name_or_path)
@@ -193,14 +209,18 @@ def load_mtp_model(model, path=None, num_heads: Optional[int] = None):
     available = heads["num_heads"]
     num = available if num_heads is None else int(num_heads)
     if not available:
-        raise MTPHeadsError(f"{path}: the export has no MTP heads (no {SIDECAR_DIR}/{MANIFEST}, config.json declares "
-                            f"none); re-export with --mtp sidecar or attach them with tools/attach_mtp_heads.py")
+        raise MTPHeadsError(
+            f"{path}: the export has no MTP heads (no {SIDECAR_DIR}/{MANIFEST}, config.json declares "
+            f"none); re-export with --mtp sidecar or attach them with tools/attach_mtp_heads.py"
+        )
     if not 1 <= num <= available:
         raise MTPHeadsError(f"{path}: {available} MTP heads exported, {num} asked for (use 1..{available})")
     conf = model.config.get_text_config()
     if heads["num_hidden_layers"] != conf.num_hidden_layers:
-        raise MTPHeadsError(f"{path}: the heads follow a {heads['num_hidden_layers']}-layer model, this one has "
-                            f"{conf.num_hidden_layers} layers")
+        raise MTPHeadsError(
+            f"{path}: the heads follow a {heads['num_hidden_layers']}-layer model, this one has "
+            f"{conf.num_hidden_layers} layers"
+        )
     with _mtp_fields(conf, num), ContextManagers(MtpModel.get_init_context(model.dtype, False, False, None)):
         mtp = MtpModel(model, num)
     layers = conf.num_hidden_layers
@@ -217,16 +237,26 @@ def load_mtp_model(model, path=None, num_heads: Optional[int] = None):
                     state[name] = handle.get_slice(name)
         device = next(model.get_decoder().layers[-1].parameters()).device
         info, _ = convert_and_load_state_dict_in_model(
-            model=mtp, state_dict=state,
-            load_config=LoadStateDictConfig(weight_mapping=_weight_conversions(mtp, model),
-                                            device_map={"": device}, dtype=model.dtype))
+            model=mtp,
+            state_dict=state,
+            load_config=LoadStateDictConfig(
+                weight_mapping=_weight_conversions(mtp, model), device_map={"": device}, dtype=model.dtype
+            ),
+        )
     finally:
         for handle in handles:
             handle.__exit__(None, None, None)
     mtp._adjust_missing_and_unexpected_keys(info)
-    problems = [f"{what} {sorted(keys)[:3]}" for what, keys in (
-        ("missing", info.missing_keys), ("unexpected", info.unexpected_keys), ("mismatched", info.mismatched_keys),
-        ("not converted", info.conversion_errors)) if keys]
+    problems = [
+        f"{what} {sorted(keys)[:3]}"
+        for what, keys in (
+            ("missing", info.missing_keys),
+            ("unexpected", info.unexpected_keys),
+            ("mismatched", info.mismatched_keys),
+            ("not converted", info.conversion_errors),
+        )
+        if keys
+    ]
     if problems:
         raise MTPHeadsError(f"{path}: the MTP heads do not fit {type(model).__name__} ({'; '.join(problems)})")
     mtp.tie_with_main_model(model)
@@ -274,15 +304,19 @@ def _candidate_generator_class():
             self.record = record if record is not None else {}
             self.record.update(drafts=[], accepted=[])
 
-        def get_candidates(self, input_ids, model_kwargs, model_outputs, is_first_iteration, n_last_matches,
-                           **kwargs):
+        def get_candidates(self, input_ids, model_kwargs, model_outputs, is_first_iteration, n_last_matches, **kwargs):
             if self.record["drafts"]:
                 self.record["accepted"].append(int(n_last_matches))
-            ids, logits = super().get_candidates(input_ids, model_kwargs=model_kwargs, model_outputs=model_outputs,
-                                                 is_first_iteration=is_first_iteration,
-                                                 n_last_matches=n_last_matches, **kwargs)
+            ids, logits = super().get_candidates(
+                input_ids,
+                model_kwargs=model_kwargs,
+                model_outputs=model_outputs,
+                is_first_iteration=is_first_iteration,
+                n_last_matches=n_last_matches,
+                **kwargs,
+            )
             if ids.shape[1] > input_ids.shape[1]:
-                self.record["drafts"].append(ids[0, input_ids.shape[1]:].tolist())
+                self.record["drafts"].append(ids[0, input_ids.shape[1] :].tolist())
             return ids, logits
 
     return ExportMTPCandidateGenerator
@@ -329,5 +363,18 @@ def generate(*args, model, num_mtp_heads: Optional[int] = None, **kwargs):
     return type(model).generate(model, *args, **kwargs)
 
 
-__all__ = ["FORMAT", "LAYOUT", "MANIFEST", "MTPHeadsError", "SIDECAR_DIR", "enable_mtp", "enabled_mtp", "generate",
-           "head_index", "load_mtp_model", "locate_heads", "teacher_forced_logits", "weight_files"]
+__all__ = [
+    "FORMAT",
+    "LAYOUT",
+    "MANIFEST",
+    "MTPHeadsError",
+    "SIDECAR_DIR",
+    "enable_mtp",
+    "enabled_mtp",
+    "generate",
+    "head_index",
+    "load_mtp_model",
+    "locate_heads",
+    "teacher_forced_logits",
+    "weight_files",
+]

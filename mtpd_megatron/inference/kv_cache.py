@@ -69,12 +69,29 @@ class CachedCoreAttention(torch.nn.Module):
         self.state = state
         self.softmax_scale = getattr(original, "softmax_scale", None)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None, **kwargs) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask=None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        **kwargs,
+    ) -> Tensor:
         st = self.state
         if st.kv is None:
-            return self.original(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                                 attention_bias=attention_bias, packed_seq_params=packed_seq_params, **kwargs)
+            return self.original(
+                query,
+                key,
+                value,
+                attention_mask,
+                attn_mask_type=attn_mask_type,
+                attention_bias=attention_bias,
+                packed_seq_params=packed_seq_params,
+                **kwargs,
+            )
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("cached decoding supports neither attention_bias nor packed sequences")
         with torch.profiler.record_function("attention") if st.annotate else contextlib.nullcontext():
@@ -89,7 +106,11 @@ class CachedCoreAttention(torch.nn.Module):
         kv.k.scatter_(2, idx, key.permute(1, 2, 0, 3).to(kv.k.dtype))
         kv.v.scatter_(2, idx, value.permute(1, 2, 0, 3).to(kv.v.dtype))
         context = F.scaled_dot_product_attention(
-            query.permute(1, 2, 0, 3), kv.k, kv.v, attn_mask=st.mask, scale=self.softmax_scale,
+            query.permute(1, 2, 0, 3),
+            kv.k,
+            kv.v,
+            attn_mask=st.mask,
+            scale=self.softmax_scale,
             enable_gqa=heads != groups,
         )
         return context.permute(2, 0, 1, 3).reshape(s, b, heads * dim)

@@ -46,17 +46,20 @@ def resolve_checkpoint(spec: str) -> Path:
     """An `iter_N` directory, or a save directory (-> its newest complete checkpoint)."""
     folder = Path(spec)
     if (folder / "config.json").is_file() and any(folder.glob("*.safetensors*")):
-        raise CheckpointError(f"--ckpt {spec}: this is a Hugging Face export, not a training checkpoint; convert "
-                              f"it with tools/convert_from_hf.py --hf {spec} --out CKPT_DIR (or load it with "
-                              "transformers)")
+        raise CheckpointError(
+            f"--ckpt {spec}: this is a Hugging Face export, not a training checkpoint; convert "
+            f"it with tools/convert_from_hf.py --hf {spec} --out CKPT_DIR (or load it with "
+            "transformers)"
+        )
     path = layout.resolve(str(spec), None, log=lambda *_: None, flag="--ckpt")
     if path is None:
         raise CheckpointError(f"--ckpt {spec}: no checkpoint found")
     return path
 
 
-def inference_config(meta: dict, *, tp: int = 1, ep: int = 1, device: str = "auto",
-                     sequence_parallel: Optional[bool] = None) -> Config:
+def inference_config(
+    meta: dict, *, tp: int = 1, ep: int = 1, device: str = "auto", sequence_parallel: Optional[bool] = None
+) -> Config:
     """The checkpoint's config with the parallel layout of this process (PP = CP = 1)."""
     cfg = config_from_dict(meta["config"])
     moe = bool(cfg.model.moe.num_experts)
@@ -82,19 +85,30 @@ def ensure_distributed(cfg: Config) -> torch.device:
     if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
         tp = parallel_state.get_tensor_model_parallel_world_size()
         if tp != cfg.parallel.tensor_model_parallel_size:
-            raise ValueError(f"megatron is already initialised with TP={tp}, not {cfg.parallel.tensor_model_parallel_size}")
+            raise ValueError(
+                f"megatron is already initialised with TP={tp}, not {cfg.parallel.tensor_model_parallel_size}"
+            )
         return resolve_device(cfg.training.device)
     env = read_env()
     if env.world_size % cfg.parallel.tensor_model_parallel_size:
-        raise ValueError(f"world size {env.world_size} is not a multiple of --tp {cfg.parallel.tensor_model_parallel_size}")
+        raise ValueError(
+            f"world size {env.world_size} is not a multiple of --tp {cfg.parallel.tensor_model_parallel_size}"
+        )
     device = init_distributed(cfg, env)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
-def load_for_inference(spec: str, *, tp: int = 1, ep: int = 1, device: str = "auto",
-                       dtype: Optional[torch.dtype] = None, sequence_parallel: Optional[bool] = None) -> LoadedModel:
+def load_for_inference(
+    spec: str,
+    *,
+    tp: int = 1,
+    ep: int = 1,
+    device: str = "auto",
+    dtype: Optional[torch.dtype] = None,
+    sequence_parallel: Optional[bool] = None,
+) -> LoadedModel:
     """Build the checkpoint's model at this layout, load its weights (resharding), move to the device.
 
     `dtype` defaults to bfloat16 on CUDA and float32 on CPU. Collective: every rank calls it.
@@ -132,13 +146,21 @@ def load_tokenizer_for(loaded: LoadedModel, path: Optional[str] = None):
         raise DataError(f"checkpoint {loaded.path} names no data.tokenizer: pass --tokenizer")
     tok = load_tokenizer(path)
     if tok.vocab_size != loaded.vocab_size:
-        raise DataError(f"tokenizer {path} has {tok.vocab_size} tokens but checkpoint {loaded.path} was trained "
-                        f"with {loaded.vocab_size} (pass the training tokenizer with --tokenizer)")
+        raise DataError(
+            f"tokenizer {path} has {tok.vocab_size} tokens but checkpoint {loaded.path} was trained "
+            f"with {loaded.vocab_size} (pass the training tokenizer with --tokenizer)"
+        )
     return tok
 
 
-def split_samples(loaded: LoadedModel, tokenizer, split: str, num_samples: int, seq_length: Optional[int] = None,
-                  data_paths: Optional[list] = None) -> list:
+def split_samples(
+    loaded: LoadedModel,
+    tokenizer,
+    split: str,
+    num_samples: int,
+    seq_length: Optional[int] = None,
+    data_paths: Optional[list] = None,
+) -> list:
     """`num_samples` samples ({'tokens', 'labels', 'loss_mask'} of seq_length) of the valid or test split.
 
     The split is the training run's own document split (data.split in the checkpoint's config), so the
@@ -154,17 +176,26 @@ def split_samples(loaded: LoadedModel, tokenizer, split: str, num_samples: int, 
     which = {"valid": 1, "test": 2}[split]
     counts = [0, 0, 0]
     counts[which] = num_samples
-    datasets = build_datasets(data_cfg, tokenizer, seq_length=seq_length or data_cfg.seq_length,
-                              seed=loaded.cfg.training.seed, num_samples=counts)
+    datasets = build_datasets(
+        data_cfg,
+        tokenizer,
+        seq_length=seq_length or data_cfg.seq_length,
+        seed=loaded.cfg.training.seed,
+        num_samples=counts,
+    )
     ds = datasets[which]
     if ds is None or len(ds) == 0:
         raise DataError(f"the {split} split of data.split={data_cfg.split!r} is empty: use another --split or --jsonl")
     out = []
     for i in range(min(num_samples, len(ds))):
         sample = ds[i]
-        out.append({"tokens": torch.as_tensor(sample["tokens"]).long(),
-                    "labels": torch.as_tensor(sample["labels"]).long(),
-                    "loss_mask": torch.as_tensor(sample["loss_mask"]).float()})
+        out.append(
+            {
+                "tokens": torch.as_tensor(sample["tokens"]).long(),
+                "labels": torch.as_tensor(sample["labels"]).long(),
+                "loss_mask": torch.as_tensor(sample["loss_mask"]).float(),
+            }
+        )
     return out
 
 
@@ -182,10 +213,10 @@ def jsonl_texts(path: str) -> list:
             try:
                 obj = json.loads(line)
             except ValueError:
-                raise DataError(f"{path}:{number}: not JSON (one object with a \"text\" field per line)") from None
+                raise DataError(f'{path}:{number}: not JSON (one object with a "text" field per line)') from None
             text = obj if isinstance(obj, str) else obj.get("text") if isinstance(obj, dict) else None
             if not isinstance(text, str):
-                raise DataError(f"{path}:{number}: no \"text\" string field")
+                raise DataError(f'{path}:{number}: no "text" string field')
             texts.append(text)
     if not texts:
         raise DataError(f"{path}: no texts")

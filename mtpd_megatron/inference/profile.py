@@ -26,10 +26,18 @@ CATEGORIES = [  # first match wins; names are lower-cased kernel (CUDA) or opera
     ("norm", r"norm"),
     ("argmax/reduce", r"argmax|max|reduce|logsumexp"),
     ("copy/index", r"scatter|gather|index|copy|cat|memcpy|memset|fill"),
-    ("elementwise", r"elementwise|vectorized|unrolled|triton|aten::(mul|add|sub|div|silu|neg|exp|rsqrt|pow|where|cos|sin)"),
+    (
+        "elementwise",
+        r"elementwise|vectorized|unrolled|triton|aten::(mul|add|sub|div|silu|neg|exp|rsqrt|pow|where|cos|sin)",
+    ),
 ]
-SYNC_NAMES = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpy", "aten::_local_scalar_dense",
-              "cudaEventSynchronize")
+SYNC_NAMES = (
+    "cudaStreamSynchronize",
+    "cudaDeviceSynchronize",
+    "cudaMemcpy",
+    "aten::_local_scalar_dense",
+    "cudaEventSynchronize",
+)
 
 
 def category(name: str) -> str:
@@ -71,10 +79,18 @@ def profile_step(decoder, prompt: list, new_tokens: int, out_dir, label: str, *,
     decoder.generate([prompt], new_tokens)  # warm-up; leaves the state frozen
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    summary = {"label": label, "k": decoder.k, "options": decoder.options.as_dict(), "iters": iters,
-               "device": torch.cuda.get_device_name(decoder.device) if cuda else "cpu"}
-    with torch.no_grad(), cached_attention(decoder.model, decoder.state), \
-            _compiled(decoder.model, decoder.options.compile):
+    summary = {
+        "label": label,
+        "k": decoder.k,
+        "options": decoder.options.as_dict(),
+        "iters": iters,
+        "device": torch.cuda.get_device_name(decoder.device) if cuda else "cpu",
+    }
+    with (
+        torch.no_grad(),
+        cached_attention(decoder.model, decoder.state),
+        _compiled(decoder.model, decoder.options.compile),
+    ):
         decoder._step(), decoder._step()  # eager warm-up (the graphs were replays)
         sync()
         decoder.annotate = decoder.state.annotate = True
@@ -117,8 +133,13 @@ def summarise(prof, iters: int, cuda: bool) -> dict:
             kernels += 1
             busy += t
             cats[category(evt.name)] = cats.get(category(evt.name), 0.0) + t
-        elif not cuda and not is_kernel and evt.name.startswith("aten::") and evt.cpu_parent is not None \
-                and not evt.cpu_parent.name.startswith("aten::"):
+        elif (
+            not cuda
+            and not is_kernel
+            and evt.name.startswith("aten::")
+            and evt.cpu_parent is not None
+            and not evt.cpu_parent.name.startswith("aten::")
+        ):
             t = float(evt.cpu_time_total)  # top-level aten ops (children are inside their parent's time)
             kernels += 1
             busy += t
@@ -126,8 +147,11 @@ def summarise(prof, iters: int, cuda: bool) -> dict:
         if not is_kernel and any(evt.name.startswith(s) for s in SYNC_NAMES):
             syncs += 1
     for evt in prof.key_averages():
-        if evt.key.startswith(("verify", "draft", "head_prologue", "attention")) or ".output_layer" in evt.key \
-                or ".argmax" in evt.key:
+        if (
+            evt.key.startswith(("verify", "draft", "head_prologue", "attention"))
+            or ".output_layer" in evt.key
+            or ".argmax" in evt.key
+        ):
             t = _total_device_time(evt) if cuda else float(evt.cpu_time_total)
             regions[evt.key] = t / iters / 1000.0
     per = lambda us: us / iters / 1000.0  # noqa: E731 -- microseconds over all iterations -> ms per step
@@ -151,11 +175,20 @@ def summary_markdown(summaries: list) -> str:
     lines = [head, "|---" * (len(summaries) + 1) + "|"]
 
     def row(name, values):
-        lines.append(f"| {name} | " + " | ".join("" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
-                                               for v in values) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join("" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v)) for v in values)
+            + " |"
+        )
 
-    for key in ("graph_step_ms", "gpu_busy_ms_per_step", "op_ms_per_step", "launch_gap_ms_per_step",
-                "kernels_per_step", "host_syncs_per_step"):
+    for key in (
+        "graph_step_ms",
+        "gpu_busy_ms_per_step",
+        "op_ms_per_step",
+        "launch_gap_ms_per_step",
+        "kernels_per_step",
+        "host_syncs_per_step",
+    ):
         if any(key in s for s in summaries):
             row(key, [s.get(key) for s in summaries])
     for c in cats:

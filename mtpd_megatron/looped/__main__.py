@@ -68,8 +68,15 @@ def run_stage(cfg, index: int, last: bool = True) -> int:
         print(f"stage {index} already complete ({stages.final_checkpoint(cfg, index)})", flush=True)
         return 0
     scfg, trained, prepare, extending = _stage_plan(cfg, index)
-    return train.run(scfg, resume="auto", stage=f"stage{index}", prepare_model=prepare, trained_heads=trained,
-                     save_initial=extending, keep_process_group=not last)
+    return train.run(
+        scfg,
+        resume="auto",
+        stage=f"stage{index}",
+        prepare_model=prepare,
+        trained_heads=trained,
+        save_initial=extending,
+        keep_process_group=not last,
+    )
 
 
 def _user_error(error: Exception) -> int:

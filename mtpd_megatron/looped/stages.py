@@ -82,9 +82,14 @@ def stage_config(cfg: Config, index: int) -> Config:
 
 
 # Trainer fields a stage sets, and the stage field that sets them (stage_config).
-_STAGE_FIELDS = {"training.lr": "lr", "training.min_lr": "min_lr", "training.lr_warmup_iters": "lr_warmup_iters",
-                 "training.lr_schedule": "lr_schedule", "training.train_iters": "train_iters",
-                 "mtp.num_heads": "heads"}
+_STAGE_FIELDS = {
+    "training.lr": "lr",
+    "training.min_lr": "min_lr",
+    "training.lr_warmup_iters": "lr_warmup_iters",
+    "training.lr_schedule": "lr_schedule",
+    "training.train_iters": "train_iters",
+    "mtp.num_heads": "heads",
+}
 
 
 def validate_stages(cfg: Config, world_size: int, vocab_size: Optional[int] = None, environment: bool = False) -> None:
@@ -103,8 +108,9 @@ def validate_stages(cfg: Config, world_size: int, vocab_size: Optional[int] = No
             message = str(e)
             for trainer_field, stage_field in _STAGE_FIELDS.items():
                 if stage_field in ("train_iters", "heads") or getattr(st, stage_field) is not None:
-                    message = re.sub(re.escape(trainer_field) + r"(?![\w])", f"looped.stages[{index}].{stage_field}",
-                                     message)
+                    message = re.sub(
+                        re.escape(trainer_field) + r"(?![\w])", f"looped.stages[{index}].{stage_field}", message
+                    )
             raise ConfigError(message) from None
 
 

@@ -14,7 +14,6 @@ import logging
 from typing import Optional
 
 import torch
-
 from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -30,8 +29,9 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def transformer_config(cfg: Config, *, params_dtype: torch.dtype = torch.float32,
-                       use_cpu_init: Optional[bool] = None) -> TransformerConfig:
+def transformer_config(
+    cfg: Config, *, params_dtype: torch.dtype = torch.float32, use_cpu_init: Optional[bool] = None
+) -> TransformerConfig:
     """Translate our Config into megatron-core's TransformerConfig. `use_cpu_init` None: CPU initialisation
     (full matrices drawn on the host, identical weights whatever the TP layout) unless
     `model.init_on_device` and a GPU is visible (megatron's default: each rank draws its shards on the GPU)."""
@@ -113,8 +113,9 @@ def build_model(
         pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    grouped = bool(cfg.model.moe.num_experts) and resolve_experts_backend(
-        cfg.model.moe.experts_backend, backend) == "grouped"
+    grouped = (
+        bool(cfg.model.moe.num_experts) and resolve_experts_backend(cfg.model.moe.experts_backend, backend) == "grouped"
+    )
     block_spec, mtp_spec = build_specs(tcfg, backend, vp_stage=vp_stage, grouped_experts=grouped)
     gpt_logger = logging.getLogger("megatron.core.models.gpt.gpt_model")
     previous = gpt_logger.level

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.transformer.moe.experts import SequentialMLP
 
@@ -44,8 +43,9 @@ def grouped_mm_available(device: torch.device, dtype: torch.dtype) -> bool:
     return _grouped_mm is not None and device.type == "cuda" and dtype == torch.bfloat16
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: list, offsets: torch.Tensor,
-                   use_grouped_mm: bool) -> torch.Tensor:
+def grouped_linear(
+    x: torch.Tensor, weight: torch.Tensor, tokens_per_expert: list, offsets: torch.Tensor, use_grouped_mm: bool
+) -> torch.Tensor:
     """Rows of `x` [T, in] grouped by expert (`tokens_per_expert`), each times its expert's `weight[e]`
     [out, in] transposed: [T, out]. `offsets` are the cumulative row ends (int32, on x's device)."""
     if use_grouped_mm:
@@ -76,8 +76,9 @@ class GroupedGemmExperts(SequentialMLP):
             and getattr(first.linear_fc1, "bias", None) is None
         )
 
-    def forward(self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor,
-                permuted_probs: torch.Tensor):
+    def forward(
+        self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor
+    ):
         x = permuted_local_hidden_states
         if not self._supported(x):
             return super().forward(x, tokens_per_expert, permuted_probs)
@@ -91,8 +92,9 @@ class GroupedGemmExperts(SequentialMLP):
         w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F]
         h = grouped_linear(x, w1, counts, offsets, use_gmm)
         if self.config.bias_activation_fusion:  # model.compile_layers: megatron's fused weighted SwiGLU, as MLP
-            h = weighted_bias_swiglu_impl(h, None, permuted_probs.unsqueeze(-1),
-                                          self.config.activation_func_fp8_input_store)
+            h = weighted_bias_swiglu_impl(
+                h, None, permuted_probs.unsqueeze(-1), self.config.activation_func_fp8_input_store
+            )
         else:
             x_glu, x_linear = torch.chunk(h, 2, dim=-1)
             h = self.config.activation_func(x_glu) * x_linear

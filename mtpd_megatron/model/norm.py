@@ -14,7 +14,6 @@ to build the norm and tag its parameters.
 from __future__ import annotations
 
 import torch
-
 from megatron.core.transformer import TransformerConfig
 
 
@@ -40,5 +39,5 @@ class SequenceParallelNorm:
         else:
             raise ValueError(f"normalization={kind!r}: only RMSNorm and LayerNorm have a torch-native norm")
         for param in norm.parameters():
-            setattr(param, "sequence_parallel", config.sequence_parallel)
+            param.sequence_parallel = config.sequence_parallel
         return norm

@@ -23,13 +23,12 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from torch.nn.attention.bias import causal_lower_right
-
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from torch import Tensor
+from torch.nn.attention.bias import causal_lower_right
 
 from mtpd_megatron.parallel.context import chunk_order
 
@@ -102,18 +101,26 @@ class SDPAttention(DotProductAttention):
         def global_order(x: Tensor) -> Tensor:
             # [cp * 2c, ...] in rank order (rank j: chunks j, 2cp-1-j) -> [2cp * c, ...] in sequence order
             gathered = gather_from_sequence_parallel_region(x, True, self.cp_group).view(cp, 2, c, *x.shape[1:])
-            return torch.cat([gathered[:, 0].reshape(cp * c, *x.shape[1:]),
-                              gathered[:, 1].flip(0).reshape(cp * c, *x.shape[1:])])
+            return torch.cat(
+                [gathered[:, 0].reshape(cp * c, *x.shape[1:]), gathered[:, 1].flip(0).reshape(cp * c, *x.shape[1:])]
+            )
 
         k_all, v_all = global_order(key), global_order(value)
         outputs = []
         for half, g in enumerate(chunk_order(cp, rank)):
-            q = query[half * c:(half + 1) * c].permute(1, 2, 0, 3)  # [b, h, c, d]
+            q = query[half * c : (half + 1) * c].permute(1, 2, 0, 3)  # [b, h, c, d]
             keys = (g + 1) * c  # chunk g sees the global prefix of chunks 0..g
             k, v = (t[:keys].permute(1, 2, 0, 3) for t in (k_all, v_all))
-            outputs.append(F.scaled_dot_product_attention(
-                q, k, v, attn_mask=causal_lower_right(c, keys),
-                dropout_p=self.attention_dropout.p if self.training else 0.0,
-                scale=self.softmax_scale, enable_gqa=groups > 1))
+            outputs.append(
+                F.scaled_dot_product_attention(
+                    q,
+                    k,
+                    v,
+                    attn_mask=causal_lower_right(c, keys),
+                    dropout_p=self.attention_dropout.p if self.training else 0.0,
+                    scale=self.softmax_scale,
+                    enable_gqa=groups > 1,
+                )
+            )
         context = torch.cat(outputs, dim=2)  # [b, h, s_local, d]
         return context.permute(2, 0, 1, 3).reshape(s_local, b, self.hidden_size_per_partition)

@@ -96,13 +96,15 @@ def _with_grouped_experts(spec):
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp=mlp))
 
 
-def build_specs(config: TransformerConfig, backend: str, vp_stage=None, pp_rank=None,
-                grouped_experts: bool = False):
+def build_specs(config: TransformerConfig, backend: str, vp_stage=None, pp_rank=None, grouped_experts: bool = False):
     """Return (decoder block spec, MTP block spec or None) for the resolved backend; `grouped_experts`
     swaps MoE experts for GroupedGemmExperts (decoder and MTP heads alike)."""
     use_te = backend == "te"
     block = get_gpt_decoder_block_spec(
-        config, use_transformer_engine=use_te, normalization=config.normalization, vp_stage=vp_stage,
+        config,
+        use_transformer_engine=use_te,
+        normalization=config.normalization,
+        vp_stage=vp_stage,
         pp_rank=pp_rank,
     )
     if backend == "sdpa":

@@ -38,12 +38,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from torch import Tensor
-
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
     gather_from_sequence_parallel_region,
 )
+from torch import Tensor
 
 from mtpd_megatron.mtpd.collectives import tp_size
 from mtpd_megatron.mtpd.kl import HeadOutputs, TeacherStats, _compute_dtype, _head_chunk, default_chunk_tokens
@@ -53,8 +52,22 @@ class _FusedHeadLinear(torch.autograd.Function):
     """sum_i w_i * (alpha CE_i + beta T^2 D_i) of logits h W^T that are never stored whole."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, row_weights, teacher, stats_tensors, labels, vocab_start, alpha, beta, spec,
-                vocab_size, group, chunk_tokens):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        row_weights,
+        teacher,
+        stats_tensors,
+        labels,
+        vocab_start,
+        alpha,
+        beta,
+        spec,
+        vocab_size,
+        group,
+        chunk_tokens,
+    ):
         st = TeacherStats(*stats_tensors)
         n = hidden.shape[0]
         full = spec.full_vocab(vocab_size)
@@ -64,16 +77,34 @@ class _FusedHeadLinear(torch.autograd.Function):
         kl = torch.empty_like(ce)
         argmax = torch.empty(n, dtype=torch.long, device=hidden.device)
         grad_h = torch.empty_like(hidden) if want_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64,
-                             device=weight.device) if want_w else None
+        grad_w = (
+            torch.zeros(
+                weight.shape,
+                dtype=torch.float32 if weight.dtype != torch.float64 else torch.float64,
+                device=weight.device,
+            )
+            if want_w
+            else None
+        )
         want = want_h or want_w
         for lo in range(0, n, chunk):
             hi = min(lo + chunk, n)
             h_c = hidden[lo:hi]
             z = h_c @ weight.t()  # this chunk's logits [rows, V/tp], in the output layer's dtype
             ce[lo:hi], kl[lo:hi], argmax[lo:hi] = _head_chunk(
-                z, teacher[lo:hi], st[lo:hi], labels[lo:hi], vocab_start, alpha, beta, spec, full, group,
-                z if want else None, None)
+                z,
+                teacher[lo:hi],
+                st[lo:hi],
+                labels[lo:hi],
+                vocab_start,
+                alpha,
+                beta,
+                spec,
+                full,
+                group,
+                z if want else None,
+                None,
+            )
             if not want:
                 continue
             z.mul_(row_weights[lo:hi].unsqueeze(-1).to(z.dtype))  # z now holds w_i * dL_i/dz
@@ -105,10 +136,24 @@ def _into_output_layer(hidden: Tensor, output_layer, tp_group) -> Tensor:
     return hidden
 
 
-def head_loss_from_hidden(hidden: Tensor, output_layer, output_weight: Optional[Tensor], *, rows: int,
-                          labels: Tensor, row_weights: Tensor, teacher: Tensor, stats: TeacherStats, alpha: float,
-                          beta: float, spec, vocab_size: int, vocab_start: int, group, chunk_tokens=None
-                          ) -> tuple[Tensor, HeadOutputs]:
+def head_loss_from_hidden(
+    hidden: Tensor,
+    output_layer,
+    output_weight: Optional[Tensor],
+    *,
+    rows: int,
+    labels: Tensor,
+    row_weights: Tensor,
+    teacher: Tensor,
+    stats: TeacherStats,
+    alpha: float,
+    beta: float,
+    spec,
+    vocab_size: int,
+    vocab_start: int,
+    group,
+    chunk_tokens=None,
+) -> tuple[Tensor, HeadOutputs]:
     """One head: (weighted loss sum, per-token outputs) from its hidden states [s_local, b, h].
 
     Rows are (position, batch) for positions t < `rows` (as the hook's slice logits[:rows]); `row_weights`
@@ -118,8 +163,20 @@ def head_loss_from_hidden(hidden: Tensor, output_layer, output_weight: Optional[
     full = _into_output_layer(hidden, output_layer, group)  # [s, b, h]
     h = full[:rows].reshape(-1, full.shape[-1])
     total, ce, kl, argmax = _FusedHeadLinear.apply(
-        h, weight, row_weights.detach(), teacher.detach(), tuple(stats), labels, vocab_start, float(alpha),
-        float(beta), spec, vocab_size, group, chunk_tokens)
+        h,
+        weight,
+        row_weights.detach(),
+        teacher.detach(),
+        tuple(stats),
+        labels,
+        vocab_start,
+        float(alpha),
+        float(beta),
+        spec,
+        vocab_size,
+        group,
+        chunk_tokens,
+    )
     return total, HeadOutputs(loss=None, ce=ce, kl=kl, student_argmax=argmax)
 
 
@@ -144,8 +201,12 @@ class SharedMainLogits:
 
     def __call__(self, input_, weight=None, runtime_gather_output=None, **kwargs):
         pending, self.pending = self.pending, None
-        if pending is not None and not runtime_gather_output and input_.data_ptr() == pending[0] \
-                and tuple(input_.shape) == pending[1]:
+        if (
+            pending is not None
+            and not runtime_gather_output
+            and input_.data_ptr() == pending[0]
+            and tuple(input_.shape) == pending[1]
+        ):
             return pending[2], None
         return self.original(input_, weight=weight, runtime_gather_output=runtime_gather_output, **kwargs)
 

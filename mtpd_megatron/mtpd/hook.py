@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-
 from megatron.core.models.gpt import gpt_model as _gpt_model
 from megatron.core.transformer import multi_token_prediction as _mtp
 from megatron.core.transformer.multi_token_prediction import MTPLossAutoScaler, roll_tensor
@@ -71,8 +70,9 @@ class GuardedPass:
         if not (block.training and torch.is_grad_enabled()):
             return None
         embedding = kwargs["embedding"]
-        detached = dict(kwargs, hidden_states=kwargs["hidden_states"].detach(),
-                        embedding=lambda **kw: embedding(**kw).detach())
+        detached = dict(
+            kwargs, hidden_states=kwargs["hidden_states"].detach(), embedding=lambda **kw: embedding(**kw).detach()
+        )
         self.hidden = block.forward(**detached)  # .forward: no hooks, so no recursion
         return None
 
@@ -106,13 +106,27 @@ class MTPDSettings:
             return tuple(float(v) for v in values)
 
         betas = per_head(d.beta, "beta") if d.enabled else (0.0,) * n
-        spec = DistillSpec(topn=d.topn, direction=d.direction, mode=d.mode, temperature=d.temperature,
-                           objective=d.objective, lk_lambda=d.lk_lambda, compile=d.compile, chunk_elems=d.chunk_elems)
+        spec = DistillSpec(
+            topn=d.topn,
+            direction=d.direction,
+            mode=d.mode,
+            temperature=d.temperature,
+            objective=d.objective,
+            lk_lambda=d.lk_lambda,
+            compile=d.compile,
+            chunk_elems=d.chunk_elems,
+        )
         guard = GuardedPass() if d.enabled and not d.kl_to_trunk and not mtp_cfg.detach_heads else None
-        return cls(spec=spec, alphas=per_head(d.alpha, "alpha"), betas=betas, trained=trained or (True,) * n,
-                   detach_teacher=d.detach_teacher or not d.enabled, guard=guard,
-                   fused_output_layer=d.fused_output_layer,
-                   share_teacher_logits=d.share_teacher_logits)
+        return cls(
+            spec=spec,
+            alphas=per_head(d.alpha, "alpha"),
+            betas=betas,
+            trained=trained or (True,) * n,
+            detach_teacher=d.detach_teacher or not d.enabled,
+            guard=guard,
+            fused_output_layer=d.fused_output_layer,
+            share_teacher_logits=d.share_teacher_logits,
+        )
 
 
 def install() -> None:
@@ -163,16 +177,41 @@ def attached(config) -> Optional[Attached]:
     return found[1]
 
 
-def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output_weight, runtime_gather_output,
-                          is_training, compute_language_model_loss, config, cp_group=None, tp_group=None,
-                          packed_seq_params=None, scale_logits_fn=None, input_ids=None):
+def mtpd_process_mtp_loss(
+    hidden_states,
+    labels,
+    loss_mask,
+    output_layer,
+    output_weight,
+    runtime_gather_output,
+    is_training,
+    compute_language_model_loss,
+    config,
+    cp_group=None,
+    tp_group=None,
+    packed_seq_params=None,
+    scale_logits_fn=None,
+    input_ids=None,
+):
     """Drop-in for megatron's process_mtp_loss (same signature and return value)."""
     entry = attached(config)
     if entry is None:
-        return _ORIGINAL(hidden_states, labels, loss_mask, output_layer, output_weight, runtime_gather_output,
-                         is_training, compute_language_model_loss, config, cp_group=cp_group, tp_group=tp_group,
-                         packed_seq_params=packed_seq_params, scale_logits_fn=scale_logits_fn,
-                         input_ids=input_ids)
+        return _ORIGINAL(
+            hidden_states,
+            labels,
+            loss_mask,
+            output_layer,
+            output_weight,
+            runtime_gather_output,
+            is_training,
+            compute_language_model_loss,
+            config,
+            cp_group=cp_group,
+            tp_group=tp_group,
+            packed_seq_params=packed_seq_params,
+            scale_logits_fn=scale_logits_fn,
+            input_ids=input_ids,
+        )
     settings = entry.settings
     cp = tp_size(cp_group) if cp_group is not None else 1
 
@@ -200,8 +239,12 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
         return scale_logits_fn(out) if scale_logits_fn is not None else out
 
     carrier = hidden_states  # what the heads' losses ride on (the main logits when they are shared)
-    share = (settings.share_teacher_logits and settings.detach_teacher and scale_logits_fn is None
-             and not runtime_gather_output)
+    share = (
+        settings.share_teacher_logits
+        and settings.detach_teacher
+        and scale_logits_fn is None
+        and not runtime_gather_output
+    )
     if share:  # fused_head.py: the main logits once; the teacher is their detached alias
         carrier = fused_head.main_logits(output_layer, chunks[0], output_weight)
         teacher = carrier.detach()
@@ -233,7 +276,7 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
         loss_mask, num_tokens = roll_tensor(loss_mask, **roll)
         if lookahead is None:
             rows = seq - k  # positions t < s-k have a teacher at t+k: views, teacher[k*batch:]
-            aligned = dict(teacher=teacher[k * batch:], stats=stats[k * batch:])
+            aligned = dict(teacher=teacher[k * batch :], stats=stats[k * batch :])
             head_stats = aligned["stats"]
         else:  # CP: every local position has a teacher row in the extended teacher (invalid ones are masked)
             rows = seq
@@ -245,24 +288,52 @@ def mtpd_process_mtp_loss(hidden_states, labels, loss_mask, output_layer, output
         if n <= 0:
             break
         head = k - 1
-        fused = (settings.fused_output_layer and settings.trained[head] and guarded is None and lookahead is None
-                 and scale_logits_fn is None and settings.detach_teacher)
+        fused = (
+            settings.fused_output_layer
+            and settings.trained[head]
+            and guarded is None
+            and lookahead is None
+            and scale_logits_fn is None
+            and settings.detach_teacher
+        )
         with contextlib.nullcontext() if settings.trained[head] else torch.no_grad():
             logits = None if fused else logits_of(chunks[k], output_weight)
         student = None if fused else logits[:rows].reshape(n, v_local)
         lab = mtp_labels.t()[:rows].reshape(n)
         mask = loss_mask.t()[:rows].reshape(n).to(torch.float64 if teacher.dtype == torch.float64 else torch.float32)
         if settings.trained[head]:
-            common = dict(spec=spec, vocab_size=vocab_size, vocab_start=vocab_start, group=tp_group,
-                          inplace_grad=True, teacher_grad=not settings.detach_teacher, **aligned)
+            common = dict(
+                spec=spec,
+                vocab_size=vocab_size,
+                vocab_start=vocab_start,
+                group=tp_group,
+                inplace_grad=True,
+                teacher_grad=not settings.detach_teacher,
+                **aligned,
+            )
             alpha, beta = settings.alphas[head], settings.betas[head]
             if fused:  # no [tokens, V] logits kept: the weighted loss sum rides on the carrier
-                factor = (scale * (original_num_tokens / num_tokens.clamp(min=1)) if config.calculate_per_token_loss
-                          else scale / num_tokens.clamp(min=1))
+                factor = (
+                    scale * (original_num_tokens / num_tokens.clamp(min=1))
+                    if config.calculate_per_token_loss
+                    else scale / num_tokens.clamp(min=1)
+                )
                 weighted, out = fused_head.head_loss_from_hidden(
-                    chunks[k], output_layer, output_weight, rows=rows, labels=lab, row_weights=mask * factor,
-                    alpha=alpha, beta=beta, spec=spec, vocab_size=vocab_size, vocab_start=vocab_start,
-                    group=tp_group, teacher=aligned["teacher"], stats=aligned["stats"])
+                    chunks[k],
+                    output_layer,
+                    output_weight,
+                    rows=rows,
+                    labels=lab,
+                    row_weights=mask * factor,
+                    alpha=alpha,
+                    beta=beta,
+                    spec=spec,
+                    vocab_size=vocab_size,
+                    vocab_start=vocab_start,
+                    group=tp_group,
+                    teacher=aligned["teacher"],
+                    stats=aligned["stats"],
+                )
                 carrier = MTPLossAutoScaler.apply(carrier, weighted)
             elif guarded is None:
                 out = head_loss(student, labels=lab, alpha=alpha, beta=beta, **common)

@@ -260,8 +260,9 @@ def _tail_members(zt, sel, terms):
     return torch.where(sel, torch.zeros_like(zt), torch.exp(zt - terms.log_norm_p.unsqueeze(-1)))
 
 
-def _stage_kl_forward(z_raw, u_raw, tau, terms, local_label, inv_t: float, alpha: float, c: float,
-                      tail: bool, dest: Optional[Tensor]):
+def _stage_kl_forward(
+    z_raw, u_raw, tau, terms, local_label, inv_t: float, alpha: float, c: float, tail: bool, dest: Optional[Tensor]
+):
     """Forward KL's local partial sum and (it needs no global KL) the chunk's gradient, written into `dest`.
 
     `dest` may be `z_raw` itself (the gradient replaces the logits): every element's gradient depends only
@@ -273,7 +274,8 @@ def _stage_kl_forward(z_raw, u_raw, tau, terms, local_label, inv_t: float, alpha
         g = p - q
         if tail:
             g = g + _tail_members(zt, sel, terms) * (
-                1.0 - terms.q_tail / torch.exp(terms.log_pt).clamp_min(_TINY)).unsqueeze(-1)
+                1.0 - terms.q_tail / torch.exp(terms.log_pt).clamp_min(_TINY)
+            ).unsqueeze(-1)
         dest.copy_(_ce_grad(z, terms, local_label, alpha) + c * g)
     return kl_local
 
@@ -288,14 +290,30 @@ def _stage_div_sums(z_raw, u_raw, tau, terms, inv_t: float, reverse: bool, with_
     z, zt, u, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
     kl_local = (p * d).sum(-1) if reverse else -(q * d).sum(-1)
     if not with_tv:
-        return torch.stack([kl_local, torch.zeros_like(kl_local), torch.zeros_like(kl_local), torch.zeros_like(kl_local)])
+        return torch.stack(
+            [kl_local, torch.zeros_like(kl_local), torch.zeros_like(kl_local), torch.zeros_like(kl_local)]
+        )
     s = torch.sign(p - q)
     return torch.stack([kl_local, (p - q).abs().sum(-1), (s * p).sum(-1), (s * q).sum(-1)])
 
 
-def _stage_div_grad(z_raw, u_raw, tau, terms, scalars, local_label, inv_t: float, alpha: float, c: float,
-                    tail: bool, reverse: bool, w_kl: float, w_tv: float, dest: Optional[Tensor],
-                    teacher_dest: Optional[Tensor]) -> None:
+def _stage_div_grad(
+    z_raw,
+    u_raw,
+    tau,
+    terms,
+    scalars,
+    local_label,
+    inv_t: float,
+    alpha: float,
+    c: float,
+    tail: bool,
+    reverse: bool,
+    w_kl: float,
+    w_tv: float,
+    dest: Optional[Tensor],
+    teacher_dest: Optional[Tensor],
+) -> None:
     """Gradient of alpha*CE + c*T*(w_kl KL + w_tv TV) w.r.t. the student (into `dest`) and, for the seesaw
     ablation, w.r.t. the teacher (into `teacher_dest`). `scalars` = [KL, E_P[s], E_Q[s], s_t] per row (global)."""
     z, zt, u, sel, p, q, d = _bucket_logs(z_raw, u_raw, tau, terms, inv_t)
@@ -328,8 +346,15 @@ def _stage_div_grad(z_raw, u_raw, tau, terms, scalars, local_label, inv_t: float
         teacher_dest.copy_(c * h)
 
 
-_STAGES = dict(teacher_max=_teacher_max, teacher_sums=_teacher_sums, maxes=_stage_maxes, sums=_stage_sums,
-               kl_forward=_stage_kl_forward, div_sums=_stage_div_sums, div_grad=_stage_div_grad)
+_STAGES = dict(
+    teacher_max=_teacher_max,
+    teacher_sums=_teacher_sums,
+    maxes=_stage_maxes,
+    sums=_stage_sums,
+    kl_forward=_stage_kl_forward,
+    div_sums=_stage_div_sums,
+    div_grad=_stage_div_grad,
+)
 _COMPILED: dict = {}
 
 
@@ -343,9 +368,20 @@ def _stage(name: str, compiled: bool):
     return _COMPILED[name]
 
 
-def _head_chunk(z_raw: Tensor, u_raw: Tensor, st: TeacherStats, labels: Tensor, vocab_start: int,
-                alpha: float, beta: float, spec: DistillSpec, full: bool, group, dest: Optional[Tensor],
-                teacher_dest: Optional[Tensor] = None):
+def _head_chunk(
+    z_raw: Tensor,
+    u_raw: Tensor,
+    st: TeacherStats,
+    labels: Tensor,
+    vocab_start: int,
+    alpha: float,
+    beta: float,
+    spec: DistillSpec,
+    full: bool,
+    group,
+    dest: Optional[Tensor],
+    teacher_dest: Optional[Tensor] = None,
+):
     """One chunk of tokens: returns (ce, divergence, global student argmax); writes d(loss)/dz into `dest`
     and, when given, d(loss)/du into `teacher_dest`."""
     inv_t = 1.0 / spec.temperature
@@ -364,8 +400,9 @@ def _head_chunk(z_raw: Tensor, u_raw: Tensor, st: TeacherStats, labels: Tensor, 
     lk = spec.objective == "lk"
     if spec.direction == "forward" and not lk and teacher_dest is None:
         # The common case in one pass: forward KL's gradient needs no global KL value.
-        kl = all_reduce(_stage("kl_forward", cuda)(z_raw, u_raw, tau, terms, local_label, inv_t, alpha, c, tail, dest),
-                        _SUM, group)
+        kl = all_reduce(
+            _stage("kl_forward", cuda)(z_raw, u_raw, tau, terms, local_label, inv_t, alpha, c, tail, dest), _SUM, group
+        )
         if tail:  # the tail bucket is one scalar per token, known on every rank: added after the reduction
             kl = kl + terms.q_tail * (terms.log_qt - terms.log_pt)
         return ce, kl, argmax
@@ -382,8 +419,23 @@ def _head_chunk(z_raw: Tensor, u_raw: Tensor, st: TeacherStats, labels: Tensor, 
             tv_abs, e_p, e_q = tv_abs + (p_t - q_t).abs(), e_p + s_t * p_t, e_q + s_t * q_t
     w_kl, w_tv = (spec.lk_lambda, 1.0 - spec.lk_lambda) if lk else (1.0, 0.0)
     if dest is not None or teacher_dest is not None:
-        _stage("div_grad", cuda)(z_raw, u_raw, tau, terms, torch.stack([kl, e_p, e_q, s_t]), local_label, inv_t,
-                                 alpha, c, tail, reverse, w_kl, w_tv, dest, teacher_dest)
+        _stage("div_grad", cuda)(
+            z_raw,
+            u_raw,
+            tau,
+            terms,
+            torch.stack([kl, e_p, e_q, s_t]),
+            local_label,
+            inv_t,
+            alpha,
+            c,
+            tail,
+            reverse,
+            w_kl,
+            w_tv,
+            dest,
+            teacher_dest,
+        )
     return ce, w_kl * kl + w_tv * 0.5 * tv_abs, argmax
 
 
@@ -391,8 +443,24 @@ class _FusedCEKL(torch.autograd.Function):
     """Per-token alpha*CE + beta*T^2*D; the gradients are formed in forward and scaled in backward."""
 
     @staticmethod
-    def forward(ctx, student, teacher, stats_tensors, labels, vocab_start, alpha, beta, spec, vocab_size,
-                group, chunk_tokens, inplace_grad, want_grad, teacher_grad, teacher_offsets):
+    def forward(
+        ctx,
+        student,
+        teacher,
+        stats_tensors,
+        labels,
+        vocab_start,
+        alpha,
+        beta,
+        spec,
+        vocab_size,
+        group,
+        chunk_tokens,
+        inplace_grad,
+        want_grad,
+        teacher_grad,
+        teacher_offsets,
+    ):
         st = TeacherStats(*stats_tensors)
         n_tok = student.shape[0]
         full = spec.full_vocab(vocab_size)
@@ -414,8 +482,19 @@ class _FusedCEKL(torch.autograd.Function):
                 z_chunk = student[lo:hi]
                 dest = None if grad_buf is None else (z_chunk if inplace_grad else grad_buf[lo:hi])
                 ce[lo:hi], kl[lo:hi], argmax[lo:hi] = _head_chunk(
-                    z_chunk, teacher[lo + off:hi + off], st[lo + off:hi + off], labels[lo:hi], vocab_start, alpha,
-                    beta, spec, full, group, dest, None if teacher_buf is None else teacher_buf[lo + off:hi + off])
+                    z_chunk,
+                    teacher[lo + off : hi + off],
+                    st[lo + off : hi + off],
+                    labels[lo:hi],
+                    vocab_start,
+                    alpha,
+                    beta,
+                    spec,
+                    full,
+                    group,
+                    dest,
+                    None if teacher_buf is None else teacher_buf[lo + off : hi + off],
+                )
         ctx.teacher_offsets = teacher_offsets
         ctx.save_for_backward(grad_buf if want_grad else None, teacher_buf)
         ctx.mark_non_differentiable(ce, kl, argmax)
@@ -437,7 +516,7 @@ class _FusedCEKL(torch.autograd.Function):
                 teacher = teacher_buf.mul_(scale.to(teacher_buf.dtype))
             else:  # the per-token scale, moved to the teacher rows each token learnt from
                 for lo, hi, off in ctx.teacher_offsets:
-                    teacher_buf[lo + off:hi + off].mul_(scale[lo:hi].to(teacher_buf.dtype))
+                    teacher_buf[lo + off : hi + off].mul_(scale[lo:hi].to(teacher_buf.dtype))
                 teacher = teacher_buf
         return (grad, teacher) + (None,) * 13
 
@@ -474,13 +553,27 @@ def head_loss(
     if not (spec.temperature > 0):
         raise ValueError("temperature must be > 0")
     if spec.objective not in ("kl", "lk") or not 0.0 <= spec.lk_lambda <= 1.0:
-        raise ValueError(f"objective {spec.objective!r} / lk_lambda {spec.lk_lambda}: expected kl|lk and 0 <= lambda <= 1")
+        raise ValueError(
+            f"objective {spec.objective!r} / lk_lambda {spec.lk_lambda}: expected kl|lk and 0 <= lambda <= 1"
+        )
     grad_on = torch.is_grad_enabled()
     want_grad = grad_on and student.requires_grad
     teacher_grad = bool(teacher_grad and grad_on and teacher.requires_grad and beta != 0.0)
     loss, ce, kl, argmax = _FusedCEKL.apply(
-        student, teacher if teacher_grad else teacher.detach(), tuple(stats), labels, vocab_start, float(alpha),
-        float(beta), spec, vocab_size, group, chunk_tokens, inplace_grad, want_grad, teacher_grad,
+        student,
+        teacher if teacher_grad else teacher.detach(),
+        tuple(stats),
+        labels,
+        vocab_start,
+        float(alpha),
+        float(beta),
+        spec,
+        vocab_size,
+        group,
+        chunk_tokens,
+        inplace_grad,
+        want_grad,
+        teacher_grad,
         None if teacher_offsets is None else tuple(tuple(int(x) for x in piece) for piece in teacher_offsets),
     )
     return HeadOutputs(loss=loss, ce=ce, kl=kl, student_argmax=argmax)

@@ -19,9 +19,21 @@ def topn_set(teacher: Tensor, topn: int) -> Tensor:
     return teacher >= tau
 
 
-def reference_head_loss(student: Tensor, teacher: Tensor, labels: Tensor, *, alpha: float, beta: float,
-                        topn: int, direction: str, mode: str, temperature: float, objective: str = "kl",
-                        lk_lambda: float = 0.5, detach_teacher: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def reference_head_loss(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Tensor,
+    *,
+    alpha: float,
+    beta: float,
+    topn: int,
+    direction: str,
+    mode: str,
+    temperature: float,
+    objective: str = "kl",
+    lk_lambda: float = 0.5,
+    detach_teacher: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Per-token (loss, ce, divergence) with autograd through `student` (and through `teacher` only when
     `detach_teacher` is False: the seesaw ablation). Divergence = KL, or lambda KL + (1 - lambda) TV ("lk")."""
     z = student.double()

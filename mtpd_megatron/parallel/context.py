@@ -64,9 +64,9 @@ def split_batch(tensors: dict, cp: int, rank: int, seq_dim: int = 1) -> dict:
         s = x.shape[seq_dim]
         if s % (2 * cp):
             raise ValueError(f"{name}: sequence length {s} is not divisible by 2 x context_parallel_size = {2 * cp}")
-        chunks = x.view(*x.shape[:seq_dim], 2 * cp, s // (2 * cp), *x.shape[seq_dim + 1:])
+        chunks = x.view(*x.shape[:seq_dim], 2 * cp, s // (2 * cp), *x.shape[seq_dim + 1 :])
         index = torch.tensor(chunk_order(cp, rank), device=x.device)
-        out[name] = chunks.index_select(seq_dim, index).reshape(*x.shape[:seq_dim], -1, *x.shape[seq_dim + 1:])
+        out[name] = chunks.index_select(seq_dim, index).reshape(*x.shape[:seq_dim], -1, *x.shape[seq_dim + 1 :])
     return out
 
 
@@ -162,8 +162,10 @@ class Lookahead:
             covered = 0
             for start, end in zip(cu[:-1], cu[1:]):
                 if (end - start) % (2 * self.cp):
-                    raise ValueError(f"context parallelism: packed sequence of length {end - start} is not divisible "
-                                     f"by 2 x context_parallel_size = {2 * self.cp} (pad each sequence)")
+                    raise ValueError(
+                        f"context parallelism: packed sequence of length {end - start} is not divisible "
+                        f"by 2 x context_parallel_size = {2 * self.cp} (pad each sequence)"
+                    )
                 lo, n = start // self.cp, (end - start) // self.cp
                 if lo != covered:
                     raise ValueError("context parallelism: packed sequences must tile the local sequence")
@@ -179,7 +181,7 @@ class Lookahead:
     def extend(self, teacher: Tensor) -> Tensor:
         """The extended teacher (see the class docstring); differentiable in `teacher`."""
         d = self.depth
-        segs = [teacher[s.start:s.start + s.length] for s in self.segments]
+        segs = [teacher[s.start : s.start + s.length] for s in self.segments]
         zeros = teacher.new_zeros((d, *teacher.shape[1:]))
         looks = [zeros] * len(segs)
         first = [i for i, s in enumerate(self.segments) if s.first_half]
@@ -206,10 +208,12 @@ class Lookahead:
         """Head k (1-based): [(lo, hi, offset)] in flattened rows (position·batch + sample)."""
         if k > self.depth:
             raise ValueError(f"head {k} beyond the lookahead depth {self.depth}")
-        return [(s.start * batch, (s.start + s.length) * batch, (i * self.depth + k) * batch)
-                for i, s in enumerate(self.segments)]
+        return [
+            (s.start * batch, (s.start + s.length) * batch, (i * self.depth + k) * batch)
+            for i, s in enumerate(self.segments)
+        ]
 
     @staticmethod
     def align(values: Tensor, pieces: Sequence[tuple[int, int, int]]) -> Tensor:
         """Per-row values of the extended teacher (e.g. its argmax) at the rows `pieces` picks, student order."""
-        return torch.cat([values[lo + off:hi + off] for lo, hi, off in pieces])
+        return torch.cat([values[lo + off : hi + off] for lo, hi, off in pieces])

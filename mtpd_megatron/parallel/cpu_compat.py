@@ -139,9 +139,9 @@ def _patch_torch_cuda() -> None:
 
 def _patch_megatron() -> None:
     import torch
+    from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as tp_random
     from megatron.core.transformer import utils as tf_utils
-    from megatron.core.fusions import fused_softmax
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
 
     # tensor_parallel/random.py:104 _get_cuda_rng_state / :135 _set_cuda_rng_state (fork/unfork of the
@@ -191,8 +191,11 @@ def _patch_megatron() -> None:
 # megatron's optimizer and schedules are full of device='cuda' literals and CUDA type-string checks.
 # --------------------------------------------------------------------------------------------------------
 
-_CUDA_TYPE = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.HalfTensor": "torch.cuda.HalfTensor",
-              "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor"}
+_CUDA_TYPE = {
+    "torch.FloatTensor": "torch.cuda.FloatTensor",
+    "torch.HalfTensor": "torch.cuda.HalfTensor",
+    "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+}
 
 
 def _is_cuda_device(device) -> bool:
@@ -217,8 +220,17 @@ def _cuda_to_cpu_mode() -> type:
     import torch
 
     factories = {
-        torch.tensor, torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.zeros_like,
-        torch.ones_like, torch.empty_like, torch.full_like, torch.as_tensor,
+        torch.tensor,
+        torch.zeros,
+        torch.ones,
+        torch.empty,
+        torch.full,
+        torch.arange,
+        torch.zeros_like,
+        torch.ones_like,
+        torch.empty_like,
+        torch.full_like,
+        torch.as_tensor,
     }
 
     class CudaToCpu(torch.overrides.TorchFunctionMode):
@@ -243,49 +255,99 @@ def _cuda_to_cpu_mode() -> type:
 # megatron-core 0.19.2 functions whose bodies hold CUDA literals: each runs under the CUDA->CPU mapping.
 # (module, attribute path, the lines it answers)
 _MAPPED = (
-    ("megatron.core.pipeline_parallel.schedules", "forward_backward_no_pipelining",
-     'pipeline_parallel/schedules.py:749 total_num_tokens = torch.zeros(..., device="cuda")'),
-    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_with_interleaving",
-     'pipeline_parallel/schedules.py:1121 total_num_tokens = torch.zeros(..., device="cuda")'),
-    ("megatron.core.pipeline_parallel.schedules", "forward_backward_pipelining_without_interleaving",
-     'pipeline_parallel/schedules.py:2292 total_num_tokens = torch.zeros(..., device="cuda")'),
-    ("megatron.core.models.common.language_module.language_module",
-     "LanguageModule.setup_embeddings_and_output_layer",
-     "models/common/language_module/language_module.py:307 weight.data = weight.data.cuda() (PP > 1)"),
-    ("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer.__init__",
-     "optimizer/optimizer.py:690/698/702 found_inf, _dummy_overflow_buf, _scale_one with device='cuda'"),
-    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__",
-     "optimizer/optimizer.py:1028 param.type() == 'torch.cuda.FloatTensor'"),
-    ("megatron.core.optimizer.optimizer", "FP32Optimizer.__init__",
-     "optimizer/optimizer.py:1249 self._scale = torch.tensor(..., device='cuda')"),
-    ("megatron.core.optimizer.optimizer", "MegatronOptimizer.step", "optimizer/clip_grads.py:96/108/112/180/231 "
-     "(device='cuda' norms and buffers) and :174 (.type() == 'torch.cuda.FloatTensor'), through step()"),
+    (
+        "megatron.core.pipeline_parallel.schedules",
+        "forward_backward_no_pipelining",
+        'pipeline_parallel/schedules.py:749 total_num_tokens = torch.zeros(..., device="cuda")',
+    ),
+    (
+        "megatron.core.pipeline_parallel.schedules",
+        "forward_backward_pipelining_with_interleaving",
+        'pipeline_parallel/schedules.py:1121 total_num_tokens = torch.zeros(..., device="cuda")',
+    ),
+    (
+        "megatron.core.pipeline_parallel.schedules",
+        "forward_backward_pipelining_without_interleaving",
+        'pipeline_parallel/schedules.py:2292 total_num_tokens = torch.zeros(..., device="cuda")',
+    ),
+    (
+        "megatron.core.models.common.language_module.language_module",
+        "LanguageModule.setup_embeddings_and_output_layer",
+        "models/common/language_module/language_module.py:307 weight.data = weight.data.cuda() (PP > 1)",
+    ),
+    (
+        "megatron.core.optimizer.optimizer",
+        "MixedPrecisionOptimizer.__init__",
+        "optimizer/optimizer.py:690/698/702 found_inf, _dummy_overflow_buf, _scale_one with device='cuda'",
+    ),
+    (
+        "megatron.core.optimizer.optimizer",
+        "Float16OptimizerWithFloat16Params.__init__",
+        "optimizer/optimizer.py:1028 param.type() == 'torch.cuda.FloatTensor'",
+    ),
+    (
+        "megatron.core.optimizer.optimizer",
+        "FP32Optimizer.__init__",
+        "optimizer/optimizer.py:1249 self._scale = torch.tensor(..., device='cuda')",
+    ),
+    (
+        "megatron.core.optimizer.optimizer",
+        "MegatronOptimizer.step",
+        "optimizer/clip_grads.py:96/108/112/180/231 "
+        "(device='cuda' norms and buffers) and :174 (.type() == 'torch.cuda.FloatTensor'), through step()",
+    ),
     ("megatron.core.optimizer.optimizer", "MixedPrecisionOptimizer.step", "as MegatronOptimizer.step"),
     ("megatron.core.optimizer.optimizer", "FP32Optimizer.step", "as MegatronOptimizer.step"),
     ("megatron.core.optimizer.optimizer", "ChainedOptimizer.step", "as MegatronOptimizer.step"),
-    ("megatron.core.optimizer.optimizer", "ChainedOptimizer.load_state_dict",
-     "optimizer/optimizer.py:586/591 p.data.cuda(), v.cuda() (state moved back after loading)"),
+    (
+        "megatron.core.optimizer.optimizer",
+        "ChainedOptimizer.load_state_dict",
+        "optimizer/optimizer.py:586/591 p.data.cuda(), v.cuda() (state moved back after loading)",
+    ),
     ("megatron.core.optimizer.optimizer", "ChainedOptimizer._synchronize_steps", "as ChainedOptimizer.load_state_dict"),
-    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.load_state_dict",
-     "as ChainedOptimizer.load_state_dict"),
+    (
+        "megatron.core.optimizer.optimizer",
+        "Float16OptimizerWithFloat16Params.load_state_dict",
+        "as ChainedOptimizer.load_state_dict",
+    ),
     ("megatron.core.optimizer.optimizer", "FP32Optimizer.load_state_dict", "as ChainedOptimizer.load_state_dict"),
-    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.sharded_state_dict",
-     "as ChainedOptimizer.load_state_dict"),
+    (
+        "megatron.core.optimizer.optimizer",
+        "Float16OptimizerWithFloat16Params.sharded_state_dict",
+        "as ChainedOptimizer.load_state_dict",
+    ),
     ("megatron.core.optimizer.optimizer", "FP32Optimizer.sharded_state_dict", "as ChainedOptimizer.load_state_dict"),
-    ("megatron.core.optimizer.optimizer", "ChainedOptimizer.sharded_state_dict",
-     "as ChainedOptimizer.load_state_dict"),
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__",
-     "optimizer/distrib_optimizer.py:466 model_param.type() == 'torch.cuda.FloatTensor'"),
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.load_state_dict",
-     "optimizer/distrib_optimizer.py:1374 send_tensor.cuda() and the state gathers on the current device"),
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.sharded_state_dict",
-     "as DistributedOptimizer.load_state_dict"),
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.load_parameter_state_from_fully_reshardable",
-     "as DistributedOptimizer.load_state_dict"),
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.load_parameter_state_from_dp_reshardable",
-     "as DistributedOptimizer.load_state_dict"),
-    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.load_parameter_state_from_fs_model_space",
-     "as DistributedOptimizer.load_state_dict"),
+    ("megatron.core.optimizer.optimizer", "ChainedOptimizer.sharded_state_dict", "as ChainedOptimizer.load_state_dict"),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.__init__",
+        "optimizer/distrib_optimizer.py:466 model_param.type() == 'torch.cuda.FloatTensor'",
+    ),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.load_state_dict",
+        "optimizer/distrib_optimizer.py:1374 send_tensor.cuda() and the state gathers on the current device",
+    ),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.sharded_state_dict",
+        "as DistributedOptimizer.load_state_dict",
+    ),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.load_parameter_state_from_fully_reshardable",
+        "as DistributedOptimizer.load_state_dict",
+    ),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.load_parameter_state_from_dp_reshardable",
+        "as DistributedOptimizer.load_state_dict",
+    ),
+    (
+        "megatron.core.optimizer.distrib_optimizer",
+        "DistributedOptimizer.load_parameter_state_from_fs_model_space",
+        "as DistributedOptimizer.load_state_dict",
+    ),
 )
 
 _DEPTH = [0]  # nesting of mapped calls (a mapped method calling another enters the mode once)

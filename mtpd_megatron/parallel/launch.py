@@ -52,13 +52,24 @@ def read_env(environ=None) -> DistEnv:
     """torchrun's variables win over Slurm's (torchrun inside an allocation sets both)."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+        return DistEnv(
+            int(env["RANK"]),
+            int(env["WORLD_SIZE"]),
+            int(env.get("LOCAL_RANK", 0)),
+            env.get("MASTER_ADDR", "127.0.0.1"),
+            int(env.get("MASTER_PORT", 29500)),
+            "torchrun",
+        )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         job = int(env.get("SLURM_JOB_ID", "0") or 0)
-        return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                       env.get("MASTER_ADDR") or _first_slurm_host(),
-                       int(env.get("MASTER_PORT") or 20000 + job % 40000), "slurm")
+        return DistEnv(
+            int(env["SLURM_PROCID"]),
+            int(env["SLURM_NTASKS"]),
+            int(env.get("SLURM_LOCALID", 0)),
+            env.get("MASTER_ADDR") or _first_slurm_host(),
+            int(env.get("MASTER_PORT") or 20000 + job % 40000),
+            "slurm",
+        )
     return DistEnv(0, 1, 0, env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 0) or 0), "single")
 
 
@@ -92,7 +103,10 @@ def init_distributed(cfg: Config, env: DistEnv, timeout_minutes: int = 30) -> to
     if not dist.is_initialized():
         port = env.master_port or (free_port() if env.world_size == 1 else 29500)
         dist.init_process_group(
-            backend, init_method=f"tcp://{env.master_addr}:{port}", rank=env.rank, world_size=env.world_size,
+            backend,
+            init_method=f"tcp://{env.master_addr}:{port}",
+            rank=env.rank,
+            world_size=env.world_size,
             timeout=timedelta(minutes=timeout_minutes),
             device_id=torch.device("cuda", env.local_rank) if backend == "nccl" else None,  # NCCL: no guessing
         )

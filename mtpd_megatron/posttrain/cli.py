@@ -5,17 +5,27 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 PROG = "finetune_hf.py"
-FLAGS = {"model": "model.path", "out": "out", "heads": "heads", "zero_stage": "deepspeed.zero_stage",
-         "train_iters": "training.train_iters", "device": "training.device", "dtype": "model.dtype"}
+FLAGS = {
+    "model": "model.path",
+    "out": "out",
+    "heads": "heads",
+    "zero_stage": "deepspeed.zero_stage",
+    "train_iters": "training.train_iters",
+    "device": "training.device",
+    "dtype": "model.dtype",
+}
 
 
 def parser():
     from mtpd_megatron.cli import cli_parser
     from mtpd_megatron.posttrain.config import DEVICES, DTYPES, HEAD_MODES, ZERO_STAGES
 
-    p = cli_parser(PROG, "Fine-tune a Hugging Face export with its MTP heads under DeepSpeed ZeRO (main model: CE; "
-                   "heads: MTP-D, CE only or frozen) and write an export with the heads. Run under torchrun for "
-                   "several ranks; alone it is a world of one.")
+    p = cli_parser(
+        PROG,
+        "Fine-tune a Hugging Face export with its MTP heads under DeepSpeed ZeRO (main model: CE; "
+        "heads: MTP-D, CE only or frozen) and write an export with the heads. Run under torchrun for "
+        "several ranks; alone it is a world of one.",
+    )
     p.add_argument("--config", default=None, help="post-training YAML (e.g. configs/posttrain/stdlib_gpu_small.yaml)")
     p.add_argument("--model", default=None, help="the export to fine-tune (model.path)")
     p.add_argument("--out", default=None, help="directory of the fine-tuned export (out)")
@@ -26,8 +36,12 @@ def parser():
     p.add_argument("--dtype", default=None, choices=DTYPES, help="model.dtype")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out scoring and the reload-and-draft check")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides, e.g. mtp.mtpd.beta=[1,1] training.lr=5e-5")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="config overrides, e.g. mtp.mtpd.beta=[1,1] training.lr=5e-5",
+    )
     return p
 
 

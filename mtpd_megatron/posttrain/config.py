@@ -29,21 +29,31 @@ STDLIB = "stdlib"  # data.paths entry: this interpreter's standard library sourc
 
 @dataclass
 class ExportSection:
-    path: Optional[str] = doc("The Hugging Face export to fine-tune (tools/convert_to_hf.py output with MTP heads).",
-                              None)
-    dtype: str = doc("auto (bf16 on GPU, fp32 on CPU), bf16 or fp32: training precision (bf16 keeps fp32 master "
-                     "weights in DeepSpeed) and the dtype of the written export.", "auto")
+    path: Optional[str] = doc(
+        "The Hugging Face export to fine-tune (tools/convert_to_hf.py output with MTP heads).", None
+    )
+    dtype: str = doc(
+        "auto (bf16 on GPU, fp32 on CPU), bf16 or fp32: training precision (bf16 keeps fp32 master "
+        "weights in DeepSpeed) and the dtype of the written export.",
+        "auto",
+    )
 
 
 @dataclass
 class PosttrainData:
-    paths: list = doc("Text of the new domain: 'stdlib' (this Python's standard library .py files, tests "
-                      "excluded), directories (files matching data.glob, recursively), .jsonl files ({'text': ...} "
-                      "per line) or plain text files.", factory=lambda: [STDLIB])
+    paths: list = doc(
+        "Text of the new domain: 'stdlib' (this Python's standard library .py files, tests "
+        "excluded), directories (files matching data.glob, recursively), .jsonl files ({'text': ...} "
+        "per line) or plain text files.",
+        factory=lambda: [STDLIB],
+    )
     glob: str = doc("Files taken from a directory entry of data.paths.", "*.py")
     seq_length: int = doc("Tokens per training and held-out sequence.", 512)
-    valid_fraction: float = doc("Share of documents held out (chosen by a hash of the document's name, so the "
-                                "split is the same in every run and on every machine).", 0.05)
+    valid_fraction: float = doc(
+        "Share of documents held out (chosen by a hash of the document's name, so the "
+        "split is the same in every run and on every machine).",
+        0.05,
+    )
     max_train_tokens: int = doc("Cap on the training tokens kept (0 = all).", 0)
     valid_sequences: int = doc("Held-out sequences scored for acceptance and main-head loss.", 64)
 
@@ -69,18 +79,24 @@ class PosttrainTraining:
 
 @dataclass
 class DeepSpeedSection:
-    zero_stage: int = doc("ZeRO stage: 2 (optimizer state and gradients partitioned over data-parallel ranks) or "
-                          "3 (the parameters too).", 2)
+    zero_stage: int = doc(
+        "ZeRO stage: 2 (optimizer state and gradients partitioned over data-parallel ranks) or 3 (the parameters too).",
+        2,
+    )
 
 
 @dataclass
 class PosttrainConfig:
     name: str = doc("Run name (log lines, the run record).", "posttrain")
-    heads: str = doc("What the MTP heads learn: mtpd (CE + beta * TopN KL to the detached main head, per mtp.mtpd), "
-                     "ce (their CE only) or frozen (kept as exported; only the main model trains).", "mtpd")
+    heads: str = doc(
+        "What the MTP heads learn: mtpd (CE + beta * TopN KL to the detached main head, per mtp.mtpd), "
+        "ce (their CE only) or frozen (kept as exported; only the main model trains).",
+        "mtpd",
+    )
     model: ExportSection = doc("The export to start from.", factory=ExportSection)
-    mtp: MTPConfig = doc("The heads' objective, as in pretraining (mtp.num_heads: default = the export's heads).",
-                         factory=MTPConfig)
+    mtp: MTPConfig = doc(
+        "The heads' objective, as in pretraining (mtp.num_heads: default = the export's heads).", factory=MTPConfig
+    )
     data: PosttrainData = doc("The new domain's text.", factory=PosttrainData)
     training: PosttrainTraining = doc("Optimisation.", factory=PosttrainTraining)
     deepspeed: DeepSpeedSection = doc("DeepSpeed ZeRO.", factory=DeepSpeedSection)
@@ -156,8 +172,11 @@ def validate_posttrain(cfg: PosttrainConfig, vocab_rows: Optional[int] = None) -
     for name in ("lr", "min_lr", "weight_decay", "adam_eps", "clip_grad"):
         value = getattr(t, name)
         if not (0 <= value < math.inf) or (name in ("lr", "adam_eps") and value == 0):
-            _fail(f"training.{name}", value, "must be a finite number " + (">= 0" if name not in ("lr", "adam_eps")
-                                                                            else "> 0"))
+            _fail(
+                f"training.{name}",
+                value,
+                "must be a finite number " + (">= 0" if name not in ("lr", "adam_eps") else "> 0"),
+            )
     if t.min_lr > t.lr:
         _fail("training.min_lr", t.min_lr, f"exceeds training.lr={t.lr}")
     for name in ("adam_beta1", "adam_beta2"):
@@ -184,19 +203,30 @@ def validate_posttrain(cfg: PosttrainConfig, vocab_rows: Optional[int] = None) -
         _fail("model.path", cfg.model.path, "no such directory (pass a Hugging Face export with MTP heads)")
     available = export_heads(cfg.model.path)
     if not available:
-        _fail("model.path", cfg.model.path, "the export has no MTP heads: re-export with tools/convert_to_hf.py "
-              "--mtp sidecar or attach them with tools/attach_mtp_heads.py")
+        _fail(
+            "model.path",
+            cfg.model.path,
+            "the export has no MTP heads: re-export with tools/convert_to_hf.py "
+            "--mtp sidecar or attach them with tools/attach_mtp_heads.py",
+        )
     m = cfg.mtp
     if not 1 <= m.num_heads <= available:
         _fail("mtp.num_heads", m.num_heads, f"the export has {available} MTP heads (use 1..{available})")
     if cfg.heads == "mtpd" and not m.mtpd.enabled:
         _fail("mtp.mtpd.enabled", m.mtpd.enabled, "contradicts heads=mtpd (use heads=ce for the heads' CE alone)")
     if not m.mtpd.detach_teacher:
-        _fail("mtp.mtpd.detach_teacher", m.mtpd.detach_teacher, "the seesaw ablation is a pretraining experiment; "
-              "post-training keeps the stop-gradient (set it true)")
+        _fail(
+            "mtp.mtpd.detach_teacher",
+            m.mtpd.detach_teacher,
+            "the seesaw ablation is a pretraining experiment; post-training keeps the stop-gradient (set it true)",
+        )
     if not m.mtpd.kl_to_trunk:
-        _fail("mtp.mtpd.kl_to_trunk", m.mtpd.kl_to_trunk, "is not available in post-training (use "
-              "mtp.detach_heads=true to keep every head gradient out of the main model)")
+        _fail(
+            "mtp.mtpd.kl_to_trunk",
+            m.mtpd.kl_to_trunk,
+            "is not available in post-training (use "
+            "mtp.detach_heads=true to keep every head gradient out of the main model)",
+        )
     if vocab_rows is None:
         vocab_rows = export_vocab_rows(cfg.model.path)
     mtp_only = Config(mtp=m)

@@ -71,7 +71,9 @@ def iter_documents(paths: list, pattern: str) -> Iterator[tuple[str, str]]:
                         try:
                             yield f"{p.name}:{i}", json.loads(line)["text"]
                         except (ValueError, KeyError, TypeError):
-                            raise ConfigError(f"data.paths {p}: line {i + 1} is not a JSON object with 'text'") from None
+                            raise ConfigError(
+                                f"data.paths {p}: line {i + 1} is not a JSON object with 'text'"
+                            ) from None
         else:
             yield p.name, p.read_text(encoding="utf-8", errors="replace")
 
@@ -86,8 +88,10 @@ def _eod_id(tok) -> int:
 
     eod = tok.token_to_id(EOD_TOKEN)
     if eod is None:
-        raise ConfigError(f"model.path: the export's tokenizer has no {EOD_TOKEN} token (documents could not be "
-                          f"separated as in pretraining)")
+        raise ConfigError(
+            f"model.path: the export's tokenizer has no {EOD_TOKEN} token (documents could not be "
+            f"separated as in pretraining)"
+        )
     return eod
 
 
@@ -109,8 +113,10 @@ def load_domain(data: PosttrainData, tokenizer_file: Path, *, seed: int) -> Doma
             halves["valid" if is_heldout(name, data.valid_fraction) else "train"].append(text)
     counts = {k: len(v) for k, v in halves.items()}
     if not counts["valid"] or not counts["train"]:
-        raise ConfigError(f"data.paths: {counts['train']} training and {counts['valid']} held-out documents (need "
-                          f"both: add text or change data.valid_fraction={data.valid_fraction})")
+        raise ConfigError(
+            f"data.paths: {counts['train']} training and {counts['valid']} held-out documents (need "
+            f"both: add text or change data.valid_fraction={data.valid_fraction})"
+        )
     ids = {k: [e.ids + [eod] for e in tok.encode_batch(v)] for k, v in halves.items()}
     rng = random.Random(seed)
     rng.shuffle(ids["train"])  # document order; the sequences cut from them are shuffled again below
@@ -122,7 +128,9 @@ def load_domain(data: PosttrainData, tokenizer_file: Path, *, seed: int) -> Doma
     train = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))]
     valid = _pack(ids["valid"], length)[: data.valid_sequences]
     if len(valid) < data.valid_sequences or not len(train):
-        raise ConfigError(f"data: {len(valid)} held-out and {len(train)} training sequences of {length} tokens "
-                          f"(data.valid_sequences={data.valid_sequences}); lower data.seq_length or "
-                          f"data.valid_sequences, or raise data.valid_fraction")
+        raise ConfigError(
+            f"data: {len(valid)} held-out and {len(train)} training sequences of {length} tokens "
+            f"(data.valid_sequences={data.valid_sequences}); lower data.seq_length or "
+            f"data.valid_sequences, or raise data.valid_fraction"
+        )
     return DomainData(train=train, valid=valid, documents=counts, tokens=tokens, sources=list(data.paths))

@@ -32,8 +32,17 @@ def _masked_argmax(logits: torch.Tensor, limit: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_export(path, sequences: torch.Tensor, *, batch_size: int = 8, device: Optional[torch.device] = None,
-                    dtype: torch.dtype = torch.float32, label: Optional[str] = None, model=None, mtp=None) -> dict:
+def evaluate_export(
+    path,
+    sequences: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+    label: Optional[str] = None,
+    model=None,
+    mtp=None,
+) -> dict:
     """`sequences` [n, s+1] token ids: inputs [:, :-1], next-token labels [:, 1:]. Loads `path` unless `model`
     and `mtp` are given."""
     from transformers import AutoModelForCausalLM
@@ -51,7 +60,7 @@ def evaluate_export(path, sequences: torch.Tensor, *, batch_size: int = 8, devic
     stats, loss_sum, loss_tokens = AcceptanceStats(), 0.0, 0
     t0 = time.perf_counter()
     for lo in range(0, len(sequences), batch_size):
-        batch = sequences[lo:lo + batch_size].to(device)
+        batch = sequences[lo : lo + batch_size].to(device)
         ids, labels = batch[:, :-1], batch[:, 1:]
         main = model(input_ids=ids).logits
         ce = torch.nn.functional.cross_entropy(main.float().transpose(1, 2), labels, reduction="none")
@@ -63,14 +72,28 @@ def evaluate_export(path, sequences: torch.Tensor, *, batch_size: int = 8, devic
         stats.add(acc.cpu(), base.cpu(), positions=ids.numel())
     main_loss = loss_sum / loss_tokens
     metrics = stats.metrics()
-    return {"label": label or path.name, "path": str(path), "num_heads": len(mtp.layers), "main_loss": main_loss,
-            "main_ppl": math.exp(min(main_loss, 700.0)), "loss_tokens": loss_tokens, **metrics,
-            **vllm_metrics(metrics), "seconds": time.perf_counter() - t0}
+    return {
+        "label": label or path.name,
+        "path": str(path),
+        "num_heads": len(mtp.layers),
+        "main_loss": main_loss,
+        "main_ppl": math.exp(min(main_loss, 700.0)),
+        "loss_tokens": loss_tokens,
+        **metrics,
+        **vllm_metrics(metrics),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 @torch.no_grad()
-def draft_check(path, prompt: torch.Tensor, *, new_tokens: int = 24, device: Optional[torch.device] = None,
-                dtype: torch.dtype = torch.float32) -> dict:
+def draft_check(
+    path,
+    prompt: torch.Tensor,
+    *,
+    new_tokens: int = 24,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """Reload `path`, draft with all its heads through transformers' generate(use_mtp=True) (hf_mtp.enable_mtp)
     and compare with greedy decoding: {'equal', 'steps', 'accepted', 'tokens_per_step'}."""
     from transformers import AutoModelForCausalLM
@@ -85,6 +108,10 @@ def draft_check(path, prompt: torch.Tensor, *, new_tokens: int = 24, device: Opt
     drafted = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, use_mtp=True)
     record = mtp.mtp_record
     steps = len(record["drafts"])
-    return {"equal": bool(torch.equal(greedy, drafted)), "steps": steps, "accepted": list(record["accepted"]),
-            "new_tokens": int(drafted.shape[1] - prompt.shape[1]),
-            "tokens_per_step": (drafted.shape[1] - prompt.shape[1]) / max(steps, 1)}
+    return {
+        "equal": bool(torch.equal(greedy, drafted)),
+        "steps": steps,
+        "accepted": list(record["accepted"]),
+        "new_tokens": int(drafted.shape[1] - prompt.shape[1]),
+        "tokens_per_step": (drafted.shape[1] - prompt.shape[1]) / max(steps, 1),
+    }

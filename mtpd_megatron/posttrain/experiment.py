@@ -19,8 +19,12 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 ARMS = ("frozen", "ce", "mtpd")
-NOTES = {"pretrained": "the export before the fine-tune", "frozen": "heads frozen (main model fine-tuned)",
-         "ce": "heads trained with CE only", "mtpd": "heads trained with MTP-D (CE + beta TopN KL)"}
+NOTES = {
+    "pretrained": "the export before the fine-tune",
+    "frozen": "heads frozen (main model fine-tuned)",
+    "ce": "heads trained with CE only",
+    "mtpd": "heads trained with MTP-D (CE + beta TopN KL)",
+}
 
 
 def run_experiment(base, out: Path, arms: Sequence[str] = ARMS, *, commit: Optional[str] = None) -> dict:
@@ -34,36 +38,70 @@ def run_experiment(base, out: Path, arms: Sequence[str] = ARMS, *, commit: Optio
 
     configs = {}
     for arm in arms:
-        cfg = dataclasses.replace(base, heads=arm, out=str(out / arm / "export"), name=arm, overwrite=True,
-                                  mtp=dataclasses.replace(base.mtp, mtpd=dataclasses.replace(
-                                      base.mtp.mtpd, enabled=arm == "mtpd" or base.mtp.mtpd.enabled)))
+        cfg = dataclasses.replace(
+            base,
+            heads=arm,
+            out=str(out / arm / "export"),
+            name=arm,
+            overwrite=True,
+            mtp=dataclasses.replace(
+                base.mtp, mtpd=dataclasses.replace(base.mtp.mtpd, enabled=arm == "mtpd" or base.mtp.mtpd.enabled)
+            ),
+        )
         validate_posttrain(cfg)
         configs[arm] = cfg
     device = resolve_device(base)
     dtype = resolve_dtype(base, device)
     t0 = time.perf_counter()
     data = load_domain(base.data, Path(base.model.path) / "tokenizer.json", seed=base.training.seed)
-    print(f"domain: {data.documents['train']} training / {data.documents['valid']} held-out documents, "
-          f"{data.tokens['train']:,} / {data.tokens['valid']:,} tokens ({time.perf_counter() - t0:.1f}s)", flush=True)
-    results = [evaluate_export(base.model.path, data.valid, batch_size=base.training.eval_batch_size,
-                               device=device, dtype=dtype, label="pretrained")]
+    print(
+        f"domain: {data.documents['train']} training / {data.documents['valid']} held-out documents, "
+        f"{data.tokens['train']:,} / {data.tokens['valid']:,} tokens ({time.perf_counter() - t0:.1f}s)",
+        flush=True,
+    )
+    results = [
+        evaluate_export(
+            base.model.path,
+            data.valid,
+            batch_size=base.training.eval_batch_size,
+            device=device,
+            dtype=dtype,
+            label="pretrained",
+        )
+    ]
     results[0].update(arm="pretrained", note=NOTES["pretrained"])
     records = {}
     for arm in arms:
         record = finetune(configs[arm], data=data)
         records[arm] = record
-        r = dict(record["eval"], arm=arm, note=NOTES[arm], train_seconds=record["train_seconds"],
-                 draft=record["draft"], final_log=record["log"][-1] if record["log"] else None)
+        r = dict(
+            record["eval"],
+            arm=arm,
+            note=NOTES[arm],
+            train_seconds=record["train_seconds"],
+            draft=record["draft"],
+            final_log=record["log"][-1] if record["log"] else None,
+        )
         results.append(r)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     first = records[arms[0]]
     result = {
-        "experiment": "posttrain domain shift", "commit": commit, "export": str(Path(base.model.path).absolute()),
-        "device": first["device"], "dtype": first["dtype"], "deepspeed": first["deepspeed"],
-        "zero_stage": base.deepspeed.zero_stage, "world_size": first["world_size"],
-        "config": first["config"], "data": {**first["data"], "split": "held-out documents of the new domain",
-                                            "sequences": int(len(data.valid)), "seq_length": base.data.seq_length},
+        "experiment": "posttrain domain shift",
+        "commit": commit,
+        "export": str(Path(base.model.path).absolute()),
+        "device": first["device"],
+        "dtype": first["dtype"],
+        "deepspeed": first["deepspeed"],
+        "zero_stage": base.deepspeed.zero_stage,
+        "world_size": first["world_size"],
+        "config": first["config"],
+        "data": {
+            **first["data"],
+            "split": "held-out documents of the new domain",
+            "sequences": int(len(data.valid)),
+            "seq_length": base.data.seq_length,
+        },
         "checkpoints": results,
     }
     return result
@@ -74,23 +112,30 @@ def table(result: dict) -> str:
     rows = result["checkpoints"]
     k = max(len(r.get("a") or []) for r in rows)
     ref = rows[0]["main_loss"]
-    head = ["arm", "what", "main loss (new domain)", "vs pretrained", "tau"] + [f"a_{i}" for i in range(1, k + 1)] \
+    head = (
+        ["arm", "what", "main loss (new domain)", "vs pretrained", "tau"]
+        + [f"a_{i}" for i in range(1, k + 1)]
         + [f"CAR_{k}", "reload + draft = greedy"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         delta = "" if r["arm"] == "pretrained" else f"{100 * (r['main_loss'] / ref - 1):+.2f}%"
         draft = r.get("draft")
-        cells = [r["arm"], r["note"], f"{r['main_loss']:.4f}", delta, f"{r['tau']:.3f}"] \
-            + [f"{x:.3f}" for x in r["a"]] + [f"{r['car'][-1]:.3f}",
-                                              "" if draft is None else ("yes" if draft["equal"] else "NO")]
+        cells = (
+            [r["arm"], r["note"], f"{r['main_loss']:.4f}", delta, f"{r['tau']:.3f}"]
+            + [f"{x:.3f}" for x in r["a"]]
+            + [f"{r['car'][-1]:.3f}", "" if draft is None else ("yes" if draft["equal"] else "NO")]
+        )
         lines.append("| " + " | ".join(cells) + " |")
     d = result["data"]
     lines.append("")
-    lines.append(f"{result['device']}, {result['dtype']}, DeepSpeed {result['deepspeed']} ZeRO-{result['zero_stage']} "
-                 f"on {result['world_size']} rank(s); {d['train_sequences']} training sequences available, "
-                 f"{result['config']['training']['train_iters']} steps x {result['config']['training']['micro_batch_size']}"
-                 f" x {d['seq_length']} tokens; scored on {d['sequences']} held-out sequences of {d['seq_length']} "
-                 f"tokens ({d['documents']['valid']} held-out documents); commit {result.get('commit') or 'unknown'}.")
+    lines.append(
+        f"{result['device']}, {result['dtype']}, DeepSpeed {result['deepspeed']} ZeRO-{result['zero_stage']} "
+        f"on {result['world_size']} rank(s); {d['train_sequences']} training sequences available, "
+        f"{result['config']['training']['train_iters']} steps x {result['config']['training']['micro_batch_size']}"
+        f" x {d['seq_length']} tokens; scored on {d['sequences']} held-out sequences of {d['seq_length']} "
+        f"tokens ({d['documents']['valid']} held-out documents); commit {result.get('commit') or 'unknown'}."
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -108,7 +153,7 @@ def write_outputs(result: dict, out: Path) -> list:
 def main(argv=None) -> int:
     from mtpd_megatron.cli import cli_parser
     from mtpd_megatron.posttrain.cli import overrides_of
-    from mtpd_megatron.posttrain.config import ConfigError, ZERO_STAGES, load_posttrain_config
+    from mtpd_megatron.posttrain.config import ZERO_STAGES, ConfigError, load_posttrain_config
 
     p = cli_parser("run_posttrain_experiment.py", __doc__.split("\n\n")[0])
     p.add_argument("--export", required=True, help="the pretrained export with MTP heads (model.path)")

@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -64,8 +64,9 @@ def init_deepspeed(device: torch.device) -> None:
     if "RANK" not in os.environ:
         from mtpd_megatron.parallel.launch import free_port
 
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+        os.environ.update(
+            RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
+        )
     import deepspeed
 
     if device.type == "cpu":  # gloo does the CPU collectives: DeepSpeed's shared-memory all-reduce is a C++
@@ -125,8 +126,16 @@ def _gathered_state(engine, module) -> dict:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def write_export(wrapper, main_state: dict, head_state: dict, source: Path, out: Path, dtype: torch.dtype,
-                 record: dict, overwrite: bool) -> None:
+def write_export(
+    wrapper,
+    main_state: dict,
+    head_state: dict,
+    source: Path,
+    out: Path,
+    dtype: torch.dtype,
+    record: dict,
+    overwrite: bool,
+) -> None:
     """The fine-tuned export at `out` (atomically): main weights via save_pretrained, heads as a sidecar."""
     from mtpd_megatron.convert import atomic_output_dir
     from mtpd_megatron.convert.from_hf import inspect_hf_dir
@@ -140,8 +149,10 @@ def write_export(wrapper, main_state: dict, head_state: dict, source: Path, out:
     expected = {n for n in src["tensors"] if int(n.split(".")[2]) - src["num_layers"] < wrapper.num_heads}
     if set(heads) != expected:
         extra, missing = sorted(set(heads) - expected), sorted(expected - set(heads))
-        raise ValueError(f"the fine-tuned heads' names differ from {source}'s ({extra[:2]} new, {missing[:2]} "
-                         f"missing): transformers' MtpModel names changed")
+        raise ValueError(
+            f"the fine-tuned heads' names differ from {source}'s ({extra[:2]} new, {missing[:2]} "
+            f"missing): transformers' MtpModel names changed"
+        )
     with atomic_output_dir(out, overwrite) as tmp:
         main = wrapper.main
         main.save_pretrained(str(tmp), state_dict={k: v.to(dtype) for k, v in main_state.items()})
@@ -156,10 +167,19 @@ def write_export(wrapper, main_state: dict, head_state: dict, source: Path, out:
         conf, _, info = inspect_hf_dir(tmp)
         fit = {**src, "num_heads": wrapper.num_heads, "tensors": heads}
         check_fit(fit, tmp, conf, info)
-        write_manifest(tmp / SIDECAR_DIR, manifest(
-            src["arch"], num_heads=wrapper.num_heads, num_layers=src["num_layers"], hidden=conf["hidden_size"],
-            vocab_rows=src["vocab_rows"], vocab_size=src.get("vocab_size"), dtype=dtype,
-            vocab_sha256=src.get("vocab_sha256")))
+        write_manifest(
+            tmp / SIDECAR_DIR,
+            manifest(
+                src["arch"],
+                num_heads=wrapper.num_heads,
+                num_layers=src["num_layers"],
+                hidden=conf["hidden_size"],
+                vocab_rows=src["vocab_rows"],
+                vocab_size=src.get("vocab_size"),
+                dtype=dtype,
+                vocab_sha256=src.get("vocab_sha256"),
+            ),
+        )
         ship_generate(tmp)
         (tmp / RECORD).write_text(json.dumps(record, indent=1) + "\n")
 
@@ -171,7 +191,7 @@ def _batches(train: torch.Tensor, micro: int, rank: int, world: int, seed: int):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + epoch))
         mine = order[rank::world]
         for lo in range(0, len(mine) - micro + 1, micro):
-            yield train[mine[lo:lo + micro]]
+            yield train[mine[lo : lo + micro]]
         epoch += 1
 
 
@@ -199,25 +219,34 @@ def finetune(cfg: PosttrainConfig, *, data=None, evaluate: bool = True) -> dict:
     if len(data.train) < t.micro_batch_size * world:
         from mtpd_megatron.config.load import ConfigError
 
-        raise ConfigError(f"training.micro_batch_size={t.micro_batch_size}: {len(data.train)} training sequences "
-                          f"for {world} ranks (lower it or data.seq_length)")
+        raise ConfigError(
+            f"training.micro_batch_size={t.micro_batch_size}: {len(data.train)} training sequences "
+            f"for {world} ranks (lower it or data.seq_length)"
+        )
     torch.manual_seed(t.seed)
-    wrapper = load_with_heads(str(source), cfg.mtp.num_heads, dtype=torch.float32, device=device,
-                              detach_heads=cfg.mtp.detach_heads)
+    wrapper = load_with_heads(
+        str(source), cfg.mtp.num_heads, dtype=torch.float32, device=device, detach_heads=cfg.mtp.detach_heads
+    )
     wrapper.train()
     set_trainable(wrapper, cfg.heads)
     rope = rotary_buffers(wrapper)
     params = [p for p in wrapper.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                            weight_decay=t.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay
+    )
     engine, _, _, scheduler = deepspeed.initialize(
-        model=wrapper, optimizer=opt, config=deepspeed_config(cfg, dtype),
-        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)))
+        model=wrapper,
+        optimizer=opt,
+        config=deepspeed_config(cfg, dtype),
+        lr_scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(o, lr_lambda(cfg)),
+    )
     restore_buffers(rope)
     objective = head_objective(cfg.mtp, cfg.heads)
-    _say(f"posttrain {cfg.name}: {source} -> {cfg.out}; heads={cfg.heads} ({wrapper.num_heads}), ZeRO-"
-         f"{cfg.deepspeed.zero_stage} on {world} {device.type} rank(s), {str(dtype).replace('torch.', '')}; "
-         f"{len(data.train)} training / {len(data.valid)} held-out sequences of {cfg.data.seq_length} tokens")
+    _say(
+        f"posttrain {cfg.name}: {source} -> {cfg.out}; heads={cfg.heads} ({wrapper.num_heads}), ZeRO-"
+        f"{cfg.deepspeed.zero_stage} on {world} {device.type} rank(s), {str(dtype).replace('torch.', '')}; "
+        f"{len(data.train)} training / {len(data.valid)} held-out sequences of {cfg.data.seq_length} tokens"
+    )
     log, batches, t0 = [], _batches(data.train, t.micro_batch_size, rank, world, t.seed), time.perf_counter()
     for step in range(1, t.train_iters + 1):
         parts = None
@@ -228,28 +257,47 @@ def finetune(cfg: PosttrainConfig, *, data=None, evaluate: bool = True) -> dict:
             engine.backward(parts.loss)
             engine.step()
         if step % t.log_interval == 0 or step == t.train_iters:
-            row = {"step": step, "loss": float(parts.loss.detach()), "main_ce": float(parts.main_ce),
-                   "head_ce": [float(x) for x in parts.head_ce], "head_kl": [float(x) for x in parts.head_kl],
-                   "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}
+            row = {
+                "step": step,
+                "loss": float(parts.loss.detach()),
+                "main_ce": float(parts.main_ce),
+                "head_ce": [float(x) for x in parts.head_ce],
+                "head_kl": [float(x) for x in parts.head_kl],
+                "lr": scheduler.get_last_lr()[0],
+                "seconds": time.perf_counter() - t0,
+            }
             log.append(row)
             heads_txt = " ".join(f"{c:.3f}/{k:.3f}" for c, k in zip(row["head_ce"], row["head_kl"]))
-            _say(f"step {step}/{t.train_iters} loss {row['loss']:.4f} main_ce {row['main_ce']:.4f}"
-                 + (f" heads ce/kl {heads_txt}" if heads_txt else "") + f" lr {row['lr']:.2e} "
-                 f"({row['seconds']:.1f}s)")
+            _say(
+                f"step {step}/{t.train_iters} loss {row['loss']:.4f} main_ce {row['main_ce']:.4f}"
+                + (f" heads ce/kl {heads_txt}" if heads_txt else "")
+                + f" lr {row['lr']:.2e} "
+                f"({row['seconds']:.1f}s)"
+            )
     train_seconds = time.perf_counter() - t0
     main_state = _gathered_state(engine, wrapper.main)
     head_state = _gathered_state(engine, wrapper.mtp)
-    record = {"config": config_dict(cfg), "source": str(source.absolute()), "world_size": world,
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "dtype": str(dtype).replace("torch.", ""), "deepspeed": deepspeed.__version__,
-              "data": {"documents": data.documents, "tokens": data.tokens, "train_sequences": len(data.train),
-                       "valid_sequences": len(data.valid), "sources": data.sources},
-              "train_seconds": train_seconds, "log": log}
+    record = {
+        "config": config_dict(cfg),
+        "source": str(source.absolute()),
+        "world_size": world,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(dtype).replace("torch.", ""),
+        "deepspeed": deepspeed.__version__,
+        "data": {
+            "documents": data.documents,
+            "tokens": data.tokens,
+            "train_sequences": len(data.train),
+            "valid_sequences": len(data.valid),
+            "sources": data.sources,
+        },
+        "train_seconds": train_seconds,
+        "log": log,
+    }
     out = Path(cfg.out)
     if rank == 0:
         record["export"] = str(out.absolute())
-        write_export(wrapper, main_state, head_state, source, out, _export_dtype(source, dtype), record,
-                     cfg.overwrite)
+        write_export(wrapper, main_state, head_state, source, out, _export_dtype(source, dtype), record, cfg.overwrite)
     del engine, opt, wrapper, main_state, head_state
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -257,13 +305,16 @@ def finetune(cfg: PosttrainConfig, *, data=None, evaluate: bool = True) -> dict:
     if evaluate and rank == 0:
         from mtpd_megatron.posttrain.evaluate import draft_check, evaluate_export
 
-        record["eval"] = evaluate_export(out, data.valid, batch_size=t.eval_batch_size, device=device,
-                                         dtype=dtype, label=cfg.name)
+        record["eval"] = evaluate_export(
+            out, data.valid, batch_size=t.eval_batch_size, device=device, dtype=dtype, label=cfg.name
+        )
         record["draft"] = draft_check(out, data.valid[0, :32], device=device, dtype=dtype)
-        _say(f"held-out: main_loss {record['eval']['main_loss']:.4f} tau {record['eval']['tau']:.3f} a_k "
-             f"[{' '.join(f'{x:.3f}' for x in record['eval']['a'])}]; reload + draft: "
-             f"{'equal to greedy' if record['draft']['equal'] else 'DIFFERS from greedy'}, "
-             f"{record['draft']['tokens_per_step']:.2f} tokens/step")
+        _say(
+            f"held-out: main_loss {record['eval']['main_loss']:.4f} tau {record['eval']['tau']:.3f} a_k "
+            f"[{' '.join(f'{x:.3f}' for x in record['eval']['a'])}]; reload + draft: "
+            f"{'equal to greedy' if record['draft']['equal'] else 'DIFFERS from greedy'}, "
+            f"{record['draft']['tokens_per_step']:.2f} tokens/step"
+        )
         from mtpd_megatron.checkpoint.layout import write_atomic
 
         write_atomic(out / RECORD, json.dumps(record, indent=1) + "\n")
@@ -274,8 +325,9 @@ def finetune(cfg: PosttrainConfig, *, data=None, evaluate: bool = True) -> dict:
 def _export_dtype(source: Path, train_dtype: torch.dtype) -> torch.dtype:
     """The source export's dtype (a fine-tune does not change the file format); the training dtype otherwise."""
     try:
-        name = json.loads((source / "config.json").read_text()).get("torch_dtype") or \
-            json.loads((source / "config.json").read_text()).get("dtype")
+        name = json.loads((source / "config.json").read_text()).get("torch_dtype") or json.loads(
+            (source / "config.json").read_text()
+        ).get("dtype")
     except (OSError, ValueError):
         name = None
     return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}.get(name, train_dtype)

@@ -40,8 +40,9 @@ def head_objective(mtp_cfg, heads_mode: str) -> Optional[HeadObjective]:
 
     cfg = dataclasses.replace(mtp_cfg, mtpd=dataclasses.replace(mtp_cfg.mtpd, enabled=heads_mode == "mtpd"))
     s = MTPDSettings.from_config(cfg)
-    return HeadObjective(spec=s.spec, alphas=s.alphas, betas=s.betas,
-                         scale=float(mtp_cfg.loss_scaling_factor) / mtp_cfg.num_heads)
+    return HeadObjective(
+        spec=s.spec, alphas=s.alphas, betas=s.betas, scale=float(mtp_cfg.loss_scaling_factor) / mtp_cfg.num_heads
+    )
 
 
 class LossParts(NamedTuple):
@@ -51,8 +52,13 @@ class LossParts(NamedTuple):
     head_kl: list
 
 
-def posttrain_loss(main_logits: Tensor, head_logits: list, labels: Tensor, objective: Optional[HeadObjective],
-                   mask: Optional[Tensor] = None) -> LossParts:
+def posttrain_loss(
+    main_logits: Tensor,
+    head_logits: list,
+    labels: Tensor,
+    objective: Optional[HeadObjective],
+    mask: Optional[Tensor] = None,
+) -> LossParts:
     """main_logits [b, s, V], head_logits K x [b, s, V], labels [b, s] (labels[t] = token t+1), mask [b, s]
     (1 = labels[t] is a real target; default all)."""
     b, s, vocab = main_logits.shape
@@ -72,9 +78,17 @@ def posttrain_loss(main_logits: Tensor, head_logits: list, labels: Tensor, objec
         rows = s - k
         n = b * rows
         aligned = TeacherStats(*(field[:, k:].reshape(n) for field in stats))
-        out = head_loss(student[:, :rows].reshape(n, vocab), teacher[:, k:].reshape(n, vocab), aligned,
-                        labels[:, k:].reshape(n), alpha=objective.alphas[k - 1], beta=objective.betas[k - 1],
-                        spec=objective.spec, vocab_size=vocab, vocab_start=0)
+        out = head_loss(
+            student[:, :rows].reshape(n, vocab),
+            teacher[:, k:].reshape(n, vocab),
+            aligned,
+            labels[:, k:].reshape(n),
+            alpha=objective.alphas[k - 1],
+            beta=objective.betas[k - 1],
+            spec=objective.spec,
+            vocab_size=vocab,
+            vocab_start=0,
+        )
         m = mask[:, k:].reshape(n)
         denom = m.sum().clamp_min(1)
         total = total + objective.scale * (out.loss * m).sum() / denom

@@ -56,8 +56,9 @@ class ModelWithHeads(nn.Module):
         return logits, heads
 
 
-def load_with_heads(path: str, num_heads: int, *, dtype: torch.dtype, device: torch.device,
-                    detach_heads: bool = False) -> ModelWithHeads:
+def load_with_heads(
+    path: str, num_heads: int, *, dtype: torch.dtype, device: torch.device, detach_heads: bool = False
+) -> ModelWithHeads:
     """The export at `path` with its first `num_heads` heads (hf_mtp.load_mtp_model), on `device`."""
     from transformers import AutoModelForCausalLM
 
@@ -88,9 +89,9 @@ def head_tensors(wrapper: ModelWithHeads, state: Optional[dict] = None) -> dict:
             raise ValueError(f"MTP head tensor {name}: not under layers.<k> (an MtpModel of an unknown layout)")
         prefix, rest = f"model.layers.{num_layers + int(parts[1])}.", ".".join(parts[2:])
         if rest.startswith("mtp_block."):
-            rest = rest[len("mtp_block."):]
+            rest = rest[len("mtp_block.") :]
         elif rest.startswith("post_norm."):
-            rest = "shared_head.norm." + rest[len("post_norm."):]
+            rest = "shared_head.norm." + rest[len("post_norm.") :]
         renamed[prefix + rest] = t.detach()
     return dict(revert_weight_conversion(wrapper.main, renamed))
 
@@ -98,8 +99,11 @@ def head_tensors(wrapper: ModelWithHeads, state: Optional[dict] = None) -> dict:
 def rotary_buffers(module: nn.Module) -> dict:
     """fp32 copies of every rotary embedding's inverse frequencies (restored after DeepSpeed's bf16 cast, which
     casts buffers as well and would round RoPE's frequencies to bf16)."""
-    return {m: {n: b.detach().clone() for n, b in m.named_buffers(recurse=False) if "inv_freq" in n}
-            for m in module.modules() if any("inv_freq" in n for n, _ in m.named_buffers(recurse=False))}
+    return {
+        m: {n: b.detach().clone() for n, b in m.named_buffers(recurse=False) if "inv_freq" in n}
+        for m in module.modules()
+        if any("inv_freq" in n for n, _ in m.named_buffers(recurse=False))
+    }
 
 
 def restore_buffers(saved: dict) -> None:
