@@ -46,6 +46,11 @@ MENTIONS = {
     "Slurm": ["sbatch -N 8 slurm/pretrain.sbatch CFG", "slurm/submit_chain.sh CFG --convert-to OUT"],
     "acceptance (beside main-head loss)": ["tools/eval_acceptance.py --ckpt A --ckpt B --out r.json --plot r.png"],
     "experiments (arms at equal tokens)": ["tools/run_experiment.py configs/experiments/seesaw_gpu_small.yaml"],
+    "post-training that keeps the heads": [
+        "tools/finetune_hf.py --model HF --out FT --heads mtpd --zero-stage 3",
+        "tools/run_posttrain_experiment.py --export HF --out DIR",
+    ],
+    "training throughput": ["tools/bench_train.py --config configs/dense_2b.yaml --out DIR"],
     "speculative decoding": ['tools/speculative_decode.py --ckpt DIR --prompt "..." --k 4', "tools/bench_decode.py"],
     "Hugging Face": [
         "tools/convert_to_hf.py --ckpt DIR --out HF",
@@ -176,6 +181,18 @@ def test_acceptance_speculative_decoding_and_hugging_face_rows(trained):
     run("tools/convert_from_hf.py", "--hf", root / "hf", "--out", root / "back", "--tp", 2)
     assert (root / "back" / "latest_checkpointed_iteration.txt").is_file()
     assert "--heads" in run("tools/attach_mtp_heads.py", "--help").stdout
+
+
+def test_post_training_and_throughput_rows():
+    """--help here: tests/test_finetune_hf.py runs both post-training tools under DeepSpeed on CPU, and
+    tests/test_bench_train.py runs the throughput bench on the tiny presets."""
+    for tool, flag in (
+        ("tools/finetune_hf.py", "--zero-stage"),
+        ("tools/run_posttrain_experiment.py", "--export"),
+        ("tools/bench_train.py", "--compare"),
+    ):
+        out = run(tool, "--help")
+        assert flag in out.stdout and not out.stderr.strip(), (tool, out.stderr)
 
 
 def test_experiments_row(tmp_path):
