@@ -429,6 +429,23 @@ def test_mtp_heads_load_without_get_weight_conversions(built, name, monkeypatch)
     assert newer.keys() == older.keys() and all(torch.equal(newer[k], older[k]) for k in newer)
 
 
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_mtp_layer_forward_without_forward_layer(built, name, monkeypatch):
+    """Without MtpModel.forward_layer (transformers 5.17, the GPU machine's) the heads' teacher-forced logits are
+    computed from MtpModel's parts, equal to what forward_layer gives."""
+    from transformers.modeling_layers import MtpModel
+
+    from mtpd_megatron.inference.hf_mtp import load_mtp_model, teacher_forced_logits
+
+    model = _load(built["root"] / f"hf_{name}")
+    mtp = load_mtp_model(model, built["root"] / f"hf_{name}")
+    tokens = built["refs"][0]["tokens"]
+    newer = teacher_forced_logits(model, mtp, tokens)
+    monkeypatch.delattr(MtpModel, "forward_layer")
+    older = teacher_forced_logits(model, mtp, tokens)
+    assert len(newer) == len(older) == 2 and all(torch.equal(a, b) for a, b in zip(newer, older))
+
+
 def test_round_trip_bitwise(built):
     """HF -> megatron (saved for TP2/EP2) -> HF reproduces every byte of the weights, MTP heads (sidecar) included."""
     root = built["root"]

@@ -263,6 +263,21 @@ def load_mtp_model(model, path=None, num_heads: Optional[int] = None):
     return mtp.eval()
 
 
+def forward_mtp_layer(mtp, k: int, hidden, positions, input_ids=None, inputs_embeds=None):
+    """One depth of transformers' MtpModel without a cache (head k from h_{k-1} and the rolled tokens):
+    `MtpModel.forward_layer` where transformers has it (5.24 here); earlier 5.x releases (the GPU machine's
+    5.17) have only the whole drafting `forward`, so the same steps are taken from its parts. The layer is
+    called positionally because its cache argument is `past_key_values` in 5.17 and `cache` in 5.24."""
+    if hasattr(mtp, "forward_layer"):
+        return mtp.forward_layer(k, hidden, positions, None, input_ids=input_ids, inputs_embeds=inputs_embeds)
+    if inputs_embeds is None:
+        inputs_embeds = mtp.embed_tokens(input_ids).to(hidden.device)
+    masks = mtp.create_masks_for_mtp_layer(k, inputs_embeds, None, positions)
+    rotary = mtp.rotary_emb(inputs_embeds, position_ids=positions) if mtp.rotary_emb is not None else None
+    hidden = mtp.layers[k](inputs_embeds, hidden, rotary, masks.pop("attention_mask", None), positions, None, **masks)
+    return mtp.shared_post_norm(hidden) if getattr(mtp, "use_shared_post_norm", False) else hidden
+
+
 @torch.no_grad()
 def teacher_forced_logits(model, mtp, input_ids: torch.Tensor) -> list:
     """Every head's logits over whole sequences, as megatron computes them in training: depth k at t sees
@@ -272,7 +287,7 @@ def teacher_forced_logits(model, mtp, input_ids: torch.Tensor) -> list:
     ids, out = input_ids, []
     for k in range(len(mtp.layers)):
         ids = torch.cat([ids[:, 1:], torch.zeros_like(ids[:, :1])], dim=1)
-        hidden = mtp.forward_layer(k, hidden, positions, None, input_ids=ids)
+        hidden = forward_mtp_layer(mtp, k, hidden, positions, input_ids=ids)
         out.append(mtp._project_to_logits(hidden))
     return out
 

@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import nn
 
+from mtpd_megatron.inference.hf_mtp import forward_mtp_layer
+
 _SHARED = ("embed_tokens", "shared_head", "rotary_emb")
 
 
@@ -51,7 +53,7 @@ class ModelWithHeads(nn.Module):
                 embeds = self.mtp.embed_tokens(ids)
                 if self.detach_heads:
                     embeds = embeds.detach()
-                h = self.mtp.forward_layer(k, h, positions, None, inputs_embeds=embeds)
+                h = forward_mtp_layer(self.mtp, k, h, positions, inputs_embeds=embeds)
                 heads.append(self.mtp._project_to_logits(h))
         return logits, heads
 
