@@ -56,6 +56,24 @@ def report_error(prog: str, error, code: int = 2) -> int:
     return code
 
 
+def source_commit() -> Optional[str]:
+    """The checkout's short commit (recorded beside benchmark and experiment results), or None outside git."""
+    import subprocess
+    from pathlib import Path
+
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
 def check_device(parser: argparse.ArgumentParser, device: str, flag: str = "--device") -> None:
     """`--device cuda` on a machine without a visible GPU is a usage error, named by its flag."""
     if device == "cuda":

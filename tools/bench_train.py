@@ -346,6 +346,7 @@ def _main(argv=None) -> int:
     out = Path(args.out)
     import torch
 
+    from mtpd_megatron.cli import source_commit
     from mtpd_megatron.config.load import ConfigError
     from mtpd_megatron.config.validate import validate
     from mtpd_megatron.data import load_tokenizer
@@ -387,7 +388,7 @@ def _main(argv=None) -> int:
             "warmup": args.warmup,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__,
-            "commit": _commit(),
+            "commit": source_commit(),
             "data": "synthetic uniform random tokens",
             "overrides": args.overrides,
             "runs": results,
@@ -423,20 +424,6 @@ def _main(argv=None) -> int:
         print(f"wrote {out / 'bench.json'}", flush=True)
         launch.shutdown()
     return 0
-
-
-def _commit() -> str | None:
-    import subprocess
-
-    try:
-        return (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 if __name__ == "__main__":

@@ -12,27 +12,12 @@ and what is measured. A bad experiment file prints one line and exits with 2 bef
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PROG = "run_experiment"
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parents[1],
-            check=True,
-        )
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _main(argv=None) -> int:
@@ -60,6 +45,7 @@ def _main(argv=None) -> int:
     if args.train_only and args.report_only:
         p.error("--train-only and --report-only exclude each other")
 
+    from mtpd_megatron.cli import source_commit
     from mtpd_megatron.experiment import runner
     from mtpd_megatron.experiment.report import write_report
     from mtpd_megatron.experiment.spec import load_experiment, parse_arm_list
@@ -74,7 +60,11 @@ def _main(argv=None) -> int:
         print("\n".join(str(w) for w in written) if written else f"{PROG}: no finished arms in {experiment.out}")
         return 0
     return runner.run(
-        experiment, names, parallel=args.parallel, evaluate=not args.train_only, commit=args.commit or _commit()
+        experiment,
+        names,
+        parallel=args.parallel,
+        evaluate=not args.train_only,
+        commit=args.commit or source_commit() or "unknown",
     )
 
 

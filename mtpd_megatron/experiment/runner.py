@@ -30,6 +30,7 @@ from mtpd_megatron.checkpoint import layout
 from mtpd_megatron.checkpoint.atomic import write_atomic
 from mtpd_megatron.config.load import ConfigError, dump_config
 from mtpd_megatron.experiment.spec import ROOT, Arm, Experiment
+from mtpd_megatron.parallel.launch import free_port
 
 RESULT = "result.json"
 _STEP = re.compile(r"step (\d+)/(\d+)")
@@ -37,14 +38,6 @@ _STEP = re.compile(r"step (\d+)/(\d+)")
 
 def _say(line: str) -> None:
     print(f"[experiment] {line}", flush=True)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -143,7 +136,7 @@ def _launch(arm: Arm) -> _Job:
         WORLD_SIZE="1",
         LOCAL_RANK="0",
         MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(_free_port()),
+        MASTER_PORT=str(free_port()),
         PYTHONUNBUFFERED="1",
     )
     log = open(arm.directory / "train.log", "a")
