@@ -639,13 +639,15 @@ def test_exports_load_clean_with_stock_keys(built, name, cls, tmp_path, caplog):
 
 def _cascade_drafts(model, mtp, seq: list, k: int, vocab: int) -> list:
     """The K drafts for the prefix `seq`, recomputed without any cache (reference for transformers' MTP cache)."""
+    from mtpd_megatron.inference.hf_mtp import forward_mtp_layer
+
     ids = torch.tensor([seq])
     hidden = model.get_decoder()(input_ids=ids[:, :-1]).last_hidden_state
     ext, drafts = list(seq), []
     for depth in range(k):
         tokens = torch.tensor([ext[depth + 1 : len(seq) + depth]])
         positions = torch.arange(depth + 1, len(seq) + depth)[None]
-        hidden = mtp.forward_layer(depth, hidden, positions, None, input_ids=tokens)
+        hidden = forward_mtp_layer(mtp, depth, hidden, positions, input_ids=tokens)
         logits = mtp._project_to_logits(hidden[:, -1])[0]
         drafts.append(int(logits[:vocab].argmax()))
         ext.append(drafts[-1])

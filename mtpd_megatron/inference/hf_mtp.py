@@ -22,7 +22,9 @@ export drafts with every head without this package:
     model.generate(ids, custom_generate=EXPORT, trust_remote_code=True, max_new_tokens=64)
 
 and with it: `enable_mtp(model, EXPORT); model.generate(ids, use_mtp=True, ...)`. Written against transformers
-5.24 (ExportMTPCandidateGenerator repeats MTPCandidateGenerator.__init__ minus its weight loading).
+5.24 and tested on 5.17 (the GPU machine's): where releases differ (`MtpModel.get_weight_conversions`,
+`forward_layer`, MTPCandidateGenerator.__init__) it uses what the running release has or builds it from the
+parts every 5.x release has.
 """
 
 from __future__ import annotations
@@ -297,25 +299,35 @@ def teacher_forced_logits(model, mtp, input_ids: torch.Tensor) -> list:
 # ---------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _patched(owner, name: str, value):
+    """`owner.name = value` for the duration of the block (the stock attribute restored after it)."""
+    stock = owner.__dict__[name]
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, stock)
+
+
 def _candidate_generator_class():
-    from transformers.cache_utils import MtpCache
     from transformers.generation.candidate_generator import MTPCandidateGenerator
+    from transformers.modeling_layers import MtpModel
 
     class ExportMTPCandidateGenerator(MTPCandidateGenerator):
         """transformers' MTP drafting with heads given rather than re-read from the main checkpoint; records per
         step the drafts and, from the next step's `n_last_matches`, how many the model accepted."""
 
         def __init__(self, main_model, mtp_model, generation_config, logits_processor=None, record=None):
-            # MTPCandidateGenerator.__init__ (transformers 5.24) without `MtpModel.from_pretrained(main_model)`
-            self.num_mtp_layers = len(mtp_model.layers)
-            self.model_kwargs_overrides = {"output_hidden_states": -1}
-            self.device = next(main_model.get_decoder().layers[-1].parameters()).device
-            self.mtp_model = mtp_model
-            self.mtp_cache = MtpCache(config=mtp_model.config)
-            self.mtp_cache.activate_past_recording()
-            self.do_sample = generation_config.do_sample
-            self.logits_processor = logits_processor
-            self.is_main_model_prefill = True
+            # transformers' own __init__, whatever its release sets up (5.17 and 5.24 differ: the hidden-state
+            # override, the draft's EOS tensor), with the given heads in place of `MtpModel.from_pretrained`
+            # re-reading the main checkpoint, and the config fields MtpCache reads set for them meanwhile
+            def given_heads(*args, **kwargs):
+                return mtp_model
+
+            conf = main_model.config.get_text_config()
+            with _mtp_fields(conf, len(mtp_model.layers)), _patched(MtpModel, "from_pretrained", given_heads):
+                super().__init__(main_model, generation_config, {}, logits_processor)
             self.record = record if record is not None else {}
             self.record.update(drafts=[], accepted=[])
 
