@@ -260,7 +260,9 @@ def run_one(name: str, arm: str, cfg, tokenizer, device, args, out: Path) -> dic
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     start_gib = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    built = time.perf_counter()
     trainer = Trainer(cfg, tokenizer, device, resume="none")
+    _progress(f"{name}: trainer built in {time.perf_counter() - built:.1f} s")
     try:
         times, losses = [], []
         for step in range(args.warmup + args.steps):
@@ -268,9 +270,14 @@ def run_one(name: str, arm: str, cfg, tokenizer, device, args, out: Path) -> dic
             start = time.perf_counter()
             result = trainer.train_step()
             _sync(device)
+            took = time.perf_counter() - start
             if step >= args.warmup:
-                times.append(time.perf_counter() - start)
+                times.append(took)
             losses.append(result.loss)
+            _progress(
+                f"{name}: step {step + 1}/{args.warmup + args.steps} {1e3 * took:.0f} ms loss {result.loss:.4f}"
+                + (" (warm-up)" if step < args.warmup else "")
+            )
         heads = trainer._head_metrics()  # per-head CE / KL / acceptance over the run's steps (the hook's sums)
         profile_file = None
         if args.profile == arm and name == arm:
@@ -331,6 +338,11 @@ def profile_step(trainer, device, path: str) -> None:
     Path(path).write_text("\n".join(sections))
 
 
+def _progress(message: str) -> None:
+    """One line per stage on stderr (the table stays on stdout): where a run's time goes, before it ends."""
+    print(f"[bench_train] {message}", file=sys.stderr, flush=True)
+
+
 def _fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -374,7 +386,9 @@ def _main(argv=None) -> int:
         t = probe.training
         needed = (args.warmup + args.steps + 3) * t.global_batch_size * (probe.data.seq_length + 1)
         device = launch.init_distributed(probe, launch.read_env())
+        began = time.perf_counter()
         tok_path, prefix = write_synthetic_data(tmp, vocab, needed, probe.training.seed)
+        _progress(f"synthetic data ({needed} tokens, vocabulary {vocab}) in {time.perf_counter() - began:.1f} s")
         tokenizer = load_tokenizer(tok_path)
         out.mkdir(parents=True, exist_ok=True)
         results, done = [], {}  # done: effective config -> name of the run that measured it
