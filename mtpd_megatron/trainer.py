@@ -167,7 +167,13 @@ class Trainer:
             if meta.get("stage") == HF_IMPORT_STAGE:  # weights only (tools/convert_from_hf.py): a fresh run
                 self.init_weights_from, self.resume_path = self.resume_path, None
 
-        # 3. Model, DDP, optimizer, schedule.
+        # 3. Model, DDP, optimizer, schedule. megatron's MoE metrics tracker is process-global and sizes its
+        # per-layer tensors on first use (num_layers + MTP layers of the model that first records): a fresh
+        # one per trainer, so a second trainer in the process (tools/bench_train.py's arms) with more heads
+        # does not index past an earlier trainer's entries.
+        from megatron.core.transformer.moe.moe_logging import destroy_moe_metrics_tracker
+
+        destroy_moe_metrics_tracker()
         self.model = [self._build_model()]
         self.megatron_config = self.model[0].config
         self.optimizer = build_optimizer(cfg, self.model, self.dtype)
