@@ -57,9 +57,15 @@ def report_error(prog: str, error, code: int = 2) -> int:
 
 
 def source_commit() -> Optional[str]:
-    """The checkout's short commit (recorded beside benchmark and experiment results), or None outside git."""
+    """The checkout's short commit (recorded beside benchmark and experiment results), or None outside git.
+    `MTPD_SOURCE_COMMIT` overrides it: a copy of the tree without its own history (a GPU machine's working
+    copy, a container image) names the commit its files are."""
+    import os
     import subprocess
     from pathlib import Path
+
+    if os.environ.get("MTPD_SOURCE_COMMIT"):
+        return os.environ["MTPD_SOURCE_COMMIT"]
 
     try:
         out = subprocess.run(

@@ -34,3 +34,16 @@ def test_unknown_flag_is_one_line_exit_2(entry: str):
     assert len(lines) == 1, proc.stderr
     assert re.match(r"^[^\s:][^:]*: error: ", lines[0]) and BAD in lines[0], lines[0]
     assert proc.stdout == ""
+
+
+def test_source_commit_is_the_checkouts_unless_named(monkeypatch):
+    """Results record the checkout's commit; a copy without its own history names it via MTPD_SOURCE_COMMIT."""
+    from mtpd_megatron.cli import source_commit
+
+    monkeypatch.delenv("MTPD_SOURCE_COMMIT", raising=False)
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True
+    ).stdout.strip()
+    assert source_commit() == (head or None)
+    monkeypatch.setenv("MTPD_SOURCE_COMMIT", "abc1234")
+    assert source_commit() == "abc1234"

@@ -2,8 +2,12 @@
 """Training throughput of a preset's shape: no MTP / MTP / MTP-D in one process, same data, same seed.
 
     python3 tools/bench_train.py --config configs/dense_2b.yaml --out $OUT/dense_2b --steps 4 --warmup 2 \
-        --profile mtpd --compare fused_output_layer,share_teacher_logits
-    python3 tools/bench_train.py --config configs/moe_a1b.yaml --layers 6 --arms mtp,mtpd --compare grouped_gemm
+        --profile mtpd --compare fused_output_layer,share_teacher_logits training.global_batch_size=4
+    python3 tools/bench_train.py --config configs/moe_a1b.yaml --layers 6 --arms mtpd --compare grouped_gemm \
+        training.global_batch_size=4
+
+Set the global batch: the presets' training.global_batch_size is the pretraining recipe's (512 sequences of
+4096 tokens: a dense_2b step is then a minute on an H200). docs/benchmarks.md has the measured commands.
 
 Each arm builds the real trainer (mtpd_megatron.trainer.Trainer: GPTModel + MTP heads + the MTP-D hook,
 megatron DDP, megatron's optimizer and pipeline schedule) and times `Trainer.train_step()`: forward, backward
