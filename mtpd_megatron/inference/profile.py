@@ -22,7 +22,10 @@ from pathlib import Path
 
 CATEGORIES = [  # first match wins; names are lower-cased kernel (CUDA) or operator (CPU) names
     ("attention", r"attention|fmha|flash|sdpa|softmax"),
-    ("gemm", r"gemm|gemv|cutlass|xmma|cublas|aten::mm|aten::addmm|aten::bmm|aten::linear|aten::matmul|splitk"),
+    (  # nvjet_*: cuBLASLt's Hopper GEMM kernels (most GEMMs on an H200 with torch 2.11 + CUDA 13)
+        "gemm",
+        r"gemm|gemv|cutlass|xmma|cublas|nvjet|aten::mm|aten::addmm|aten::bmm|aten::linear|aten::matmul|splitk",
+    ),
     ("norm", r"norm"),
     ("argmax/reduce", r"argmax|max|reduce|logsumexp"),
     ("copy/index", r"scatter|gather|index|copy|cat|memcpy|memset|fill"),
