@@ -539,11 +539,12 @@ class Trainer:
             print(error_line(TRAIN_PROG, line), file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        """Publish any background save (collective) and close the log sinks."""
+        """Publish any background save (collective), close the log sinks and release the model (below)."""
         try:
             self.ckpt.close()
         finally:
             self.logger.close()
+            self._release_model()
 
     def _close_after_failure(self) -> None:
         """After an error on the way out: close the sinks; a background save still in flight is abandoned
@@ -552,3 +553,35 @@ class Trainer:
             self.ckpt.abandon()
         finally:
             self.logger.close()
+            self._release_model()
+
+    def _release_model(self) -> None:
+        """Let the garbage collector free the model, its grad buffers and the optimizer once the trainer is
+        dropped (tools/bench_train.py builds several trainers in one process; an MoE one otherwise stayed
+        on the GPU whole and the next one ran out of memory).
+
+        The model can only be collected as a cycle: megatron's DDP keeps the parameters' AccumulateGrad nodes
+        (`grad_accs`) whose backward hooks are closures over the DDP itself (distributed_data_parallel.py,
+        `grad_acc.register_hook(self._make_backward_post_hook(param))`). torch lets the collector see a
+        node's Python hooks only while the node has no other owner (THPCppFunction_traverse); an autograd
+        graph still alive that ends in a parameter is such an owner, and then the whole cycle looks
+        referenced from outside and is never freed. Two such graphs outlive the last step:
+        - megatron's MoE token dispatcher keeps the last forward's routing probabilities, graph attached
+          (token_dispatcher.py, MoEAlltoAllTokenDispatcher.dispatch_preprocess: `self.probs = probs`; never
+          cleared): dropped here, on every dispatcher of the model (MTP heads' MoE layers included);
+        - the distributed optimizer's fp32 parameter shards are views of the parameters, not detached
+          (distrib_optimizer.py, fp32 params: `shard_model_param = model_param.view(-1)[...]`; bf16 shards
+          are detached): fp32 training only (CPU). The optimizer dies with the trainer once the model's
+          config no longer points at it, so the callbacks set in __init__ are reset here.
+        """
+        for chunk in getattr(self, "model", None) or []:
+            for module in chunk.modules():
+                dispatcher = getattr(module, "token_dispatcher", None)
+                for holder in (dispatcher, getattr(dispatcher, "_comm_manager", None)):
+                    for name, value in list(vars(holder).items()) if holder is not None else []:
+                        if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                            setattr(holder, name, None)
+        config = getattr(self, "megatron_config", None)
+        if config is not None:
+            config.grad_scale_func = config.finalize_model_grads_func = None
+            config.no_sync_func = config.grad_sync_func = None

@@ -115,6 +115,65 @@ def test_moe_layers_override_and_grouped_gemm_switch(tmp_path):
     assert result["layers"] == 2
 
 
+_TWO_TRAINERS = r"""
+import gc, sys, weakref
+from pathlib import Path
+
+sys.path.insert(0, "tools")
+import bench_train as bt
+from mtpd_megatron.data import load_tokenizer
+from mtpd_megatron.model.grouped_experts import GroupedGemmExperts
+from mtpd_megatron.parallel import launch
+from mtpd_megatron.trainer import Trainer
+
+out = Path(sys.argv[1])
+args, _ = bt.parse_args(["--config", "configs/tiny_moe.yaml", "--device", "cpu", "--out", str(out), "--steps", "1",
+                         "--warmup", "0", "training.global_batch_size=4"])
+probe = bt.base_config(args, out / "tok" / "tokenizer.json", out / "synthetic_text_document", [])
+device = launch.init_distributed(probe, launch.read_env())
+tok_path, prefix = bt.write_synthetic_data(out, probe.model.vocab_size, 20000, 0)
+tokenizer = load_tokenizer(tok_path)
+
+
+def run(arm):  # as bench_train's run_one: a step, then close, drop, collect
+    trainer = Trainer(bt.base_config(args, tok_path, prefix, bt.ARM_OVERRIDES[arm]), tokenizer, device, resume="none")
+    trainer.train_step()
+    experts = next(m for m in trainer.model[0].modules() if isinstance(m, GroupedGemmExperts))
+    refs = {"model": weakref.ref(trainer.model[0]), "expert weight": weakref.ref(next(experts.parameters())),
+            "optimizer": weakref.ref(trainer.optimizer)}
+    trainer.close()
+    del trainer, experts
+    # two passes: fp32 (CPU) optimizer shards are views of the parameters, so the model goes after them
+    gc.collect()
+    gc.collect()
+    return [name for name, ref in refs.items() if ref() is not None]
+
+
+for arm in ("mtpd", "mtp"):
+    alive = run(arm)
+    print(arm, "alive after close:", alive, flush=True)
+    assert not alive, (arm, alive)
+launch.shutdown()
+print("released")
+"""
+
+
+def test_moe_trainer_is_freed_after_close(tmp_path):
+    """Two MoE trainers with MTP heads in one process (bench_train's arms): each one's model, experts and
+    optimizer are garbage-collected after close. The MoE token dispatchers' routing probabilities (graph
+    attached) kept the whole model alive through DDP's hooks (Trainer._release_model): on the H200 the
+    second trainer ran out of memory."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _TWO_TRAINERS, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "released" in proc.stdout
+
+
 def test_bad_flags_are_one_line_errors(tmp_path):
     for args, needle in (
         (["--config", "configs/tiny_dense.yaml", "--compare", "warp_drive"], "--compare"),
