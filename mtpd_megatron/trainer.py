@@ -574,13 +574,17 @@ class Trainer:
           are detached): fp32 training only (CPU). The optimizer dies with the trainer once the model's
           config no longer points at it, so the callbacks set in __init__ are reset here.
         """
-        for chunk in getattr(self, "model", None) or []:
-            for module in chunk.modules():
-                dispatcher = getattr(module, "token_dispatcher", None)
-                for holder in (dispatcher, getattr(dispatcher, "_comm_manager", None)):
-                    for name, value in list(vars(holder).items()) if holder is not None else []:
-                        if isinstance(value, torch.Tensor) and value.grad_fn is not None:
-                            setattr(holder, name, None)
+        dispatchers = [
+            m.token_dispatcher
+            for chunk in getattr(self, "model", None) or []
+            for m in chunk.modules()
+            if getattr(m, "token_dispatcher", None) is not None
+        ]
+        holders = dispatchers + [d._comm_manager for d in dispatchers if getattr(d, "_comm_manager", None) is not None]
+        for holder in holders:
+            for name, value in list(vars(holder).items()):
+                if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                    setattr(holder, name, None)
         config = getattr(self, "megatron_config", None)
         if config is not None:
             config.grad_scale_func = config.finalize_model_grads_func = None

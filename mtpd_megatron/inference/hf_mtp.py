@@ -33,6 +33,7 @@ import contextlib
 import json
 from pathlib import Path
 from typing import Optional
+from unittest import mock
 
 import torch
 
@@ -299,17 +300,6 @@ def teacher_forced_logits(model, mtp, input_ids: torch.Tensor) -> list:
 # ---------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _patched(owner, name: str, value):
-    """`owner.name = value` for the duration of the block (the stock attribute restored after it)."""
-    stock = owner.__dict__[name]
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, stock)
-
-
 def _candidate_generator_class():
     from transformers.generation.candidate_generator import MTPCandidateGenerator
     from transformers.modeling_layers import MtpModel
@@ -326,7 +316,7 @@ def _candidate_generator_class():
                 return mtp_model
 
             conf = main_model.config.get_text_config()
-            with _mtp_fields(conf, len(mtp_model.layers)), _patched(MtpModel, "from_pretrained", given_heads):
+            with _mtp_fields(conf, len(mtp_model.layers)), mock.patch.object(MtpModel, "from_pretrained", given_heads):
                 super().__init__(main_model, generation_config, {}, logits_processor)
             self.record = record if record is not None else {}
             self.record.update(drafts=[], accepted=[])
