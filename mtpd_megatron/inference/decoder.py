@@ -141,11 +141,6 @@ class SpeculativeDecoder:
         cuda = self.device.type == "cuda"
         if opts.cuda_graphs and (not cuda or tp is not None):
             raise ValueError("cuda_graphs=True needs the model on a CUDA device at TP=1 (use cuda_graphs=False)")
-        if opts.compile and not cuda:
-            raise ValueError(
-                "compile=True needs a CUDA device (inductor's CPU path needs a C++ toolchain and is "
-                "not what is measured): leave it off on CPU"
-            )
         needs_tp1 = [
             n
             for n, on in (
@@ -538,7 +533,8 @@ class SpeculativeDecoder:
         t0 = time.perf_counter()
         try:
             with cached_attention(model, self.state), _compiled(model, self.options.compile):
-                self._prefill(prompts)
+                with _eager_prefill(self.options.compile):
+                    self._prefill(prompts)
                 sync()
                 prefill_seconds = time.perf_counter() - t0
                 self.limit.copy_(torch.tensor([len(x) + max_new_tokens for x in prompts], device=self.device))
@@ -599,40 +595,66 @@ class SpeculativeDecoder:
         )
 
 
+def _viewless_identity(inp, requires_grad, keep_graph):
+    """Stands in for megatron's make_viewless_tensor inside compiled decoding (see `_compiled`)."""
+    return inp
+
+
 @contextlib.contextmanager
 def _compiled(model, on: bool, backend: str = "inductor"):
     """Regional torch.compile while decoding: every megatron TransformerLayer (main and MTP) compiled in place.
 
-    Layers share one compiled code object (dynamo inlines nn.Module calls, so parameters are inputs, not
-    guards): compile time is that of one layer per distinct shape. Our CachedCoreAttention is excluded (graph
-    break) so its Python state never enters a dynamo guard. Restored on exit.
+    Each layer, our cache attention included, traces as one graph with no break, so inductor fuses the
+    norms, QK-norm, RoPE, SwiGLU, residual adds and the KV-cache writes around the GEMMs and SDPA. Two megatron
+    lines would otherwise split every layer into ~10 graphs, and are answered here only while this is active:
+    * tensor_parallel/layers.py:830 -> utils.py:585 `get_tensor_model_parallel_group_if_none` calls
+      `warnings.warn` (a DeprecationWarning for tp_group=None), which dynamo cannot trace: dynamo is told to
+      ignore `warnings.warn` (`ignore_logging_functions`), the warning is not emitted from compiled code;
+    * transformer/transformer_layer.py:1012 `make_viewless_tensor` assigns `.data`, which dynamo refuses: it
+      becomes the identity (`_viewless_identity`). It only exists to unlink views for pipeline-parallel
+      buffer deallocation in training; decoding's values are the same.
+    Shapes are static (`automatic_dynamic_shapes=False`): a step has a few fixed widths (verify, each draft
+    window) and each compiles once per batch size; layers share one compiled code object per shape (dynamo
+    inlines nn.Module calls, so parameters and caches are inputs, not guards). The caller runs the prefill
+    under `torch.compiler.set_stance("force_eager")` (`_eager_prefill`), so prompts of any length never
+    compile. Restored on exit.
     """
     if not on:
         yield
         return
+    import warnings
+    from unittest import mock
+
     import torch._dynamo
+    from megatron.core.transformer import transformer_layer
 
-    from mtpd_megatron.inference.kv_cache import CachedCoreAttention
-
+    config = {"automatic_dynamic_shapes": False}
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
-    if not getattr(CachedCoreAttention, "_dynamo_disabled", False):  # once per process; eager cost: none
-        CachedCoreAttention.forward = torch._dynamo.disable(CachedCoreAttention.forward, recursive=True)
-        CachedCoreAttention._dynamo_disabled = True
+            config[name] = max(getattr(torch._dynamo.config, name), 256)
+    ignored = "ignore_logging_functions" if hasattr(torch._dynamo.config, "ignore_logging_functions") else None
+    if ignored:
+        config[ignored] = set(getattr(torch._dynamo.config, ignored)) | {warnings.warn}
     layers = list(model.decoder.layers)
     mtp = getattr(model, "mtp", None)
     if mtp is not None:
         layers += [layer.mtp_model_layer for layer in mtp.layers]
-    try:
-        for layer in layers:
-            layer.compile(
-                backend=backend
-            )  # automatic dynamic shapes: a window width seen twice compiles once more, not per width
-        yield
-    finally:
-        for layer in layers:
-            layer._compiled_call_impl = None
+    with (
+        torch._dynamo.config.patch(**config),
+        mock.patch.object(transformer_layer, "make_viewless_tensor", _viewless_identity),
+    ):
+        try:
+            for layer in layers:
+                layer.compile(backend=backend)
+            yield
+        finally:
+            for layer in layers:
+                layer._compiled_call_impl = None
+
+
+def _eager_prefill(on: bool):
+    """The prefill (prompt-length shapes) runs eager while the layers are compiled for the decoding steps."""
+    return torch.compiler.set_stance("force_eager") if on else contextlib.nullcontext()
 
 
 def generate(
