@@ -186,6 +186,7 @@ class SpeculativeDecoder:
         self._phase = "step"
         self._batch = None
         self._graphs = {}
+        self._compiled_pieces = {}
 
     def _max_window(self) -> int:
         return max(self._widths(), default=0)
@@ -228,6 +229,7 @@ class SpeculativeDecoder:
         self.state = AttendState()
         self._batch = batch
         self._graphs = {}
+        self._compiled_pieces = {}
         self._warm = {}
         self._stream = torch.cuda.Stream(device=self.device) if self.use_graphs else None
 
@@ -446,6 +448,7 @@ class SpeculativeDecoder:
         if graph is not None:
             graph.replay()
             return
+        fn = self.piece(name, fn)
         if not self.use_graphs:
             fn()
             return
@@ -460,6 +463,22 @@ class SpeculativeDecoder:
             with torch.cuda.graph(graph, stream=stream):
                 fn()
             self._graphs[name] = graph
+
+    def piece(self, name: str, fn):
+        """`fn` as this decoder runs it: with `options.compile`, torch.compile'd once per piece name.
+
+        A piece (the whole step, the verify, one draft depth) traces as one graph with no break: every megatron
+        layer it calls, our cache attention and the bookkeeping around them (see `_compile_ready`), so inductor
+        fuses across the glue too (residual add + next norm, the heads' prologue, argmax, the cache writes).
+        Shapes are static per decoder, so each piece compiles once per batch size (dynamo's cache is keyed on
+        the code, so a second decoder of the same shapes reuses it).
+        """
+        if not self.options.compile:
+            return fn
+        compiled = self._compiled_pieces.get(name)
+        if compiled is None:
+            compiled = self._compiled_pieces[name] = torch.compile(fn, dynamic=False)
+        return compiled
 
     def _host_sync(self) -> None:
         self.seq[:, :1].sum().item()  # a device -> host read, as a host-side acceptance check would make
@@ -532,9 +551,8 @@ class SpeculativeDecoder:
         sync()
         t0 = time.perf_counter()
         try:
-            with cached_attention(model, self.state), _compiled(model, self.options.compile):
-                with _eager_prefill(self.options.compile):
-                    self._prefill(prompts)
+            with cached_attention(model, self.state), _compile_ready(self.options.compile):
+                self._prefill(prompts)
                 sync()
                 prefill_seconds = time.perf_counter() - t0
                 self.limit.copy_(torch.tensor([len(x) + max_new_tokens for x in prompts], device=self.device))
@@ -596,28 +614,21 @@ class SpeculativeDecoder:
 
 
 def _viewless_identity(inp, requires_grad, keep_graph):
-    """Stands in for megatron's make_viewless_tensor inside compiled decoding (see `_compiled`)."""
+    """Stands in for megatron's make_viewless_tensor inside compiled decoding (see `_compile_ready`)."""
     return inp
 
 
 @contextlib.contextmanager
-def _compiled(model, on: bool, backend: str = "inductor"):
-    """Regional torch.compile while decoding: every megatron TransformerLayer (main and MTP) compiled in place.
+def _compile_ready(on: bool):
+    """While decoding with `compile`: two megatron lines that would break every layer into ~10 graphs, answered.
 
-    Each layer, our cache attention included, traces as one graph with no break, so inductor fuses the
-    norms, QK-norm, RoPE, SwiGLU, residual adds and the KV-cache writes around the GEMMs and SDPA. Two megatron
-    lines would otherwise split every layer into ~10 graphs, and are answered here only while this is active:
     * tensor_parallel/layers.py:830 -> utils.py:585 `get_tensor_model_parallel_group_if_none` calls
       `warnings.warn` (a DeprecationWarning for tp_group=None), which dynamo cannot trace: dynamo is told to
-      ignore `warnings.warn` (`ignore_logging_functions`), the warning is not emitted from compiled code;
-    * transformer/transformer_layer.py:1012 `make_viewless_tensor` assigns `.data`, which dynamo refuses: it
-      becomes the identity (`_viewless_identity`). It only exists to unlink views for pipeline-parallel
-      buffer deallocation in training; decoding's values are the same.
-    Shapes are static (`automatic_dynamic_shapes=False`): a step has a few fixed widths (verify, each draft
-    window) and each compiles once per batch size; layers share one compiled code object per shape (dynamo
-    inlines nn.Module calls, so parameters and caches are inputs, not guards). The caller runs the prefill
-    under `torch.compiler.set_stance("force_eager")` (`_eager_prefill`), so prompts of any length never
-    compile. Restored on exit.
+      ignore `warnings.warn` (`ignore_logging_functions`), so compiled code does not emit that warning;
+    * transformer/transformer_layer.py:1012 and multi_token_prediction.py:1271 `make_viewless_tensor` assign
+      `.data`, which dynamo refuses: it becomes the identity (`_viewless_identity`). It exists to unlink views
+      for pipeline-parallel buffer deallocation in training; decoding's values are the same.
+    Dynamo's recompile limits are raised (a piece per draft depth and batch size). Restored on exit.
     """
     if not on:
         yield
@@ -626,35 +637,20 @@ def _compiled(model, on: bool, backend: str = "inductor"):
     from unittest import mock
 
     import torch._dynamo
-    from megatron.core.transformer import transformer_layer
+    from megatron.core.transformer import multi_token_prediction, transformer_layer
 
-    config = {"automatic_dynamic_shapes": False}
+    config = {}
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, name):
             config[name] = max(getattr(torch._dynamo.config, name), 256)
-    ignored = "ignore_logging_functions" if hasattr(torch._dynamo.config, "ignore_logging_functions") else None
-    if ignored:
-        config[ignored] = set(getattr(torch._dynamo.config, ignored)) | {warnings.warn}
-    layers = list(model.decoder.layers)
-    mtp = getattr(model, "mtp", None)
-    if mtp is not None:
-        layers += [layer.mtp_model_layer for layer in mtp.layers]
+    if hasattr(torch._dynamo.config, "ignore_logging_functions"):
+        config["ignore_logging_functions"] = set(torch._dynamo.config.ignore_logging_functions) | {warnings.warn}
     with (
         torch._dynamo.config.patch(**config),
         mock.patch.object(transformer_layer, "make_viewless_tensor", _viewless_identity),
+        mock.patch.object(multi_token_prediction, "make_viewless_tensor", _viewless_identity),
     ):
-        try:
-            for layer in layers:
-                layer.compile(backend=backend)
-            yield
-        finally:
-            for layer in layers:
-                layer._compiled_call_impl = None
-
-
-def _eager_prefill(on: bool):
-    """The prefill (prompt-length shapes) runs eager while the layers are compiled for the decoding steps."""
-    return torch.compiler.set_stance("force_eager") if on else contextlib.nullcontext()
+        yield
 
 
 def generate(

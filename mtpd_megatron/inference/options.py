@@ -26,7 +26,9 @@ class DecodeOptions:
     sync_every: decoding steps between two host reads of the lengths (1 = the host looks after every step).
     host_sync_per_depth: the host reads the drafts after every depth, as a decoder that computes acceptance on
         the host would (the "off" side of "acceptance computed on device").
-    compile: torch.compile (inductor, regional: each megatron TransformerLayer) inside the CUDA graph; CUDA only.
+    compile: torch.compile (inductor) of each piece of a step -- the whole step, or under graph_scope "phase" the
+        verify and each draft depth -- as one graph with no break (megatron's layers, our cache attention and the
+        bookkeeping), inside the CUDA graph when that is on; static shapes, compiled once per batch size.
     fused_prologue: each MTP head's enorm + hnorm + concat + eh_proj as one normalisation over the concatenated
         [embedding, hidden] and one GEMM over weights with the norm gains folded in (pre-concatenated, refreshed
         from the megatron modules at every `generate`); TP=1.

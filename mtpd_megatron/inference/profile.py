@@ -73,7 +73,7 @@ def profile_step(decoder, prompt: list, new_tokens: int, out_dir, label: str, *,
     from torch.profiler import ProfilerActivity, profile
 
     from mtpd_megatron.inference.benchmark import replay_ms
-    from mtpd_megatron.inference.decoder import _compiled
+    from mtpd_megatron.inference.decoder import _compile_ready
     from mtpd_megatron.inference.kv_cache import cached_attention
 
     out_dir = Path(out_dir)
@@ -92,24 +92,25 @@ def profile_step(decoder, prompt: list, new_tokens: int, out_dir, label: str, *,
     with (
         torch.no_grad(),
         cached_attention(decoder.model, decoder.state),
-        _compiled(decoder.model, decoder.options.compile),
+        _compile_ready(decoder.options.compile),
     ):
-        decoder._step(), decoder._step()  # eager warm-up (the graphs were replays)
+        step = decoder.piece("step", decoder._step)  # compiled with options.compile (then without regions)
+        step(), step()  # eager warm-up (the graphs were replays)
         sync()
-        decoder.annotate = decoder.state.annotate = True
+        decoder.annotate = decoder.state.annotate = not decoder.options.compile
         try:
             with profile(activities=activities):  # discarded: the profiler's own first-use costs
                 for _ in range(3):
-                    decoder._step()
+                    step()
                 sync()
             with profile(activities=activities) as prof:
                 for _ in range(iters):
-                    decoder._step()
+                    step()
                 sync()
         finally:
             decoder.annotate = decoder.state.annotate = False
         if cuda:
-            summary["graph_step_ms"] = replay_ms(decoder._step)
+            summary["graph_step_ms"] = replay_ms(step)
     events = prof.key_averages()
     try:
         table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=80)
