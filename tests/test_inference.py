@@ -566,6 +566,23 @@ def test_compile_traces_each_step_piece_as_one_graph(trained_model, scope):
     torch._dynamo.reset()
 
 
+def test_explicit_attention_equals_sdpa_with_gqa_and_mask():
+    """The written-out attention of compiled decoding (kv_cache._explicit_attention) against torch's SDPA with
+    enable_gqa and a per-sample position mask (fp64): same GQA head-to-group map, same masking."""
+    import torch.nn.functional as F
+
+    from mtpd_megatron.inference.kv_cache import _explicit_attention
+
+    g = torch.Generator().manual_seed(0)
+    b, heads, groups, s, T, d = 2, 6, 2, 3, 11, 8
+    q = torch.randn(b, heads, s, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(b, groups, T, d, generator=g, dtype=torch.float64) for _ in range(2))
+    positions = torch.tensor([[2, 3, 4], [7, 8, 9]])
+    mask = torch.arange(T).view(1, 1, 1, T) <= positions.view(b, 1, s, 1)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(_explicit_attention(q, k, v, mask, 0.3), ref, rtol=1e-12, atol=1e-12)
+
+
 def test_decode_options_refuse_bad_values_and_cuda_only_switches_on_cpu(random_model):
     from mtpd_megatron.inference import SpeculativeDecoder
     from mtpd_megatron.inference.options import DecodeOptions

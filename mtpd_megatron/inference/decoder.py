@@ -47,6 +47,8 @@ from mtpd_megatron.inference.fused import FusedHeadPrologue, chunked_greedy, top
 from mtpd_megatron.inference.kv_cache import AttendState, KVCache, cached_attention
 from mtpd_megatron.inference.options import DecodeOptions
 
+EXPLICIT_ATTENTION_UP_TO = 32  # new positions per attention call written out for inductor (kv_cache.py)
+
 
 @dataclass
 class Generation:
@@ -226,7 +228,9 @@ class SpeculativeDecoder:
         self.rows = torch.arange(batch, device=dev)
         rope = m.rotary_pos_emb(T)  # [T, 1, 1, d] fp32, same values megatron uses in training
         self.rope_table = rope.reshape(T, rope.shape[-1])
-        self.state = AttendState()
+        # Compiled pieces get the written-out attention at decode widths (kv_cache.AttendState.explicit_up_to); one
+        # bound for every decoder, so a greedy decoder of the verify's width runs the verify's attention.
+        self.state = AttendState(explicit_up_to=EXPLICIT_ATTENTION_UP_TO if self.options.compile else 0)
         self._batch = batch
         self._graphs = {}
         self._compiled_pieces = {}
