@@ -540,17 +540,19 @@ def test_adaptive_and_exact_greedy_ragged_batch_with_eos(trained_model):
 
 @pytest.mark.parametrize("scope", ["step", "phase"])
 def test_compile_traces_each_step_piece_as_one_graph(trained_model, scope):
-    """DecodeOptions.compile on CPU (inductor, fp32): a whole step (verify + both draft depths) or, per phase,
-    the verify and each depth traces as one graph with no break -- megatron's layers, our cache attention and
-    the bookkeeping -- compiled once (a second call and a second decoder compile nothing); the prefill stays
-    eager; the tokens equal the eager greedy tokens (the generated kernels' numerics)."""
+    """DecodeOptions.compile on CPU (inductor, fp32): each piece -- the prefill's main model, the verify's main
+    model, the acceptance, each draft depth -- traces as one graph with no break (megatron's layers, our cache
+    attention, the bookkeeping), compiled once (a second decoder compiles nothing); the tokens equal the eager
+    greedy tokens (the generated kernels' numerics). An exact greedy decoder (k=0 at the verify's width)
+    compiles only its own acceptance: its verify is the very graph of the speculative verify, which is what
+    keeps bf16 speculative output equal to it."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from mtpd_megatron.inference import SpeculativeDecoder
     from mtpd_megatron.inference.options import DecodeOptions
 
-    prompts = [PROMPTS_RANDOM[1], PROMPTS_RANDOM[2][:4]]  # batch 2, ragged prompts
+    prompts = [PROMPTS_RANDOM[1], PROMPTS_RANDOM[2][:4]]  # batch 2, ragged prompts (prefill padded to a bucket)
     ref = SpeculativeDecoder(trained_model, k=0, max_length=40).generate(prompts, 12)
     torch._dynamo.reset()
     counters.clear()
@@ -559,9 +561,13 @@ def test_compile_traces_each_step_piece_as_one_graph(trained_model, scope):
     assert out.tokens == ref.tokens
     assert out.tokens_per_step > 1.0  # the heads' drafts were accepted through the compiled pieces
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs == (1 if scope == "step" else 3), dict(counters["stats"])
+    # prefill_main, verify_main, accept, and depth 1 and 2 at the prefill's width and at their windows
+    assert graphs == 7, dict(counters["stats"])
     again = SpeculativeDecoder(trained_model, k=2, max_length=40, options=options).generate(prompts, 12)
     assert again.tokens == ref.tokens and counters["stats"]["unique_graphs"] == graphs
+    exact = SpeculativeDecoder(trained_model, k=0, max_length=40, options=options.with_(verify_width=3))
+    assert exact.generate(prompts, 12).tokens == ref.tokens
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # its acceptance (k=0); the rest is shared
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
 

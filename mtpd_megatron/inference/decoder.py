@@ -48,6 +48,11 @@ from mtpd_megatron.inference.kv_cache import AttendState, KVCache, cached_attent
 from mtpd_megatron.inference.options import DecodeOptions
 
 EXPLICIT_ATTENTION_UP_TO = 32  # new positions per attention call written out for inductor (kv_cache.py)
+PREFILL_BUCKET = 64  # compiled prefills pad the prompt width to a multiple of this (a few static shapes)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 @dataclass
@@ -183,7 +188,10 @@ class SpeculativeDecoder:
         # A sample may end up to k tokens past its limit (the last step's accepted drafts), and a finished sample
         # keeps running windows from there: p <= max_length + k - 2, verify writes up to p + width + 1, a depth
         # reads tokens up to p + window + k.
-        self.capacity = self.max_length + 2 + k + max(self.width + 1, self._max_window() + k + 1)
+        # Rounded so that decoders of one max_length share it whatever their k: the exact greedy's compiled
+        # verify is then the very graph of the K-draft verify (`_verify_main`).
+        extra = 2 + k + max(self.width + 1, self._max_window() + k + 1)
+        self.capacity = _round_up(self.max_length, 128) + _round_up(extra, 128)
         self.annotate = False  # record_function regions for the profiler (profile.py)
         self._phase = "step"
         self._batch = None
@@ -215,11 +223,14 @@ class SpeculativeDecoder:
         h = m.config.hidden_size
         # hid[0] = main hidden after the final norm; hid[k] = output of MTP depth k (input of depth k+1).
         self.hid = [torch.zeros(batch, T, h, dtype=self.dtype, device=dev) for _ in range(max(self.k, 1))]
+        self.main_hid = self.hid[0]  # what the main model's pieces touch (not the k-long list: see `piece`)
         self.seq = torch.zeros(batch, T, dtype=torch.long, device=dev)
         self.n = torch.zeros(batch, dtype=torch.long, device=dev)
         self.limit = torch.zeros(batch, dtype=torch.long, device=dev)
         self.cstart = torch.zeros(batch, max(self.k, 1), dtype=torch.long, device=dev)
         self.proposed = torch.full((batch,), self.k, dtype=torch.long, device=dev)
+        self.verified = torch.zeros(batch, self.width, dtype=torch.long, device=dev)  # the verify's greedy tokens
+        self.prompt_len = torch.zeros(batch, dtype=torch.long, device=dev)
         self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)
         self.log_a = torch.full((self.max_length + 1, batch), -1, dtype=torch.long, device=dev)
         self.log_p = torch.zeros(self.max_length + 1, batch, dtype=torch.long, device=dev)
@@ -361,38 +372,55 @@ class SpeculativeDecoder:
             self.seq.scatter_(1, (p + 1 + k).unsqueeze(1), draft[0].unsqueeze(1))
             self.cstart[:, k - 1] = (p + 2 - k).clamp(min=0)
 
+    def _draft_one(self, k: int, width: int) -> None:
+        self.piece(f"depth{k}", self._draft_depth)(k, width)
+
     def _draft(self, widths: Sequence[int]) -> None:
         for k in range(1, self.k + 1):
-            self._draft_depth(k, widths[k - 1])
+            self._draft_one(k, widths[k - 1])
 
     def _verify(self) -> None:
         """Main model over x_{p+1}, d_1..d_K (+ padding to the verify width); accept the agreeing prefix + a bonus."""
         self._phase = "verify"
         with self._region("verify"):
-            K = self.k
-            p = self.n - 2
-            window = (p + 1).unsqueeze(1) + self.arange[: self.width]  # [b, W]
+            self.piece("verify_main", self._verify_main)()
+            self.piece("accept", self._accept)()
+
+    def _verify_window(self) -> Tensor:
+        return (self.n - 1).unsqueeze(1) + self.arange[: self.width]  # [b, W]: p+1 .. p+W
+
+    def _verify_main(self) -> None:
+        """The main model's part of a verify, into `verified` [b, W]: it reads nothing that depends on k, so a
+        greedy decoder of the same width runs the very same computation (compiled: the same graph)."""
+        window = self._verify_window()
+        hidden = self._main(self.seq.gather(1, window), window)
+        self._scatter_rows(self.main_hid, window, hidden)
+        self.verified.copy_(self._greedy(hidden).t())
+
+    def _accept(self) -> None:
+        """The longest prefix of drafts equal to the verified greedy tokens, a bonus token, the step's logs."""
+        K = self.k
+        p = self.n - 2
+        window = self._verify_window()
+        greedy = self.verified
+        if K:
             tokens = self.seq.gather(1, window)
-            hidden = self._main(tokens, window)
-            self._scatter_rows(self.hid[0], window, hidden)
-            greedy = self._greedy(hidden).t()  # [b, W]
-            if K:
-                match = tokens[:, 1 : K + 1] == greedy[:, :K]
-                if self.options.adaptive:
-                    match = match & (self.arange[:K] < self.proposed.unsqueeze(1))
-                accepted = match.long().cumprod(dim=1).sum(dim=1)
-            else:
-                accepted = torch.zeros_like(p)
-            self.seq.scatter_(1, window + 1, greedy)  # d_1..d_a (unchanged), the bonus, then junk past n
-            active = self.n < self.limit
-            row = self.step_idx.clamp(max=self.log_a.shape[0] - 1)
-            self.log_a.index_copy_(0, row, torch.where(active, accepted, -1).unsqueeze(0))
-            self.log_p.index_copy_(0, row, p.unsqueeze(0))
-            self.log_d.index_copy_(0, row, self.proposed.unsqueeze(0))
-            self.n.copy_(torch.where(active, self.n + accepted + 1, self.n))
-            self.step_idx.add_(1)
+            match = tokens[:, 1 : K + 1] == greedy[:, :K]
             if self.options.adaptive:
-                self.proposed.zero_()
+                match = match & (self.arange[:K] < self.proposed.unsqueeze(1))
+            accepted = match.long().cumprod(dim=1).sum(dim=1)
+        else:
+            accepted = torch.zeros_like(p)
+        self.seq.scatter_(1, window + 1, greedy)  # d_1..d_a (unchanged), the bonus, then junk past n
+        active = self.n < self.limit
+        row = self.step_idx.clamp(max=self.log_a.shape[0] - 1)
+        self.log_a.index_copy_(0, row, torch.where(active, accepted, -1).unsqueeze(0))
+        self.log_p.index_copy_(0, row, p.unsqueeze(0))
+        self.log_d.index_copy_(0, row, self.proposed.unsqueeze(0))
+        self.n.copy_(torch.where(active, self.n + accepted + 1, self.n))
+        self.step_idx.add_(1)
+        if self.options.adaptive:
+            self.proposed.zero_()
 
     def _step(self) -> None:
         self._verify()
@@ -412,22 +440,29 @@ class SpeculativeDecoder:
             phases["draft"] = lambda: self._draft(widths)
         return phases
 
+    def _prefill_main(self, width: int) -> None:
+        """The main model over the (padded) prompts in `seq[:, :width]`, and each prompt's first new token."""
+        positions = self.arange[:width].unsqueeze(0).expand(self.seq.shape[0], width)
+        hidden = self._main(self.seq[:, :width], positions)
+        self._scatter_rows(self.main_hid, positions, hidden)
+        last = hidden[self.prompt_len - 1, self.rows].unsqueeze(0)
+        self.seq.scatter_(1, self.prompt_len.unsqueeze(1), self._greedy(last).t())
+
     def _prefill(self, prompts: list) -> None:
         self._phase = "prefill"
         b = len(prompts)
-        lengths = torch.tensor([len(x) for x in prompts], device=self.device)
-        width = int(lengths.max())
-        padded = torch.zeros(b, width, dtype=torch.long, device=self.device)
+        lengths = [len(x) for x in prompts]
+        width = max(lengths)
+        if self.options.compile:  # a few static prefill shapes (positions past a prompt are ragged-batch padding)
+            width = min(_round_up(width, PREFILL_BUCKET), self.max_length)
+        padded = torch.zeros(b, width, dtype=torch.long)
         for i, x in enumerate(prompts):
-            padded[i, : len(x)] = torch.as_tensor(x, dtype=torch.long, device=self.device)
-        positions = torch.arange(width, device=self.device).unsqueeze(0).expand(b, width)
+            padded[i, : len(x)] = torch.as_tensor(x, dtype=torch.long)
         self.seq.zero_()
-        self.seq[:, :width] = padded
-        hidden = self._main(padded, positions)
-        self._scatter_rows(self.hid[0], positions, hidden)
-        last = hidden[lengths - 1, torch.arange(b, device=self.device)].unsqueeze(0)
-        self.seq.scatter_(1, lengths.unsqueeze(1), self._greedy(last).t())
-        self.n.copy_(lengths + 1)
+        self.seq[:, :width] = padded.to(self.device)
+        self.prompt_len.copy_(torch.tensor(lengths))
+        self.piece("prefill_main", self._prefill_main)(width)
+        self.n.copy_(self.prompt_len + 1)
         self.cstart.zero_()
         self.proposed.fill_(0 if self.options.adaptive else self.k)
         if self.k:
@@ -452,7 +487,6 @@ class SpeculativeDecoder:
         if graph is not None:
             graph.replay()
             return
-        fn = self.piece(name, fn)
         if not self.use_graphs:
             fn()
             return
@@ -471,11 +505,15 @@ class SpeculativeDecoder:
     def piece(self, name: str, fn):
         """`fn` as this decoder runs it: with `options.compile`, torch.compile'd once per piece name.
 
-        A piece (the whole step, the verify, one draft depth) traces as one graph with no break: every megatron
-        layer it calls, our cache attention and the bookkeeping around them (see `_compile_ready`), so inductor
-        fuses across the glue too (residual add + next norm, the heads' prologue, argmax, the cache writes).
-        Shapes are static per decoder, so each piece compiles once per batch size (dynamo's cache is keyed on
-        the code, so a second decoder of the same shapes reuses it).
+        The pieces are the main model's part of a verify (`verify_main`), the acceptance (`accept`), each draft
+        depth (`depth<k>`) and the prefill's main model (`prefill_main`). Each traces as one graph with no
+        break: every megatron layer it calls, our cache attention and the bookkeeping around it (see
+        `_compile_ready`), so inductor fuses the glue too (residual add + next norm, the heads' prologue,
+        argmax, the cache writes). The verify's main model is a piece of its own so that a greedy decoder of
+        the verify's width runs the same compiled graph (dynamo's cache is keyed on the code and guards on
+        shapes, not on the decoder), which keeps bf16 speculative output equal to that exact greedy. Shapes are
+        static: each piece compiles once per batch size and width; a CUDA graph (`_run`) records the pieces'
+        kernels like any others.
         """
         if not self.options.compile:
             return fn
@@ -504,7 +542,7 @@ class SpeculativeDecoder:
         for d in range(1, self.k + 1):
             if opts.adaptive and d > 1 and d > forced and not bool((self.proposed == d - 1).any()):
                 break  # no sample is still drafting and no deeper head must catch up
-            self._run(f"depth{d}", lambda d=d: self._draft_depth(d, widths[d - 1]))
+            self._run(f"depth{d}", lambda d=d: self._draft_one(d, widths[d - 1]))
             self._last_run[d] = t
             self._depth_runs[d - 1] += 1
             if opts.host_sync_per_depth:

@@ -94,7 +94,7 @@ def profile_step(decoder, prompt: list, new_tokens: int, out_dir, label: str, *,
         cached_attention(decoder.model, decoder.state),
         _compile_ready(decoder.options.compile),
     ):
-        step = decoder.piece("step", decoder._step)  # compiled with options.compile (then without regions)
+        step = decoder._step  # its pieces compiled with options.compile (then without regions)
         step(), step()  # eager warm-up (the graphs were replays)
         sync()
         decoder.annotate = decoder.state.annotate = not decoder.options.compile
