@@ -9,7 +9,7 @@ torch_dist through the Trainer's own checkpoint manager.
 Golden values: the same losses and per-head CE/KL of every layout are also compared against
 tests/golden_losses.json, recorded by `pytest tests/test_parallel_equivalence.py --record-golden`. The
 layout-vs-TP1 comparison alone passes a change that shifts every layout alike (a loss, init or data change);
-the goldens catch it. Tolerance: rtol 1e-6 (see GOLDEN_RTOL).
+the goldens catch it. Tolerance: rtol 1e-6, the heads' KL 1e-5 (see GOLDEN_RTOL).
 """
 
 from __future__ import annotations
@@ -27,8 +27,12 @@ STEPS = 3
 SAVED_AT = 2
 GOLDEN = Path(__file__).with_name("golden_losses.json")
 # Recorded on CPU (fp32, gloo, 1 thread per rank); two recordings in separate processes agreed bitwise, so the
-# slack is for a CPU of the same kind with another BLAS code path, far below a real shift (>= 1e-4 relative).
+# slack is for another CPU's BLAS code path, far below a real shift (>= 1e-4 relative). A head's KL (~0.015) is a
+# difference of two cross-entropies of ~3.5, so it carries their rounding ~200x magnified: measured 1.2-2.5e-6
+# relative off on an Intel Xeon with AVX-512/AMX (MKL's kernels) in every layout alike; its tolerance is 1e-5,
+# still 10x under a real shift.
 GOLDEN_RTOL = 1e-6
+GOLDEN_RTOL_KL = 1e-5
 # The kernels' vector width changes fp32 rounding: on an AVX-512 machine torch's default dispatch (and the
 # compiled MTP-D loss) moved the heads' KL by ~2e-6 relative against these AVX2 recordings, the same in every
 # layout. The ranks run with AVX2 kernels (every x86-64 CI machine has them), so the goldens are the same
@@ -174,4 +178,5 @@ def test_losses_match_golden_values(layout: str, runs: dict, golden: dict):
     for step, (g, w) in enumerate(zip(got, want)):
         assert sorted(g) == sorted(w), (layout, step)
         for key in w:
-            assert g[key] == pytest.approx(w[key], rel=GOLDEN_RTOL, abs=0), (layout, step, key)
+            rtol = GOLDEN_RTOL_KL if key.endswith("/kl") else GOLDEN_RTOL
+            assert g[key] == pytest.approx(w[key], rel=rtol, abs=0), (layout, step, key)
