@@ -572,6 +572,20 @@ def test_compile_traces_each_step_piece_as_one_graph(trained_model, scope):
     torch._dynamo.reset()
 
 
+def test_compile_tp_group_lookup_equals_megatrons(world):
+    """The warning-free stand-in used while compiled (decoder._tp_group_or_default) resolves the same groups."""
+    import warnings
+
+    from megatron.core.utils import get_tensor_model_parallel_group_if_none
+
+    from mtpd_megatron.inference.decoder import _tp_group_or_default
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for args in ((None,), (None, True), ("given",)):
+            assert _tp_group_or_default(*args) is get_tensor_model_parallel_group_if_none(*args), args
+
+
 def test_explicit_attention_equals_sdpa_with_gqa_and_mask():
     """The written-out attention of compiled decoding (kv_cache._explicit_attention) against torch's SDPA with
     enable_gqa and a per-sample position mask (fp64): same GQA head-to-group map, same masking."""

@@ -660,13 +660,29 @@ def _viewless_identity(inp, requires_grad, keep_graph):
     return inp
 
 
+def _tp_group_or_default(tp_group, is_expert=False, check_initialized=True):
+    """megatron.core.utils.get_tensor_model_parallel_group_if_none without its DeprecationWarning (see
+    `_compile_ready`): None without torch.distributed, the given group, else megatron's default TP group."""
+    from megatron.core import parallel_state
+
+    if not torch.distributed.is_initialized():
+        return None
+    if tp_group is not None or not parallel_state.is_initialized():
+        return tp_group
+    if is_expert:
+        return parallel_state.get_expert_tensor_parallel_group(check_initialized=check_initialized)
+    return parallel_state.get_tensor_model_parallel_group(check_initialized=check_initialized)
+
+
 @contextlib.contextmanager
 def _compile_ready(on: bool):
     """While decoding with `compile`: two megatron lines that would break every layer into ~10 graphs, answered.
 
     * tensor_parallel/layers.py:830 -> utils.py:585 `get_tensor_model_parallel_group_if_none` calls
-      `warnings.warn` (a DeprecationWarning for tp_group=None), which dynamo cannot trace: dynamo is told to
-      ignore `warnings.warn` (`ignore_logging_functions`), so compiled code does not emit that warning;
+      `warnings.warn` (a DeprecationWarning: RowParallelLinear passes tp_group=None, layers.py:1466), which
+      dynamo cannot trace: in tensor_parallel.layers it becomes `_tp_group_or_default`, the same lookup
+      without the warning. (Telling dynamo to ignore `warnings.warn` also works, but torch 2.11 then logs a
+      JSON error for its config at every compile.)
     * transformer/transformer_layer.py:1012 and multi_token_prediction.py:1271 `make_viewless_tensor` assign
       `.data`, which dynamo refuses: it becomes the identity (`_viewless_identity`). It exists to unlink views
       for pipeline-parallel buffer deallocation in training; decoding's values are the same.
@@ -675,20 +691,19 @@ def _compile_ready(on: bool):
     if not on:
         yield
         return
-    import warnings
     from unittest import mock
 
     import torch._dynamo
+    from megatron.core.tensor_parallel import layers as tp_layers
     from megatron.core.transformer import multi_token_prediction, transformer_layer
 
     config = {}
     for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
         if hasattr(torch._dynamo.config, name):
             config[name] = max(getattr(torch._dynamo.config, name), 256)
-    if hasattr(torch._dynamo.config, "ignore_logging_functions"):
-        config["ignore_logging_functions"] = set(torch._dynamo.config.ignore_logging_functions) | {warnings.warn}
     with (
         torch._dynamo.config.patch(**config),
+        mock.patch.object(tp_layers, "get_tensor_model_parallel_group_if_none", _tp_group_or_default),
         mock.patch.object(transformer_layer, "make_viewless_tensor", _viewless_identity),
         mock.patch.object(multi_token_prediction, "make_viewless_tensor", _viewless_identity),
     ):
