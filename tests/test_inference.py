@@ -898,6 +898,7 @@ def test_bench_decode_issue12_rows(cli_checkpoint):
     assert r["main_loss"] > 0 and "computed on 4 valid sequences" in r["main_loss_source"]
     assert r["cuda_graphs"] is False and r["options"]["cuda_graphs"] is False  # --cuda-graphs (default): no-op on CPU
     assert r["complete"] is True
+    assert r["greedy"]["warmup_seconds"] > 0 and all(s["warmup_seconds"] > 0 for s in r["speculative"])
     assert [p["label"] for p in r["profile"]] == ["greedy", "k2"]
     assert r["profile"][1]["by_region_ms"]["draft.depth2"] > 0 and r["profile"][0]["kernels_per_step"] > 0
     assert "aten::" in (prof / "k2_kernels.txt").read_text() and (prof / "summary.md").is_file()
