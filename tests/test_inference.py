@@ -538,14 +538,13 @@ def test_adaptive_and_exact_greedy_ragged_batch_with_eos(trained_model):
         assert generate(trained_model, prompts, 30, k=k, eos_id=eos, options=opts).tokens == greedy.tokens, (k, opts)
 
 
-@pytest.mark.parametrize("scope", ["step", "phase"])
-def test_compile_traces_each_step_piece_as_one_graph(trained_model, scope):
+def test_compile_traces_each_step_piece_as_one_graph(trained_model):
     """DecodeOptions.compile on CPU (inductor, fp32): each piece -- the prefill's main model, the verify's main
     model, the acceptance, each draft depth -- traces as one graph with no break (megatron's layers, our cache
-    attention, the bookkeeping), compiled once (a second decoder compiles nothing); the tokens equal the eager
-    greedy tokens (the generated kernels' numerics). An exact greedy decoder (k=0 at the verify's width)
-    compiles only its own acceptance: its verify is the very graph of the speculative verify, which is what
-    keeps bf16 speculative output equal to it."""
+    attention, the bookkeeping), compiled once (a second decoder, also one replaying per phase, compiles
+    nothing); the tokens equal the eager greedy tokens (the generated kernels' numerics). An exact greedy
+    decoder (k=0 at the verify's width) compiles only its own acceptance: its verify is the very graph of the
+    speculative verify, which is what keeps bf16 speculative output equal to it."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -556,15 +555,16 @@ def test_compile_traces_each_step_piece_as_one_graph(trained_model, scope):
     ref = SpeculativeDecoder(trained_model, k=0, max_length=40).generate(prompts, 12)
     torch._dynamo.reset()
     counters.clear()
-    options = DecodeOptions(compile=True, graph_scope=scope)
+    options = DecodeOptions(compile=True)
     out = SpeculativeDecoder(trained_model, k=2, max_length=40, options=options).generate(prompts, 12)
     assert out.tokens == ref.tokens
     assert out.tokens_per_step > 1.0  # the heads' drafts were accepted through the compiled pieces
     graphs = counters["stats"]["unique_graphs"]
     # prefill_main, verify_main, accept, and depth 1 and 2 at the prefill's width and at their windows
     assert graphs == 7, dict(counters["stats"])
-    again = SpeculativeDecoder(trained_model, k=2, max_length=40, options=options).generate(prompts, 12)
-    assert again.tokens == ref.tokens and counters["stats"]["unique_graphs"] == graphs
+    for again in (options, options.with_(graph_scope="phase")):
+        out = SpeculativeDecoder(trained_model, k=2, max_length=40, options=again).generate(prompts, 12)
+        assert out.tokens == ref.tokens and counters["stats"]["unique_graphs"] == graphs, again
     exact = SpeculativeDecoder(trained_model, k=0, max_length=40, options=options.with_(verify_width=3))
     assert exact.generate(prompts, 12).tokens == ref.tokens
     assert counters["stats"]["unique_graphs"] == graphs + 1  # its acceptance (k=0); the rest is shared
