@@ -76,7 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="take the argmax over fp32 logits (bf16 model): fewer bf16 rounding ties between verify and greedy",
     )
     p.add_argument(
-        "--compile", action="store_true", help="torch.compile each transformer layer inside the graph (CUDA)"
+        "--compile",
+        action="store_true",
+        help="torch.compile each piece of the step (verify, acceptance, each depth) inside the graph (CUDA)",
     )
     p.add_argument(
         "--graph-scope",
