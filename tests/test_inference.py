@@ -613,6 +613,7 @@ def test_decode_options_refuse_bad_values_and_cuda_only_switches_on_cpu(random_m
         ({"draft_threshold": 1.5}, "draft_threshold"),
         ({"argmax_chunk": -1}, "argmax_chunk"),
         ({"verify_width": 0}, "verify_width"),
+        ({"compile_mode": "reduce-overhead"}, "compile_mode"),
         ({"max_skips": -1}, "max_skips"),
     ):
         with pytest.raises(ValueError, match=phrase):

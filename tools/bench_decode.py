@@ -41,6 +41,7 @@ PROG = "bench_decode"
 
 def parse_args(argv=None) -> argparse.Namespace:
     from mtpd_megatron.cli import cli_parser
+    from mtpd_megatron.inference.options import COMPILE_MODES
 
     p = cli_parser(PROG, __doc__.split("\n\n")[0])
     model = p.add_mutually_exclusive_group(required=True)
@@ -79,6 +80,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--compile",
         action="store_true",
         help="torch.compile each piece of the step (verify, acceptance, each depth) inside the graph (CUDA)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        choices=COMPILE_MODES,
+        default="default",
+        help="torch.compile mode with --compile (max-autotune-no-cudagraphs: Triton GEMM templates vs cuBLAS)",
     )
     p.add_argument(
         "--graph-scope",
@@ -314,6 +321,7 @@ def _main(argv=None) -> int:
         sync_every=args.sync_every,
         host_sync_per_depth=args.host_sync_per_depth,
         compile=args.compile,
+        compile_mode=args.compile_mode,
         fused_prologue=args.fused_prologue,
         argmax_chunk=args.argmax_chunk,
         max_skips=args.max_skips,

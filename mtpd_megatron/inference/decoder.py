@@ -519,7 +519,7 @@ class SpeculativeDecoder:
             return fn
         compiled = self._compiled_pieces.get(name)
         if compiled is None:
-            compiled = self._compiled_pieces[name] = torch.compile(fn, dynamic=False)
+            compiled = self._compiled_pieces[name] = torch.compile(fn, dynamic=False, mode=self.options.compile_mode)
         return compiled
 
     def _host_sync(self) -> None:

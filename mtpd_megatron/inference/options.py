@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 GRAPH_SCOPES = ("step", "phase")
+# torch.compile modes that leave CUDA graphs to the decoder (inductor's own cudagraph trees would nest in ours).
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class DecodeOptions:
     compile: torch.compile (inductor) of each piece of a step -- the whole step, or under graph_scope "phase" the
         verify and each draft depth -- as one graph with no break (megatron's layers, our cache attention and the
         bookkeeping), inside the CUDA graph when that is on; static shapes, compiled once per batch size.
+    compile_mode: torch.compile's mode for `compile`: "default", or "max-autotune-no-cudagraphs" (inductor
+        benchmarks Triton GEMM templates against cuBLAS per shape: a lever for the batch-1 GEMVs, which run at
+        1.4-3.2 TB/s with cuBLAS on an H200; much longer warm-up).
     fused_prologue: each MTP head's enorm + hnorm + concat + eh_proj as one normalisation over the concatenated
         [embedding, hidden] and one GEMM over weights with the norm gains folded in (pre-concatenated, refreshed
         from the megatron modules at every `generate`); TP=1.
@@ -48,6 +53,7 @@ class DecodeOptions:
     sync_every: int = 64
     host_sync_per_depth: bool = False
     compile: bool = False
+    compile_mode: str = "default"
     fused_prologue: bool = False
     argmax_chunk: int = 0
     verify_width: Optional[int] = None
@@ -58,6 +64,8 @@ class DecodeOptions:
     def __post_init__(self):
         if self.graph_scope not in GRAPH_SCOPES:
             raise ValueError(f"graph_scope={self.graph_scope!r}: use one of {', '.join(GRAPH_SCOPES)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode={self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
         if self.sync_every < 1:
             raise ValueError(f"sync_every={self.sync_every}: must be >= 1")
         if self.argmax_chunk < 0:
@@ -93,6 +101,7 @@ ABLATION_SWITCHES = {  # compile last: the slowest to warm up (a time limit then
     "fused_prologue": {"fused_prologue": True},
     "argmax_chunk": {"argmax_chunk": 16384},
     "compile": {"compile": True},
+    "compile_autotune": {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"},
 }
 
 
