@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue-12 decoding measurements on one GPU (H200), < 7 minutes, from the repository root:
+# Issue-12 decoding measurements on one GPU (H200), from the repository root:
 #
 #   CKPT=runs/experiments/seesaw_gpu_small/c_mtpd_f0.1/ckpt HF=runs/hf_c_mtpd_f0.1 OUT=$OUT bash tools/bench_decode_gpu.sh
 #
@@ -7,18 +7,22 @@
 # the experiment's result.json beside it (tools/run_experiment.py), else computed on 64 held-out sequences.
 # HF: its Hugging Face export (tools/convert_to_hf.py), or empty to leave out the transformers-generate row.
 # Prompts: the first 128 tokens of 8 held-out (valid split) sequences, 256 new tokens, as in docs/benchmarks.md.
-# Three runs, each under its own time limit so that one failure or overrun leaves the others' files; RUNS picks
-# some (default "1 2 3"; their limits add up to more than one 10-minute device call: split them, e.g. RUNS=1
-# after training in one call, RUNS="2 3" in the next):
-#   1. gpu_small checkpoint (bf16, compiled step: DecodeOptions.compile): profile of a greedy and a K=4 step,
-#      greedy vs K=1..4, transformers generate, fixed K vs adaptive (P = 0.05 0.1 0.3), exact greedy,
-#      batch 1/4/16                                                         -> $OUT/gpu_small.{json,md}, $OUT/profile_gpu_small/
-#   2. gpu_small checkpoint: every DecodeOptions switch on vs off at K=4 (eager baseline, compile included)
-#                                                                           -> $OUT/ablation_gpu_small.{json,md}
-#   3. dense_2b shape, random weights (cost side only), compiled: profile, exact greedy
-#                                                                           -> $OUT/dense_2b.{json,md}, $OUT/profile_dense_2b/
-# Compile warm-up is part of each run's time: at gpu_small ~20 s per verify width and a few s per draft
-# depth (measured 2026-12-03), about twice that at the dense_2b shape.
+# Five runs, each under its own time limit so that one failure or overrun leaves the others' files; RUNS picks
+# some (default all; their limits add up to more than one 10-minute device call: split them, e.g. RUNS="1 2"
+# after training in one call, RUNS="3 4 5" in the next; inductor's on-disk cache makes a repeated compile cheap
+# on a machine that stays warm):
+#   1. gpu_small checkpoint (bf16, compiled: DecodeOptions.compile): profile of a greedy and a K=4 step, greedy
+#      vs K=1..4, transformers generate, exact greedy              -> $OUT/gpu_small.{json,md}, $OUT/profile_gpu_small/
+#   2. gpu_small checkpoint, compiled: fixed K vs adaptive (P = 0.05 0.1 0.3), batch 1/4/16
+#                                                                  -> $OUT/gpu_small_adaptive_batch.{json,md}
+#   3. gpu_small checkpoint: every DecodeOptions switch on vs off at K=4 (eager baseline, compile last)
+#                                                                  -> $OUT/ablation_gpu_small.{json,md}
+#   4. dense_2b shape, random weights (cost side only), compiled: profile, exact greedy
+#                                                                  -> $OUT/dense_2b.{json,md}, $OUT/profile_dense_2b/
+#   5. dense_2b shape: compile vs compile_autotune (max-autotune-no-cudagraphs) vs eager
+#                                                                  -> $OUT/dense_2b_autotune.{json,md}
+# Compile warm-up is part of each run's time (rows record warmup_seconds): at gpu_small ~20 s per verify width
+# and a few s per draft depth and batch size (measured 2026-12-03), about twice that at the dense_2b shape.
 # Then $OUT/tables.md concatenates the markdown of all three. Logs: $OUT/*.log.
 set -uo pipefail
 : "${CKPT:?set CKPT=<mtpd megatron checkpoint dir>}"
@@ -40,14 +44,17 @@ run() {  # run <limit seconds> <name> args...
   [ $rc -eq 0 ] || { echo "$name: exit $rc (see $out/$name.log)"; status=1; }
 }
 
-runs=" ${RUNS:-1 2 3} "
-[[ $runs == *" 1 "* ]] && run 420 gpu_small --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 --k 1 2 3 4 \
-  "${common[@]}" "${hf[@]}" --compile --profile "$out/profile_gpu_small" --draft-threshold 0.05 0.1 0.3 \
-  --exact-greedy --batch 1 4 16
-[[ $runs == *" 2 "* ]] && run 240 ablation_gpu_small --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 \
+runs=" ${RUNS:-1 2 3 4 5} "
+[[ $runs == *" 1 "* ]] && run 400 gpu_small --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 --k 1 2 3 4 \
+  "${common[@]}" "${hf[@]}" --compile --profile "$out/profile_gpu_small" --exact-greedy
+[[ $runs == *" 2 "* ]] && run 400 gpu_small_adaptive_batch --ckpt "$CKPT" --split valid --num-prompts 8 \
+  --prompt-len 128 --k 4 "${common[@]}" --compile --draft-threshold 0.05 0.1 0.3 --batch 1 4 16
+[[ $runs == *" 3 "* ]] && run 300 ablation_gpu_small --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 \
   --k 4 "${common[@]}" --ablate
-[[ $runs == *" 3 "* ]] && run 300 dense_2b --config configs/dense_2b.yaml --num-prompts 2 --prompt-len 128 --k 4 \
+[[ $runs == *" 4 "* ]] && run 300 dense_2b --config configs/dense_2b.yaml --num-prompts 2 --prompt-len 128 --k 4 \
   --dtype bf16 --repeats 1 --new-tokens 128 --compile --profile "$out/profile_dense_2b" --exact-greedy
-cat "$out"/gpu_small.md "$out"/ablation_gpu_small.md "$out"/dense_2b.md > "$out/tables.md" 2>/dev/null
+[[ $runs == *" 5 "* ]] && run 500 dense_2b_autotune --config configs/dense_2b.yaml --num-prompts 2 --prompt-len 128 \
+  --k 4 --dtype bf16 --repeats 1 --new-tokens 128 --ablate compile compile_autotune
+cat "$out"/{gpu_small,gpu_small_adaptive_batch,ablation_gpu_small,dense_2b,dense_2b_autotune}.md > "$out/tables.md" 2>/dev/null
 ls -l "$out"
 exit $status
