@@ -28,9 +28,10 @@ class DecodeOptions:
     sync_every: decoding steps between two host reads of the lengths (1 = the host looks after every step).
     host_sync_per_depth: the host reads the drafts after every depth, as a decoder that computes acceptance on
         the host would (the "off" side of "acceptance computed on device").
-    compile: torch.compile (inductor) of each piece of a step -- the whole step, or under graph_scope "phase" the
-        verify and each draft depth -- as one graph with no break (megatron's layers, our cache attention and the
-        bookkeeping), inside the CUDA graph when that is on; static shapes, compiled once per batch size.
+    compile: torch.compile (inductor) of each piece of a step -- the verify's main model, the acceptance, each
+        draft depth, and the prefill's main model (SpeculativeDecoder.piece), whatever the graph scope -- as one
+        graph with no break (megatron's layers, our cache attention and the bookkeeping), inside the CUDA graph
+        when that is on; static shapes, compiled once per batch size and width.
     compile_mode: torch.compile's mode for `compile`: "default", or "max-autotune-no-cudagraphs" (inductor
         benchmarks Triton GEMM templates against cuBLAS per shape: a lever for the batch-1 GEMVs, which run at
         1.4-3.2 TB/s with cuBLAS on an H200; much longer warm-up).

@@ -94,23 +94,22 @@ def profile_step(decoder, prompt: list, new_tokens: int, out_dir, label: str, *,
         cached_attention(decoder.model, decoder.state),
         _compile_ready(decoder.options.compile),
     ):
-        step = decoder._step  # its pieces compiled with options.compile (then without regions)
-        step(), step()  # eager warm-up (the graphs were replays)
+        decoder._step(), decoder._step()  # eager warm-up (the graphs were replays); pieces compiled with `compile`
         sync()
-        decoder.annotate = decoder.state.annotate = not decoder.options.compile
+        decoder.annotate = decoder.state.annotate = not decoder.options.compile  # regions would recompile
         try:
             with profile(activities=activities):  # discarded: the profiler's own first-use costs
                 for _ in range(3):
-                    step()
+                    decoder._step()
                 sync()
             with profile(activities=activities) as prof:
                 for _ in range(iters):
-                    step()
+                    decoder._step()
                 sync()
         finally:
             decoder.annotate = decoder.state.annotate = False
         if cuda:
-            summary["graph_step_ms"] = replay_ms(step)
+            summary["graph_step_ms"] = replay_ms(decoder._step)
     events = prof.key_averages()
     try:
         table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=80)
