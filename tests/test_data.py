@@ -414,6 +414,11 @@ def test_preprocess_is_worker_independent_and_ends_documents_with_eod(data, toke
     first = [r["text"] for r in data.records if r["id"].startswith("sotu/")][0]
     assert ds[0].tolist() == tokenizer.tokenize(first) + [tokenizer.eod]
     assert all(ds[i][-1] == tokenizer.eod for i in range(len(ds)))
+    from mtpd_megatron.data.indexed import token_counts
+
+    counts = token_counts(data.sotu, tokenizer.vocab_size, chunk=1000)  # several chunks
+    every = np.concatenate([ds[i] for i in range(len(ds))])
+    assert np.array_equal(counts, np.bincount(every, minlength=tokenizer.vocab_size))
 
 
 # --------------------------------------------------------------------------------------------- datasets

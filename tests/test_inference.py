@@ -521,6 +521,43 @@ def test_adaptive_draft_length_equals_greedy(trained_model, threshold, skips):
         assert generate(trained_model, [p], 30, k=4, options=opts).tokens[0] == greedy.tokens[i]
 
 
+def test_draft_vocabulary_is_lossless_and_restricts_the_drafts(trained_model):
+    """DecodeOptions.draft_vocab: the heads propose only among the first N ids of `token_ranking`. With the
+    ids of the decoded text the drafts are still accepted; with N ids that never occur in it nothing can be
+    accepted (so the restriction is in force); either way, fixed K, adaptive, ragged batch and eos, the tokens
+    are greedy's. Bad requests are one-line errors."""
+    from mtpd_megatron.inference import SpeculativeDecoder, generate
+    from mtpd_megatron.inference.options import DecodeOptions
+
+    prompts = _trained_prompts()
+    greedy = generate(trained_model, prompts, 30, k=0)
+    eos = greedy.tokens[1][5]
+    stopped = generate(trained_model, prompts, 30, k=0, eos_id=eos)
+    counts = torch.bincount(torch.tensor([t for x in prompts + greedy.tokens for t in x]), minlength=V)
+    ranking = counts.argsort(descending=True, stable=True)
+    seen, unseen = int((counts > 0).sum()), ranking.flip(0)  # unseen: never-occurring ids first
+
+    def decode(size, order, threshold=None, eos_id=None):
+        opts = DecodeOptions(draft_vocab=size, draft_threshold=threshold)
+        dec = SpeculativeDecoder(trained_model, k=4, max_length=40, options=opts, token_ranking=order)
+        return dec.generate(prompts, 30, eos_id=eos_id)
+
+    for threshold in (None, 0.22):
+        covered = decode(seen, ranking, threshold)
+        assert covered.tokens == greedy.tokens and covered.tokens_per_step > 2.0, threshold
+        assert decode(seen, ranking, threshold, eos_id=eos).tokens == stopped.tokens
+    assert V - seen >= 8
+    excluded = decode(8, unseen)
+    assert excluded.tokens == greedy.tokens and excluded.tokens_per_step == 1.0
+    with pytest.raises(ValueError, match="draft_vocab=8 needs token_ranking"):
+        SpeculativeDecoder(trained_model, k=2, options=DecodeOptions(draft_vocab=8))
+    with pytest.raises(ValueError, match=f"draft_vocab={V} >= the vocabulary"):
+        SpeculativeDecoder(trained_model, k=2, options=DecodeOptions(draft_vocab=V), token_ranking=ranking)
+    with pytest.raises(ValueError, match="draft_vocab"):
+        DecodeOptions(draft_vocab=-1)
+    assert SpeculativeDecoder(trained_model, k=0, options=DecodeOptions(draft_vocab=8))._draft_ids is None
+
+
 def test_adaptive_and_exact_greedy_ragged_batch_with_eos(trained_model):
     from mtpd_megatron.inference import generate
     from mtpd_megatron.inference.options import DecodeOptions
@@ -915,6 +952,8 @@ def test_bench_decode_issue12_rows(cli_checkpoint):
         "--draft-threshold",
         0.3,
         "--exact-greedy",
+        "--draft-vocab",
+        50,
         "--batch",
         1,
         2,
@@ -938,11 +977,15 @@ def test_bench_decode_issue12_rows(cli_checkpoint):
     assert all(a["greedy_matching"] == 2 for a in r["adaptive"][1:])
     e = r["exact"]
     assert e["speculative_mismatches_vs_fast_greedy"] == e["speculative_mismatches_vs_exact_greedy"] == 0
+    assert [a["mode"] for a in r["draft_vocab"]] == ["greedy", "K=2, draft vocab all", "K=2, draft vocab 50"]
+    assert all(a["greedy_matching"] == 2 for a in r["draft_vocab"][1:]), r["draft_vocab"]
+    assert r["draft_ranking_source"].startswith("token counts of ")
     assert [b["batch"] for b in r["batches"]] == [1, 2]
     assert all(b["speculative"]["greedy_same_batch_matching"] == b["samples"] for b in r["batches"])
     assert all(b["speculative"]["greedy_batch1_matching"] == b["samples"] for b in r["batches"])
     text = md.read_text()
     assert "Switch ablation" in text and "Exact greedy" in text and f"{r['main_loss']:.4f}" in text
+    assert "frequency-ranked draft vocabulary" in text
 
 
 @pytest.mark.parametrize(
@@ -950,6 +993,7 @@ def test_bench_decode_issue12_rows(cli_checkpoint):
     [
         (["--k", "0"], "--k 0: every K must be >= 1"),
         (["--draft-threshold", "1.5"], "--draft-threshold 1.5: each must be a probability in (0, 1)"),
+        (["--draft-vocab", "0"], "--draft-vocab 0: each N must be >= 1"),
         (["--compile", "--device", "cpu"], "--compile needs a CUDA device"),
         (["--ablate", "warp_drive"], "--ablate warp_drive: unknown switch"),
         (["--empty-jsonl"], "every prompt needs at least one token"),

@@ -16,7 +16,8 @@ the cost side only (step time of greedy vs K drafts) at a size no checkpoint of 
 Issue-12 measurements, all in the same run as the greedy baseline (K = --main-k, default min(4, heads)):
 `--profile DIR` kernel tables + grouped summary of one greedy and one K-draft step (inference/profile.py);
 `--ablate [SWITCH ...]` each DecodeOptions switch on vs off (inference/options.py ABLATION_SWITCHES);
-`--draft-threshold P ...` adaptive drafting vs fixed K = 1..K; `--exact-greedy` the greedy that runs the
+`--draft-threshold P ...` adaptive drafting vs fixed K = 1..K; `--draft-vocab N ...` K drafts from a
+frequency-ranked draft vocabulary of N ids (token counts of the checkpoint's data.paths); `--exact-greedy` the greedy that runs the
 verify's kernels, with the prompt mismatches of K drafts against both greedy decoders; `--batch B ...` greedy
 vs K drafts at each batch size. The base options of every row come from --compile, --graph-scope,
 --sync-every, --host-sync-per-depth, --fused-prologue, --argmax-chunk, --fp32-logits, --cuda-graphs (CUDA
@@ -115,6 +116,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         metavar="P",
         help="adaptive drafting: stop at the first head whose top-1 probability is below P",
     )
+    p.add_argument(
+        "--draft-vocab",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="N",
+        help="K drafts proposing only among the N most frequent tokens of the training data (random weights: ids "
+        "0..N-1), vs the whole vocabulary",
+    )
     p.add_argument("--exact-greedy", action="store_true", help="also the greedy that runs the verify's kernels")
     p.add_argument("--batch", type=int, nargs="+", default=None, help="greedy vs K drafts at these batch sizes")
     p.add_argument("--loss-samples", type=int, default=64, help="held-out sequences for the main-head loss")
@@ -136,6 +146,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--main-k {args.main_k}: must be >= 1 (and <= the model's MTP heads)")
     if args.draft_threshold and any(not 0.0 < t < 1.0 for t in args.draft_threshold):
         p.error(f"--draft-threshold {' '.join(map(str, args.draft_threshold))}: each must be a probability in (0, 1)")
+    if args.draft_vocab and min(args.draft_vocab) < 1:
+        p.error(
+            f"--draft-vocab {' '.join(map(str, args.draft_vocab))}: each N must be >= 1 (the whole vocabulary is always measured)"
+        )
     if args.batch and min(args.batch) < 1:
         p.error(f"--batch {' '.join(map(str, args.batch))}: batch sizes must be >= 1")
     if args.sync_every < 1 or args.argmax_chunk < 0 or args.max_skips < 0 or args.loss_samples < 1:
@@ -266,6 +280,21 @@ def main_loss_of(args, loaded) -> dict:
         "source": f"computed on {len(samples)} valid sequences",
         "tau": metrics.get("tau"),
     }
+
+
+def token_ranking_for(args, loaded, model) -> tuple:
+    """Token ids most frequent first, and where the counts came from: every token of the checkpoint's
+    data.paths (or --data-path) for a checkpoint; the id order for random weights (cost side only)."""
+    import torch
+
+    if loaded is None:
+        return torch.arange(model.embedding.word_embeddings.weight.shape[0]), "id order (random weights)"
+    from mtpd_megatron.data.datasets import parse_paths
+    from mtpd_megatron.data.indexed import token_counts
+
+    prefixes, _ = parse_paths(args.data_path or loaded.cfg.data.paths)
+    counts = sum(torch.from_numpy(token_counts(prefix, loaded.vocab_size)) for prefix in prefixes)
+    return counts.argsort(descending=True, stable=True), f"token counts of {', '.join(map(str, prefixes))}"
 
 
 def _main(argv=None) -> int:
@@ -403,6 +432,12 @@ def _main(argv=None) -> int:
     if args.draft_threshold and main_k:
         result["adaptive"] = B.bench_adaptive(
             model, prompts, main_k, args.draft_threshold, args.new_tokens, base, **common
+        )
+        save(False)
+    if args.draft_vocab and main_k:
+        ranking, result["draft_ranking_source"] = token_ranking_for(args, loaded if args.ckpt else None, model)
+        result["draft_vocab"] = B.bench_draft_vocab(
+            model, prompts, main_k, args.draft_vocab, args.new_tokens, base, ranking, **common
         )
         save(False)
     if args.batch and main_k:

@@ -139,6 +139,20 @@ def _token_range(bin_path: str, dtype: np.dtype, num_tokens: int, chunk: int = 1
         del data
 
 
+def token_counts(prefix: str | os.PathLike, vocab_size: int, chunk: int = 1 << 25) -> np.ndarray:
+    """How often each token id occurs in ``prefix.bin`` -> int64 [vocab_size] (validated first; memory-mapped,
+    counted in chunks). The frequency ranking of a draft vocabulary (inference/decoder.py) comes from here."""
+    info = validate_indexed_dataset(prefix, vocab_size=vocab_size)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    data = np.memmap(os.fspath(prefix) + ".bin", mode="r", dtype=info.dtype, shape=(info.num_tokens,))
+    try:
+        for start in range(0, info.num_tokens, chunk):
+            counts += np.bincount(data[start : start + chunk], minlength=vocab_size)[:vocab_size]
+    finally:
+        del data
+    return counts
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------------------

@@ -14,6 +14,22 @@ def _f(value, fmt="{:.2f}"):
     return fmt.format(value) if isinstance(value, (int, float)) else str(value)
 
 
+def _mode_table(title: str, rows: list) -> list:
+    """Rows of decoders against one greedy run (`mode` names each): adaptive drafting, draft vocabularies."""
+    out = [
+        f"## {title}\n",
+        "| mode | tokens/step | drafts proposed/step | step ms | speedup (decode x) | identical | error |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for a in rows:
+        out.append(
+            f"| {a['mode']} | {_f(a.get('tokens_per_step'))} | {_f(a.get('mean_proposed'))} | "
+            f"{_f(a.get('step_ms'), '{:.3f}')} | {_f(a.get('speedup'))} ({_f(a.get('decode_speedup'))}) | "
+            f"{a.get('greedy_matching', '')} | {a.get('error', '')[:120]} |"
+        )
+    return out + [""]
+
+
 def markdown_report(r: dict) -> str:
     loss = r.get("main_loss")
     head = (
@@ -64,19 +80,12 @@ def markdown_report(r: dict) -> str:
                 f"{a.get(f'k{k}_matching_baseline_greedy', '')} | {err[:120]} |"
             )
         out.append("")
-    if r.get("adaptive"):
-        out += [
-            f"## Fixed K vs adaptive draft length (main loss {_f(loss, '{:.4f}')})\n",
-            "| mode | tokens/step | drafts proposed/step | step ms | speedup (decode x) | identical | error |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for a in r["adaptive"]:
-            out.append(
-                f"| {a['mode']} | {_f(a.get('tokens_per_step'))} | {_f(a.get('mean_proposed'))} | "
-                f"{_f(a.get('step_ms'), '{:.3f}')} | {_f(a.get('speedup'))} ({_f(a.get('decode_speedup'))}) | "
-                f"{a.get('greedy_matching', '')} | {a.get('error', '')[:120]} |"
-            )
-        out.append("")
+    for key, title in (
+        ("adaptive", "Fixed K vs adaptive draft length"),
+        ("draft_vocab", f"K={r.get('main_k')} with a frequency-ranked draft vocabulary"),
+    ):
+        if r.get(key):
+            out += _mode_table(f"{title} (main loss {_f(loss, '{:.4f}')})", r[key])
     e = r.get("exact")
     if e:
         fast, exact, spec = e["fast_greedy"], e["exact_greedy"], e["speculative"]

@@ -37,6 +37,7 @@ def run_decoder(
     vocab_limit=None,
     batch: int = 1,
     eos_id: Optional[int] = None,
+    token_ranking=None,
 ) -> dict:
     """Decode every batch of prompts (batch 1 = each prompt alone) `repeats` times; keep the median run of each.
 
@@ -49,7 +50,9 @@ def run_decoder(
     cuda = next(model.parameters()).is_cuda
     groups = _groups(prompts, batch)
     length = max(len(p) for p in prompts) + new_tokens
-    dec = SpeculativeDecoder(model, k=k, max_length=length, vocab_limit=vocab_limit, options=options)
+    dec = SpeculativeDecoder(
+        model, k=k, max_length=length, vocab_limit=vocab_limit, options=options, token_ranking=token_ranking
+    )
     warmup = dec.generate(groups[0], new_tokens, eos_id=eos_id)  # graph capture and compile: not in the figures
     seconds, decode_seconds, tokens, steps, accepted, proposed, depth_runs = [], [], [], 0, [], [], None
     for group in groups:
@@ -221,6 +224,42 @@ def bench_adaptive(
             compare(r, greedy["tokens"], "greedy")
             r = _strip(_relative(r, greedy))
         rows.append(dict(r, mode=mode, k=j, threshold=opts.draft_threshold))
+    return rows
+
+
+def bench_draft_vocab(
+    model,
+    prompts: list,
+    k: int,
+    sizes: list,
+    new_tokens: int,
+    base: DecodeOptions,
+    token_ranking,
+    *,
+    repeats: int = 1,
+    vocab_limit=None,
+) -> list:
+    """K drafts over the whole vocabulary and over each draft vocabulary size (the most frequent ids of
+    `token_ranking`, DecodeOptions.draft_vocab), each against the same greedy run."""
+    greedy = run_decoder(model, prompts, 0, new_tokens, base, repeats=repeats, vocab_limit=vocab_limit)
+    rows = [dict(_strip(greedy), mode="greedy")]
+    for size in [0, *sizes]:
+        opts = base.with_(draft_vocab=size)
+        r = _safely(
+            run_decoder,
+            model,
+            prompts,
+            k,
+            new_tokens,
+            opts,
+            repeats=repeats,
+            vocab_limit=vocab_limit,
+            token_ranking=token_ranking,
+        )
+        if "error" not in r:
+            compare(r, greedy["tokens"], "greedy")
+            r = _strip(_relative(r, greedy))
+        rows.append(dict(r, mode=f"K={k}, draft vocab {size or 'all'}", k=k, draft_vocab=size))
     return rows
 
 

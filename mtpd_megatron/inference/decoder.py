@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mtpd_megatron.inference.acceptance import greedy_tokens, logits_argmax, num_heads, output_weight_of, tp_group_of
-from mtpd_megatron.inference.fused import FusedHeadPrologue, chunked_greedy, top1_probability
+from mtpd_megatron.inference.fused import FusedHeadPrologue, chunked_greedy, matmul_logits, top1_probability
 from mtpd_megatron.inference.kv_cache import AttendState, KVCache, cached_attention
 from mtpd_megatron.inference.options import DecodeOptions
 
@@ -116,7 +116,10 @@ class SpeculativeDecoder:
         options: Optional[DecodeOptions] = None,
         cuda_graphs: Optional[bool] = None,
         fp32_logits: Optional[bool] = None,
+        token_ranking: Optional[Union[Sequence[int], Tensor]] = None,
     ):
+        """`token_ranking`: token ids, most frequent first (e.g. `data.indexed.token_counts` of the training
+        data, sorted); needed by `options.draft_vocab`, which keeps its first draft_vocab ids."""
         opts = options or DecodeOptions()
         if cuda_graphs is not None:
             opts = opts.with_(cuda_graphs=bool(cuda_graphs))
@@ -154,6 +157,7 @@ class SpeculativeDecoder:
                 ("fused_prologue", opts.fused_prologue),
                 ("argmax_chunk", opts.argmax_chunk),
                 ("draft_threshold", opts.adaptive),
+                ("draft_vocab", opts.draft_vocab and k),
             )
             if on
         ]
@@ -173,12 +177,14 @@ class SpeculativeDecoder:
         # greedy step can break a tie differently. With mm(out_dtype=fp32) (CUDA) it costs no extra weight read.
         self.fp32_logits = bool(opts.fp32_logits) and self.dtype != torch.float32
         if self.fp32_logits or opts.argmax_chunk or opts.adaptive:
-            weight = output_weight_of(model)
-            self._out_weight = weight if weight is not None else model.output_layer.weight
+            self._out_weight = self._output_weight()
         if self.fp32_logits and not opts.argmax_chunk:
             self._mm_fp32_out = self._mm_out_dtype_works()
             if not self._mm_fp32_out:
                 self._out_weight = self._out_weight.float()  # one fp32 copy, made once
+        self._draft_ids = self._draft_weight = None
+        if opts.draft_vocab and k:
+            self._draft_ids = self._draft_vocabulary(opts.draft_vocab, token_ranking)
         self._prologues = None
         if opts.fused_prologue and k:
             mtp = model.mtp
@@ -197,6 +203,30 @@ class SpeculativeDecoder:
         self._batch = None
         self._graphs = {}
         self._compiled_pieces = {}
+
+    def _output_weight(self) -> Tensor:
+        """The [V, h] weight of the shared output layer (the embedding's when tied)."""
+        weight = output_weight_of(self.model)
+        return weight if weight is not None else self.model.output_layer.weight
+
+    def _draft_vocabulary(self, size: int, ranking) -> Tensor:
+        """The first `size` ids of `ranking` that the verify could also produce, ascending (equal logits then
+        resolve to the lower id, as the full argmax does), on the model's device."""
+        vocab = self.vocab_limit or self._output_weight().shape[0]
+        if ranking is None:
+            raise ValueError(
+                f"draft_vocab={size} needs token_ranking (token ids, most frequent first: data.indexed.token_counts "
+                "of the training data, sorted)"
+            )
+        if size >= vocab:
+            raise ValueError(f"draft_vocab={size} >= the vocabulary ({vocab} ids): use 0 for the whole vocabulary")
+        ranking = torch.as_tensor(ranking, dtype=torch.long).flatten()
+        ranking = ranking[(ranking >= 0) & (ranking < vocab)]
+        if ranking.numel() < size:
+            raise ValueError(
+                f"token_ranking has {ranking.numel()} ids below {vocab}; draft_vocab={size} needs that many"
+            )
+        return ranking[:size].sort().values.to(self.device)
 
     def _max_window(self) -> int:
         return max(self._widths(), default=0)
@@ -344,6 +374,18 @@ class SpeculativeDecoder:
                 logits = logits[..., : self.vocab_limit]
             return tokens, top1_probability(logits)
 
+    def _draft_greedy(self, hidden: Tensor, confidence: bool = False) -> tuple:
+        """A head's greedy token among the draft vocabulary: [s, b, h] -> (ids [s, b], top-1 probability within
+        the draft vocabulary [s, b] or None)."""
+        s, b, h = hidden.shape
+        with self._region(f"{self._phase}.draft_vocab_output+argmax"):
+            logits = self.model._scale_logits(
+                matmul_logits(hidden.reshape(s * b, h), self._draft_weight, self.fp32_logits)
+            )
+            values, local = logits.max(dim=-1)
+            tokens = self._draft_ids[local].view(s, b)
+            return tokens, (top1_probability(logits, values).view(s, b) if confidence else None)
+
     @staticmethod
     def _gather_rows(buf: Tensor, index: Tensor) -> Tensor:
         """buf [b, T, h], index [b, s] -> [s, b, h]."""
@@ -366,7 +408,12 @@ class SpeculativeDecoder:
             if k < self.k:
                 self._scatter_rows(self.hid[k], window, out)
             at_p = out[(p - start).clamp(min=0), self.rows].unsqueeze(0)  # [1, b, h] (clamp: finished rows)
-            if self.options.adaptive:
+            if self._draft_ids is not None:
+                draft, prob = self._draft_greedy(at_p, confidence=self.options.adaptive)
+                if self.options.adaptive:
+                    confident = (self.proposed == k - 1) & (prob[0] >= self.options.draft_threshold)
+                    self.proposed.copy_(torch.where(confident, self.proposed + 1, self.proposed))
+            elif self.options.adaptive:
                 draft, prob = self._greedy(at_p, confidence=True)
                 confident = (self.proposed == k - 1) & (prob[0] >= self.options.draft_threshold)
                 self.proposed.copy_(torch.where(confident, self.proposed + 1, self.proposed))
@@ -458,6 +505,15 @@ class SpeculativeDecoder:
         last = hidden[self.prompt_len - 1, self.rows].unsqueeze(0)
         self.seq.scatter_(1, self.prompt_len.unsqueeze(1), self._greedy(last).t())
 
+    def _prefill_device(self, width: int) -> None:
+        """The main model over the prompts, the first new token, the lengths reset, each head's first drafts."""
+        self.piece("prefill_main", self._prefill_main)(width)
+        self.n.copy_(self.prompt_len + 1)
+        self.cstart.zero_()
+        self.proposed.fill_(0 if self.options.adaptive else self.k)
+        if self.k:
+            self._draft([width] * self.k)
+
     def _prefill(self, prompts: list) -> None:
         self._phase = "prefill"
         b = len(prompts)
@@ -471,12 +527,9 @@ class SpeculativeDecoder:
         self.seq.zero_()
         self.seq[:, :width] = padded.to(self.device)
         self.prompt_len.copy_(torch.tensor(lengths))
-        self.piece("prefill_main", self._prefill_main)(width)
-        self.n.copy_(self.prompt_len + 1)
-        self.cstart.zero_()
-        self.proposed.fill_(0 if self.options.adaptive else self.k)
-        if self.k:
-            self._draft([width] * self.k)
+        # The device part of a prefill reads only the buffers filled above: one CUDA graph per prompt width (with
+        # `compile`, a few 64-token buckets), so a prefill costs its kernels, not the host launching them.
+        self._run(f"prefill{width}", lambda: self._prefill_device(width))
         self._last_run = [0] * (self.k + 1)  # adaptive: the step at which each head last ran (prefill = 0)
         self._step_no = 0
         self._depth_runs = [1] * self.k
@@ -600,6 +653,11 @@ class SpeculativeDecoder:
         if self._prologues is not None:
             for prologue in self._prologues:
                 prologue.refresh()  # the folded weights follow the megatron parameters
+        if self._draft_ids is not None:  # the draft rows follow the output layer (in place: graphs read them)
+            weight = self._output_weight()
+            if self._draft_weight is None:
+                self._draft_weight = weight.new_empty(self._draft_ids.numel(), weight.shape[1])
+            torch.index_select(weight, 0, self._draft_ids, out=self._draft_weight)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         sync()
         t0 = time.perf_counter()

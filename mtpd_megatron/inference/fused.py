@@ -109,7 +109,7 @@ def chunked_greedy(
     lse = torch.full_like(best, float("-inf")) if confidence else None
     for lo in range(0, limit, chunk):
         w = weight[lo : min(lo + chunk, limit)]
-        logits = _mm(flat, w, fp32)
+        logits = matmul_logits(flat, w, fp32)
         if scale is not None:
             logits = scale(logits)
         values, local = logits.max(dim=-1)
@@ -123,7 +123,8 @@ def chunked_greedy(
     return index.view(s, b), prob
 
 
-def _mm(x: Tensor, w: Tensor, fp32: bool) -> Tensor:
+def matmul_logits(x: Tensor, w: Tensor, fp32: bool) -> Tensor:
+    """x [n, h] @ w[V, h]^T; with `fp32`, fp32 logits from a bf16 GEMM with fp32 output (where torch has it)."""
     if not fp32 or x.dtype == torch.float32:
         return F.linear(x, w)
     try:

@@ -42,6 +42,10 @@ class DecodeOptions:
     one_draft_piece: with `compile`, the K draft depths of a step as one compiled piece instead of one per depth
         (fusion across the depths' boundaries); ignored when a step runs per phase (`per_phase`: the host
         replays each depth on its own).
+    draft_vocab: > 0: the heads propose only among this many token ids, the most frequent ones of the decoder's
+        `token_ranking` (a frequency-ranked draft vocabulary, as FR-Spec): each depth's output GEMM and argmax
+        read draft_vocab rows instead of V. Lossless (the verify keeps the whole vocabulary); a draft outside
+        that set is never proposed. TP=1. 0 = the whole vocabulary.
     fused_prologue: each MTP head's enorm + hnorm + concat + eh_proj as one normalisation over the concatenated
         [embedding, hidden] and one GEMM over weights with the norm gains folded in (pre-concatenated, refreshed
         from the megatron modules at every `generate`); TP=1.
@@ -64,6 +68,7 @@ class DecodeOptions:
     compile_mode: str = "default"
     attention_form: str = "matmul"
     one_draft_piece: bool = False
+    draft_vocab: int = 0
     fused_prologue: bool = False
     argmax_chunk: int = 0
     verify_width: Optional[int] = None
@@ -80,6 +85,8 @@ class DecodeOptions:
             raise ValueError(f"attention_form={self.attention_form!r}: use one of {', '.join(ATTENTION_FORMS)}")
         if self.sync_every < 1:
             raise ValueError(f"sync_every={self.sync_every}: must be >= 1")
+        if self.draft_vocab < 0:
+            raise ValueError(f"draft_vocab={self.draft_vocab}: must be >= 0 (0 = the whole vocabulary)")
         if self.argmax_chunk < 0:
             raise ValueError(f"argmax_chunk={self.argmax_chunk}: must be >= 0 (0 = the whole vocabulary at once)")
         if self.verify_width is not None and self.verify_width < 1:
