@@ -528,8 +528,10 @@ class SpeculativeDecoder:
         self.seq[:, :width] = padded.to(self.device)
         self.prompt_len.copy_(torch.tensor(lengths))
         # The device part of a prefill reads only the buffers filled above: one CUDA graph per prompt width (with
-        # `compile`, a few 64-token buckets), so a prefill costs its kernels, not the host launching them.
-        self._run(f"prefill{width}", lambda: self._prefill_device(width))
+        # `compile`, a few 64-token buckets), so a prefill costs its kernels, not the host launching them. One warm
+        # run, so the second request of a width already replays (a prefill runs once per request; the steps'
+        # pieces reach their two warm runs inside the first request).
+        self._run(f"prefill{width}", lambda: self._prefill_device(width), warm_runs=1)
         self._last_run = [0] * (self.k + 1)  # adaptive: the step at which each head last ran (prefill = 0)
         self._step_no = 0
         self._depth_runs = [1] * self.k
@@ -538,10 +540,10 @@ class SpeculativeDecoder:
     # Execution: one graph per step, or one per piece (verify, each depth), or eager
     # ---------------------------------------------------------------------------------------------------
 
-    def _run(self, name: str, fn) -> None:
+    def _run(self, name: str, fn, warm_runs: int = 2) -> None:
         """Run one piece: a graph replay once captured; before that, real eager runs.
 
-        With graphs on, the first two runs of a piece are eager on a side stream (they warm up cuBLAS, the
+        With graphs on, the first `warm_runs` runs of a piece are eager on a side stream (they warm up cuBLAS, the
         caching allocator and torch.compile for that stream, as torch.cuda.graph asks) and are real work of the
         generation; then the piece is recorded (recording does not execute it) and every later run, in this and
         later `generate` calls of the same batch size, is a replay.
@@ -559,7 +561,7 @@ class SpeculativeDecoder:
             fn()
         torch.cuda.current_stream().wait_stream(stream)
         self._warm[name] = self._warm.get(name, 0) + 1
-        if self._warm[name] >= 2:
+        if self._warm[name] >= warm_runs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=stream):
                 fn()
