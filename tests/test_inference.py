@@ -609,33 +609,6 @@ def test_compile_traces_each_step_piece_as_one_graph(trained_model):
     torch._dynamo.reset()
 
 
-def test_compile_reduction_attention_and_one_draft_piece(trained_model):
-    """The two compiled-decoding variants of issue 12's ablation (DecodeOptions.attention_form="reduction",
-    one_draft_piece) on CPU inductor, fp32: tokens equal the eager greedy ones; all K depths of a step trace as
-    one graph (prefill_main, verify_main, accept, then `drafts` at the prefill's width and at the windows),
-    with no break; a per-phase decoder (adaptive drafting) ignores one_draft_piece and still equals greedy."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    from mtpd_megatron.inference import SpeculativeDecoder
-    from mtpd_megatron.inference.options import DecodeOptions
-
-    prompts = [PROMPTS_RANDOM[1], PROMPTS_RANDOM[2][:4]]
-    ref = SpeculativeDecoder(trained_model, k=0, max_length=40).generate(prompts, 12)
-    torch._dynamo.reset()
-    counters.clear()
-    options = DecodeOptions(compile=True, attention_form="reduction", one_draft_piece=True)
-    out = SpeculativeDecoder(trained_model, k=2, max_length=40, options=options).generate(prompts, 12)
-    assert out.tokens == ref.tokens and out.tokens_per_step > 1.0
-    assert counters["stats"]["unique_graphs"] == 5, dict(counters["stats"])
-    assert not counters["graph_break"], dict(counters["graph_break"])
-    adaptive = options.with_(draft_threshold=0.2)
-    assert SpeculativeDecoder(trained_model, k=2, max_length=40, options=adaptive).generate(prompts, 12).tokens == (
-        ref.tokens
-    )
-    torch._dynamo.reset()
-
-
 def test_compile_tp_group_lookup_equals_megatrons(world):
     """The warning-free stand-in used while compiled (decoder._tp_group_or_default) resolves the same groups."""
     import warnings
@@ -651,11 +624,11 @@ def test_compile_tp_group_lookup_equals_megatrons(world):
 
 
 def test_explicit_attention_equals_sdpa_with_gqa_and_mask():
-    """The written-out attentions of compiled decoding (kv_cache._explicit_attention, _reduction_attention) against torch's SDPA with
+    """The written-out attention of compiled decoding (kv_cache._explicit_attention) against torch's SDPA with
     enable_gqa and a per-sample position mask (fp64): same GQA head-to-group map, same masking."""
     import torch.nn.functional as F
 
-    from mtpd_megatron.inference.kv_cache import _explicit_attention, _reduction_attention
+    from mtpd_megatron.inference.kv_cache import _explicit_attention
 
     g = torch.Generator().manual_seed(0)
     b, heads, groups, s, T, d = 2, 6, 2, 3, 11, 8
@@ -664,8 +637,7 @@ def test_explicit_attention_equals_sdpa_with_gqa_and_mask():
     positions = torch.tensor([[2, 3, 4], [7, 8, 9]])
     mask = torch.arange(T).view(1, 1, 1, T) <= positions.view(b, 1, s, 1)
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3, enable_gqa=True)
-    for attend in (_explicit_attention, _reduction_attention):  # DecodeOptions.attention_form matmul / reduction
-        torch.testing.assert_close(attend(q, k, v, mask, 0.3), ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(_explicit_attention(q, k, v, mask, 0.3), ref, rtol=1e-12, atol=1e-12)
 
 
 def test_decode_options_refuse_bad_values_and_cuda_only_switches_on_cpu(random_model):
@@ -680,7 +652,6 @@ def test_decode_options_refuse_bad_values_and_cuda_only_switches_on_cpu(random_m
         ({"verify_width": 0}, "verify_width"),
         ({"compile_mode": "reduce-overhead"}, "compile_mode"),
         ({"max_skips": -1}, "max_skips"),
-        ({"attention_form": "flash"}, "attention_form"),
     ):
         with pytest.raises(ValueError, match=phrase):
             DecodeOptions(**bad)

@@ -271,10 +271,7 @@ class SpeculativeDecoder:
         self.rope_table = rope.reshape(T, rope.shape[-1])
         # Compiled pieces get the written-out attention at decode widths (kv_cache.AttendState.explicit_up_to); one
         # bound for every decoder, so a greedy decoder of the verify's width runs the verify's attention.
-        self.state = AttendState(
-            explicit_up_to=EXPLICIT_ATTENTION_UP_TO if self.options.compile else 0,
-            reduction=self.options.attention_form == "reduction",
-        )
+        self.state = AttendState(explicit_up_to=EXPLICIT_ATTENTION_UP_TO if self.options.compile else 0)
         self._batch = batch
         self._graphs = {}
         self._compiled_pieces = {}
@@ -426,15 +423,8 @@ class SpeculativeDecoder:
         self.piece(f"depth{k}", self._draft_depth)(k, width)
 
     def _draft(self, widths: Sequence[int]) -> None:
-        if self.options.one_draft_piece and not self.options.per_phase:
-            self.piece("drafts", self._draft_depths)(tuple(widths))
-            return
         for k in range(1, self.k + 1):
             self._draft_one(k, widths[k - 1])
-
-    def _draft_depths(self, widths: tuple) -> None:
-        for k in range(1, self.k + 1):
-            self._draft_depth(k, widths[k - 1])
 
     def _verify(self) -> None:
         """Main model over x_{p+1}, d_1..d_K (+ padding to the verify width); accept the agreeing prefix + a bonus."""
@@ -571,8 +561,7 @@ class SpeculativeDecoder:
         """`fn` as this decoder runs it: with `options.compile`, torch.compile'd once per piece name.
 
         The pieces are the main model's part of a verify (`verify_main`), the acceptance (`accept`), each draft
-        depth (`depth<k>`, or all of a step's depths as `drafts` with `options.one_draft_piece`) and the
-        prefill's main model (`prefill_main`). Each traces as one graph with no
+        depth (`depth<k>`) and the prefill's main model (`prefill_main`). Each traces as one graph with no
         break: every megatron layer it calls, our cache attention and the bookkeeping around it (see
         `_compile_ready`), so inductor fuses the glue too (residual add + next norm, the heads' prologue,
         argmax, the cache writes). The verify's main model is a piece of its own so that a greedy decoder of

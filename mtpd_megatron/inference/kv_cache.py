@@ -54,11 +54,6 @@ class AttendState:
     # small GEMMs beat cuDNN's masked SDPA at decode widths (measured: 7.5 us per call for 1 query, 16.9 us
     # for 5 on an H200). 0 = always SDPA (eager decoding: one kernel instead of five).
     explicit_up_to: int = 0
-    # The written-out attention as broadcast products summed over head_dim, then over the cache positions
-    # (`_reduction_attention`), instead of two batched GEMMs: inductor emits its own Triton reductions fused with
-    # the scale, mask and softmax, where the GEMM form runs a cuBLAS/CUTLASS bmm over the whole cache capacity
-    # for a handful of query rows (DecodeOptions.attention_form).
-    reduction: bool = False
 
     def set_positions(self, positions: Tensor, max_len: int) -> None:
         self.positions = positions
@@ -116,8 +111,7 @@ class CachedCoreAttention(torch.nn.Module):
         kv.k.scatter_(2, idx, key.permute(1, 2, 0, 3).to(kv.k.dtype))
         kv.v.scatter_(2, idx, value.permute(1, 2, 0, 3).to(kv.v.dtype))
         if s <= st.explicit_up_to:
-            attend = _reduction_attention if st.reduction else _explicit_attention
-            context = attend(query.permute(1, 2, 0, 3), kv.k, kv.v, st.mask, self.softmax_scale)
+            context = _explicit_attention(query.permute(1, 2, 0, 3), kv.k, kv.v, st.mask, self.softmax_scale)
             return context.permute(2, 0, 1, 3).reshape(s, b, heads * dim)
         context = F.scaled_dot_product_attention(
             query.permute(1, 2, 0, 3),
@@ -142,27 +136,6 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: Op
     allowed = mask.unsqueeze(2).expand(b, 1, rep, s, T).reshape(b, 1, rep * s, T)
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1).to(v.dtype)
     return torch.matmul(probs, v).view(b, heads, s, d)
-
-
-def _reduction_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: Optional[float]) -> Tensor:
-    """`_explicit_attention` with both products written as broadcast multiply + sum in fp32 (at least).
-
-    Eager, this materialises [b, groups, rep*s, T, d] products (fine for tests, never used eager on a GPU);
-    compiled, inductor turns each sum into one Triton reduction kernel with the casts, scale, mask and softmax
-    fused around it, so a decode-width attention is a few small kernels instead of two GEMM launches that each
-    cover the full cache capacity. The probabilities stay fp32 into the second product (the GEMM form rounds
-    them to the cache dtype first)."""
-    b, heads, s, d = q.shape
-    groups, T = k.shape[1], k.shape[2]
-    rep = heads // groups
-    scale = scale if scale is not None else d**-0.5
-    acc = torch.promote_types(q.dtype, torch.float32)
-    queries = q.reshape(b, groups, rep * s, 1, d).to(acc)
-    scores = (queries * k.unsqueeze(2).to(acc)).sum(dim=-1) * scale  # [b, groups, rep*s, T]
-    allowed = mask.unsqueeze(2).expand(b, 1, rep, s, T).reshape(b, 1, rep * s, T)
-    probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    context = (probs.unsqueeze(-1) * v.unsqueeze(2).to(acc)).sum(dim=-2)  # [b, groups, rep*s, d]
-    return context.to(v.dtype).view(b, heads, s, d)
 
 
 def attention_modules(model) -> list:

@@ -14,7 +14,6 @@ from typing import Optional
 GRAPH_SCOPES = ("step", "phase")
 # torch.compile modes that leave CUDA graphs to the decoder (inductor's own cudagraph trees would nest in ours).
 COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
-ATTENTION_FORMS = ("matmul", "reduction")
 
 
 @dataclass(frozen=True)
@@ -36,12 +35,6 @@ class DecodeOptions:
     compile_mode: torch.compile's mode for `compile`: "default", or "max-autotune-no-cudagraphs" (inductor
         benchmarks Triton GEMM templates against cuBLAS per shape: a lever for the batch-1 GEMVs, which run at
         1.4-3.2 TB/s with cuBLAS on an H200; much longer warm-up).
-    attention_form: how compiled decoding writes out attention at decode widths (kv_cache.py): "matmul" = two
-        batched GEMMs around a masked fp32 softmax; "reduction" = broadcast products summed in fp32, which inductor
-        turns into its own fused Triton reductions (no GEMM over the whole cache capacity per call).
-    one_draft_piece: with `compile`, the K draft depths of a step as one compiled piece instead of one per depth
-        (fusion across the depths' boundaries); ignored when a step runs per phase (`per_phase`: the host
-        replays each depth on its own).
     draft_vocab: > 0: the heads propose only among this many token ids, the most frequent ones of the decoder's
         `token_ranking` (a frequency-ranked draft vocabulary, as FR-Spec): each depth's output GEMM and argmax
         read draft_vocab rows instead of V. Lossless (the verify keeps the whole vocabulary); a draft outside
@@ -66,8 +59,6 @@ class DecodeOptions:
     host_sync_per_depth: bool = False
     compile: bool = False
     compile_mode: str = "default"
-    attention_form: str = "matmul"
-    one_draft_piece: bool = False
     draft_vocab: int = 0
     fused_prologue: bool = False
     argmax_chunk: int = 0
@@ -81,8 +72,6 @@ class DecodeOptions:
             raise ValueError(f"graph_scope={self.graph_scope!r}: use one of {', '.join(GRAPH_SCOPES)}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode={self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}")
-        if self.attention_form not in ATTENTION_FORMS:
-            raise ValueError(f"attention_form={self.attention_form!r}: use one of {', '.join(ATTENTION_FORMS)}")
         if self.sync_every < 1:
             raise ValueError(f"sync_every={self.sync_every}: must be >= 1")
         if self.draft_vocab < 0:
@@ -113,17 +102,13 @@ class DecodeOptions:
 
 
 # The switches `--ablate` flips one at a time (name -> the value that is "on"), against a baseline with all off.
-# The compiled switches come last, the slowest to warm up (a time limit then loses only their rows); each turns
-# `compile` on itself, so on a compiled baseline it is that baseline plus the one change.
-ABLATION_SWITCHES = {
+ABLATION_SWITCHES = {  # compile last: the slowest to warm up (a time limit then loses only its row)
     "graph_per_phase": {"graph_scope": "phase"},
     "host_sync_per_step": {"sync_every": 1},
     "host_sync_per_depth": {"host_sync_per_depth": True},
     "fused_prologue": {"fused_prologue": True},
     "argmax_chunk": {"argmax_chunk": 16384},
     "compile": {"compile": True},
-    "reduction_attention": {"compile": True, "attention_form": "reduction"},
-    "one_draft_piece": {"compile": True, "one_draft_piece": True},
     "compile_autotune": {"compile": True, "compile_mode": "max-autotune-no-cudagraphs"},
 }
 
