@@ -7,7 +7,7 @@
 # the experiment's result.json beside it (tools/run_experiment.py), else computed on 64 held-out sequences.
 # HF: its Hugging Face export (tools/convert_to_hf.py), or empty to leave out the transformers-generate row.
 # Prompts: the first 128 tokens of 8 held-out (valid split) sequences, 256 new tokens, as in docs/benchmarks.md.
-# Five runs, each under its own time limit so that one failure or overrun leaves the others' files; RUNS picks
+# Six runs, each under its own time limit so that one failure or overrun leaves the others' files; RUNS picks
 # some (default all; their limits add up to more than one 10-minute device call: split them, e.g. RUNS="1 2"
 # after training in one call, RUNS="3 4 5" in the next; inductor's on-disk cache makes a repeated compile cheap
 # on a machine that stays warm):
@@ -17,13 +17,20 @@
 #                                                                  -> $OUT/gpu_small_adaptive_batch.{json,md}
 #   3. gpu_small checkpoint: every DecodeOptions switch on vs off at K=4 (eager baseline, compile last)
 #                                                                  -> $OUT/ablation_gpu_small.{json,md}
-#   4. dense_2b shape, random weights (cost side only), compiled: profile, exact greedy
-#                                                                  -> $OUT/dense_2b.{json,md}, $OUT/profile_dense_2b/
+#   4. dense_2b shape, random weights (cost side only), compiled: profile, exact greedy, K=4 with a
+#      frequency-ranked draft vocabulary of 32,768 / 16,384 ids      -> $OUT/dense_2b.{json,md}, $OUT/profile_dense_2b/
 #   5. dense_2b shape: compile vs compile_autotune (max-autotune-no-cudagraphs) vs eager
 #                                                                  -> $OUT/dense_2b_autotune.{json,md}
+#   6. gpu_small checkpoint, compiled: K=4 with a draft vocabulary of 1,024 / 2,048 / 4,096 of the 8,192 ids
+#      (what the restriction costs in accepted tokens)             -> $OUT/gpu_small_draft_vocab.{json,md}
 # Compile warm-up is part of each run's time (rows record warmup_seconds): at gpu_small ~20 s per verify width
 # and a few s per draft depth and batch size (measured 2026-12-03), about twice that at the dense_2b shape.
-# Then $OUT/tables.md concatenates the markdown of all three. Logs: $OUT/*.log.
+# Measured 2026-12-04: one run with its training took 340-560 s, mostly compile warm-up (docs/benchmarks.md
+# runs 5-7); run 5's autotuning alone outlasted a 545 s call. INDUCTOR_CACHE=DIR keeps inductor's and Triton's
+# caches (compiled graphs, kernels, autotune choices) in DIR: tar DIR into $OUT at the end of a call (a file of
+# <= 16 MiB comes back) and unpack it into a carried folder before the next call, which then skips the
+# compiles of every unchanged piece.
+# Then $OUT/tables.md concatenates the markdown of all runs. Logs: $OUT/*.log.
 set -uo pipefail
 : "${CKPT:?set CKPT=<mtpd megatron checkpoint dir>}"
 out=${OUT:?set OUT=<output dir>}
@@ -32,6 +39,10 @@ py=${PYTHON:-python3}
 hf=()
 if [ -n "${HF:-}" ]; then hf=(--hf "$HF"); fi
 common=(--dtype bf16 --repeats 1 --new-tokens 256)
+if [ -n "${INDUCTOR_CACHE:-}" ]; then
+  mkdir -p "$INDUCTOR_CACHE/triton"
+  export TORCHINDUCTOR_CACHE_DIR=$(cd "$INDUCTOR_CACHE" && pwd) TRITON_CACHE_DIR=$(cd "$INDUCTOR_CACHE/triton" && pwd)
+fi
 status=0
 
 run() {  # run <limit seconds> <name> args...
@@ -44,7 +55,7 @@ run() {  # run <limit seconds> <name> args...
   [ $rc -eq 0 ] || { echo "$name: exit $rc (see $out/$name.log)"; status=1; }
 }
 
-runs=" ${RUNS:-1 2 3 4 5} "
+runs=" ${RUNS:-1 2 3 4 5 6} "
 [[ $runs == *" 1 "* ]] && run 400 gpu_small --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 --k 1 2 3 4 \
   "${common[@]}" "${hf[@]}" --compile --profile "$out/profile_gpu_small" --exact-greedy
 [[ $runs == *" 2 "* ]] && run 400 gpu_small_adaptive_batch --ckpt "$CKPT" --split valid --num-prompts 8 \
@@ -52,9 +63,12 @@ runs=" ${RUNS:-1 2 3 4 5} "
 [[ $runs == *" 3 "* ]] && run 300 ablation_gpu_small --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 \
   --k 4 "${common[@]}" --ablate
 [[ $runs == *" 4 "* ]] && run 300 dense_2b --config configs/dense_2b.yaml --num-prompts 2 --prompt-len 128 --k 4 \
-  --dtype bf16 --repeats 1 --new-tokens 128 --compile --profile "$out/profile_dense_2b" --exact-greedy
+  --dtype bf16 --repeats 1 --new-tokens 128 --compile --profile "$out/profile_dense_2b" --exact-greedy \
+  --draft-vocab 32768 16384
 [[ $runs == *" 5 "* ]] && run 500 dense_2b_autotune --config configs/dense_2b.yaml --num-prompts 2 --prompt-len 128 \
   --k 4 --dtype bf16 --repeats 1 --new-tokens 128 --ablate compile compile_autotune
-cat "$out"/{gpu_small,gpu_small_adaptive_batch,ablation_gpu_small,dense_2b,dense_2b_autotune}.md > "$out/tables.md" 2>/dev/null
+[[ $runs == *" 6 "* ]] && run 400 gpu_small_draft_vocab --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 \
+  --k 4 "${common[@]}" --compile --draft-vocab 1024 2048 4096
+cat "$out"/{gpu_small,gpu_small_adaptive_batch,ablation_gpu_small,dense_2b,dense_2b_autotune,gpu_small_draft_vocab}.md > "$out/tables.md" 2>/dev/null
 ls -l "$out"
 exit $status
