@@ -584,6 +584,7 @@ def test_compile_traces_each_step_piece_as_one_graph(trained_model):
     speculative verify, which is what keeps bf16 speculative output equal to it."""
     import torch._dynamo
     from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
 
     from mtpd_megatron.inference import SpeculativeDecoder
     from mtpd_megatron.inference.options import DecodeOptions
@@ -593,9 +594,15 @@ def test_compile_traces_each_step_piece_as_one_graph(trained_model):
     torch._dynamo.reset()
     counters.clear()
     options = DecodeOptions(compile=True)
-    out = SpeculativeDecoder(trained_model, k=2, max_length=40, options=options).generate(prompts, 12)
+    decoder = SpeculativeDecoder(trained_model, k=2, max_length=40, options=options)
+    out, codes = run_and_get_code(decoder.generate, prompts, 12)
     assert out.tokens == ref.tokens
     assert out.tokens_per_step > 1.0  # the heads' drafts were accepted through the compiled pieces
+    # The cache and hidden-state writes are in place (kv_cache.write_at_positions): no compiled piece allocates
+    # a buffer of a KV cache's or a hidden buffer's size. (The acceptance still clones the small token buffer
+    # around its cumprod: [b, T] ids, one fused kernel.)
+    for buf in (decoder.main_caches[0].k, decoder.mtp_caches[1].v, decoder.hid[0], decoder.hid[1]):
+        assert not any(f"empty_strided_cpu({tuple(buf.shape)}" in code for code in codes), tuple(buf.shape)
     graphs = counters["stats"]["unique_graphs"]
     # prefill_main, verify_main, accept, and depth 1 and 2 at the prefill's width and at their windows
     assert graphs == 7, dict(counters["stats"])
@@ -607,6 +614,37 @@ def test_compile_traces_each_step_piece_as_one_graph(trained_model):
     assert counters["stats"]["unique_graphs"] == graphs + 1  # its acceptance (k=0); the rest is shared
     assert not counters["graph_break"], dict(counters["graph_break"])
     torch._dynamo.reset()
+
+
+def test_position_writes_stay_in_place_under_compile():
+    """Why kv_cache.write_at_positions is an index_put_: compiled, a scatter_ into a buffer clones the whole
+    buffer (and copies it back), an index_put_ writes in place; both give the same values."""
+    from torch._inductor.utils import run_and_get_code
+
+    from mtpd_megatron.inference.kv_cache import write_at_positions
+
+    b, g, T, d, s = 2, 2, 64, 8, 3
+    key, q = torch.randn(s, b, g, d), torch.randn(b, g, s, d)
+    positions, rows = torch.tensor([[5, 6, 7], [9, 10, 11]]), torch.arange(b).unsqueeze(1)
+
+    def scatter(cache):
+        cache.scatter_(2, positions.view(b, 1, s, 1).expand(b, g, s, d), key.permute(1, 2, 0, 3))
+        return q @ cache.transpose(2, 3)
+
+    def index_put(cache):
+        write_at_positions(cache, rows, positions, key.transpose(0, 1), dim=2)
+        return q @ cache.transpose(2, 3)
+
+    results = {}
+    for fn in (scatter, index_put):
+        torch._dynamo.reset()
+        cache = torch.zeros(b, g, T, d)
+        out, codes = run_and_get_code(torch.compile(fn, dynamic=False), cache)
+        results[fn.__name__] = (cache, out, any(f"empty_strided_cpu({(b, g, T, d)}" in c for c in codes))
+    torch._dynamo.reset()
+    (c1, o1, cloned1), (c2, o2, cloned2) = results["scatter"], results["index_put"]
+    assert torch.equal(c1, c2) and torch.equal(o1, o2)
+    assert cloned1 and not cloned2
 
 
 def test_compile_tp_group_lookup_equals_megatrons(world):

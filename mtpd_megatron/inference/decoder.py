@@ -44,7 +44,7 @@ from torch import Tensor
 
 from mtpd_megatron.inference.acceptance import greedy_tokens, logits_argmax, num_heads, output_weight_of, tp_group_of
 from mtpd_megatron.inference.fused import FusedHeadPrologue, chunked_greedy, matmul_logits, top1_probability
-from mtpd_megatron.inference.kv_cache import AttendState, KVCache, cached_attention
+from mtpd_megatron.inference.kv_cache import AttendState, KVCache, cached_attention, write_at_positions
 from mtpd_megatron.inference.options import DecodeOptions
 
 EXPLICIT_ATTENTION_UP_TO = 32  # new positions per attention call written out for inductor (kv_cache.py)
@@ -388,10 +388,13 @@ class SpeculativeDecoder:
         """buf [b, T, h], index [b, s] -> [s, b, h]."""
         return buf.gather(1, index.unsqueeze(-1).expand(-1, -1, buf.shape[-1])).transpose(0, 1)
 
-    @staticmethod
-    def _scatter_rows(buf: Tensor, index: Tensor, rows: Tensor) -> None:
-        """buf[b, index[b, i]] = rows[i, b] for rows [s, b, h]."""
-        buf.scatter_(1, index.unsqueeze(-1).expand(-1, -1, buf.shape[-1]), rows.transpose(0, 1).to(buf.dtype))
+    def _scatter_rows(self, buf: Tensor, index: Tensor, rows: Tensor) -> None:
+        """buf[b, index[b, i]] = rows[i, b] for rows [s, b, h] (in place, see kv_cache.write_at_positions)."""
+        write_at_positions(buf, self.rows.unsqueeze(1), index, rows.transpose(0, 1))
+
+    def _put_tokens(self, positions: Tensor, tokens: Tensor) -> None:
+        """seq[b, positions[b, i]] = tokens[b, i]."""
+        write_at_positions(self.seq, self.rows.unsqueeze(1), positions, tokens)
 
     def _draft_depth(self, k: int, width: int) -> None:
         """Head k at position p = n-2, over its window of `width` positions from its committed start."""
@@ -416,7 +419,7 @@ class SpeculativeDecoder:
                 self.proposed.copy_(torch.where(confident, self.proposed + 1, self.proposed))
             else:
                 draft = self._greedy(at_p)
-            self.seq.scatter_(1, (p + 1 + k).unsqueeze(1), draft[0].unsqueeze(1))
+            self._put_tokens((p + 1 + k).unsqueeze(1), draft[0].unsqueeze(1))
             self.cstart[:, k - 1] = (p + 2 - k).clamp(min=0)
 
     def _draft_one(self, k: int, width: int) -> None:
@@ -458,7 +461,7 @@ class SpeculativeDecoder:
             accepted = match.long().cumprod(dim=1).sum(dim=1)
         else:
             accepted = torch.zeros_like(p)
-        self.seq.scatter_(1, window + 1, greedy)  # d_1..d_a (unchanged), the bonus, then junk past n
+        self._put_tokens(window + 1, greedy)  # d_1..d_a (unchanged), the bonus, then junk past n
         active = self.n < self.limit
         row = self.step_idx.clamp(max=self.log_a.shape[0] - 1)
         self.log_a.index_copy_(0, row, torch.where(active, accepted, -1).unsqueeze(0))
@@ -493,7 +496,7 @@ class SpeculativeDecoder:
         hidden = self._main(self.seq[:, :width], positions)
         self._scatter_rows(self.main_hid, positions, hidden)
         last = hidden[self.prompt_len - 1, self.rows].unsqueeze(0)
-        self.seq.scatter_(1, self.prompt_len.unsqueeze(1), self._greedy(last).t())
+        self._put_tokens(self.prompt_len.unsqueeze(1), self._greedy(last).t())
 
     def _prefill_device(self, width: int) -> None:
         """The main model over the prompts, the first new token, the lengths reset, each head's first drafts."""
