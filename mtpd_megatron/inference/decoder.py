@@ -408,17 +408,14 @@ class SpeculativeDecoder:
             if k < self.k:
                 self._scatter_rows(self.hid[k], window, out)
             at_p = out[(p - start).clamp(min=0), self.rows].unsqueeze(0)  # [1, b, h] (clamp: finished rows)
+            adaptive = self.options.adaptive
             if self._draft_ids is not None:
-                draft, prob = self._draft_greedy(at_p, confidence=self.options.adaptive)
-                if self.options.adaptive:
-                    confident = (self.proposed == k - 1) & (prob[0] >= self.options.draft_threshold)
-                    self.proposed.copy_(torch.where(confident, self.proposed + 1, self.proposed))
-            elif self.options.adaptive:
-                draft, prob = self._greedy(at_p, confidence=True)
+                draft, prob = self._draft_greedy(at_p, confidence=adaptive)
+            else:
+                draft, prob = self._greedy(at_p, confidence=True) if adaptive else (self._greedy(at_p), None)
+            if adaptive:
                 confident = (self.proposed == k - 1) & (prob[0] >= self.options.draft_threshold)
                 self.proposed.copy_(torch.where(confident, self.proposed + 1, self.proposed))
-            else:
-                draft = self._greedy(at_p)
             self._put_tokens((p + 1 + k).unsqueeze(1), draft[0].unsqueeze(1))
             self.cstart[:, k - 1] = (p + 2 - k).clamp(min=0)
 
