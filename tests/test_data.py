@@ -419,6 +419,8 @@ def test_preprocess_is_worker_independent_and_ends_documents_with_eod(data, toke
     counts = token_counts(data.sotu, tokenizer.vocab_size, chunk=1000)  # several chunks
     every = np.concatenate([ds[i] for i in range(len(ds))])
     assert np.array_equal(counts, np.bincount(every, minlength=tokenizer.vocab_size))
+    with pytest.raises(DataError, match=f"holds token id {every.max()} but the tokenizer has only 100 ids"):
+        token_counts(data.sotu, 100)  # the vocabulary check of validate_indexed_dataset, in the same read
 
 
 # --------------------------------------------------------------------------------------------- datasets

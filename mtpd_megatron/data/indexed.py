@@ -113,18 +113,16 @@ def validate_indexed_dataset(prefix: str | os.PathLike, *, vocab_size: Optional[
 
     max_id: Optional[int] = None
     if vocab_size is not None and num_tokens > 0:
-        lo, max_id = _token_range(bin_path, dtype, num_tokens)
-        if lo < 0:
-            raise DataError(f"{bin_path} holds negative token ids (corrupt); {_REBUILD}")
-        if max_id >= vocab_size:
-            raise DataError(
-                f"{bin_path} holds token id {max_id} but the tokenizer has only {vocab_size} ids; use the "
-                f"tokenizer the data was made with (data.tokenizer) or re-run tools/preprocess_data.py with this one"
-            )
+        lo, max_id = _scan_tokens(bin_path, dtype, num_tokens)
+        _check_token_range(bin_path, lo, max_id, vocab_size)
     return IndexedInfo(prefix, dtype, int(n_seq), int(n_doc - 1), num_tokens, max_id)
 
 
-def _token_range(bin_path: str, dtype: np.dtype, num_tokens: int, chunk: int = 1 << 25) -> tuple[int, int]:
+def _scan_tokens(
+    bin_path: str, dtype: np.dtype, num_tokens: int, chunk: int = 1 << 25, counts: Optional[np.ndarray] = None
+) -> tuple[int, int]:
+    """(smallest, largest) token id of ``bin_path``, read once, memory-mapped in chunks; with ``counts``, each
+    chunk whose ids all fit in it is also added to it (bincount), so a caller that counts reads the file once."""
     data = np.memmap(bin_path, mode="r", dtype=dtype, shape=(num_tokens,))
     try:
         lo, hi = None, None
@@ -133,23 +131,33 @@ def _token_range(bin_path: str, dtype: np.dtype, num_tokens: int, chunk: int = 1
             p_lo, p_hi = int(part.min()), int(part.max())
             lo = p_lo if lo is None else min(lo, p_lo)
             hi = p_hi if hi is None else max(hi, p_hi)
+            if counts is not None and p_lo >= 0 and p_hi < len(counts):
+                counts += np.bincount(part, minlength=len(counts))
         assert lo is not None and hi is not None
         return lo, hi
     finally:
         del data
 
 
+def _check_token_range(bin_path: str, lo: int, hi: int, vocab_size: int) -> None:
+    if lo < 0:
+        raise DataError(f"{bin_path} holds negative token ids (corrupt); {_REBUILD}")
+    if hi >= vocab_size:
+        raise DataError(
+            f"{bin_path} holds token id {hi} but the tokenizer has only {vocab_size} ids; use the "
+            f"tokenizer the data was made with (data.tokenizer) or re-run tools/preprocess_data.py with this one"
+        )
+
+
 def token_counts(prefix: str | os.PathLike, vocab_size: int, chunk: int = 1 << 25) -> np.ndarray:
-    """How often each token id occurs in ``prefix.bin`` -> int64 [vocab_size] (validated first; memory-mapped,
-    counted in chunks). The frequency ranking of a draft vocabulary (inference/decoder.py) comes from here."""
-    info = validate_indexed_dataset(prefix, vocab_size=vocab_size)
+    """How often each token id occurs in ``prefix.bin`` -> int64 [vocab_size], validated as
+    `validate_indexed_dataset(prefix, vocab_size=...)` does, in the same single read of the .bin. The frequency
+    ranking of a draft vocabulary (inference/decoder.py) comes from here."""
+    info = validate_indexed_dataset(prefix)
     counts = np.zeros(vocab_size, dtype=np.int64)
-    data = np.memmap(os.fspath(prefix) + ".bin", mode="r", dtype=info.dtype, shape=(info.num_tokens,))
-    try:
-        for start in range(0, info.num_tokens, chunk):
-            counts += np.bincount(data[start : start + chunk], minlength=vocab_size)[:vocab_size]
-    finally:
-        del data
+    bin_path = os.fspath(prefix) + ".bin"
+    if info.num_tokens > 0:
+        _check_token_range(bin_path, *_scan_tokens(bin_path, info.dtype, info.num_tokens, chunk, counts), vocab_size)
     return counts
 
 
