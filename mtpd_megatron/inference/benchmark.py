@@ -214,17 +214,9 @@ def bench_adaptive(
     vocab_limit=None,
 ) -> list:
     """Fixed K = 1..k and adaptive drafting (threshold P, up to k heads), each against the same greedy run."""
-    greedy = run_decoder(model, prompts, 0, new_tokens, base, repeats=repeats, vocab_limit=vocab_limit)
-    rows = [dict(_strip(greedy), mode="greedy")]
-    configs = [(f"fixed K={j}", j, base) for j in (fixed or range(1, k + 1))]
-    configs += [(f"adaptive P={p} (K<={k})", k, base.with_(draft_threshold=p)) for p in thresholds]
-    for mode, j, opts in configs:
-        r = _safely(run_decoder, model, prompts, j, new_tokens, opts, repeats=repeats, vocab_limit=vocab_limit)
-        if "error" not in r:
-            compare(r, greedy["tokens"], "greedy")
-            r = _strip(_relative(r, greedy))
-        rows.append(dict(r, mode=mode, k=j, threshold=opts.draft_threshold))
-    return rows
+    configs = [(f"fixed K={j}", j, base, {"threshold": base.draft_threshold}) for j in (fixed or range(1, k + 1))]
+    configs += [(f"adaptive P={p} (K<={k})", k, base.with_(draft_threshold=p), {"threshold": p}) for p in thresholds]
+    return _against_greedy(model, prompts, new_tokens, base, configs, repeats=repeats, vocab_limit=vocab_limit)
 
 
 def bench_draft_vocab(
@@ -241,25 +233,30 @@ def bench_draft_vocab(
 ) -> list:
     """K drafts over the whole vocabulary and over each draft vocabulary size (the most frequent ids of
     `token_ranking`, DecodeOptions.draft_vocab), each against the same greedy run."""
+    configs = [
+        (f"K={k}, draft vocab {size or 'all'}", k, base.with_(draft_vocab=size), {"draft_vocab": size})
+        for size in [0, *sizes]
+    ]
+    return _against_greedy(
+        model, prompts, new_tokens, base, configs, repeats=repeats, vocab_limit=vocab_limit, token_ranking=token_ranking
+    )
+
+
+def _against_greedy(
+    model, prompts: list, new_tokens: int, base: DecodeOptions, configs: list, *, repeats, vocab_limit, **decoder
+) -> list:
+    """A greedy run, then each (mode, k, options, extra fields) decoder against it (a failing row records its
+    error); `decoder` goes to every run_decoder call of the configs."""
     greedy = run_decoder(model, prompts, 0, new_tokens, base, repeats=repeats, vocab_limit=vocab_limit)
     rows = [dict(_strip(greedy), mode="greedy")]
-    for size in [0, *sizes]:
-        opts = base.with_(draft_vocab=size)
+    for mode, k, opts, extra in configs:
         r = _safely(
-            run_decoder,
-            model,
-            prompts,
-            k,
-            new_tokens,
-            opts,
-            repeats=repeats,
-            vocab_limit=vocab_limit,
-            token_ranking=token_ranking,
+            run_decoder, model, prompts, k, new_tokens, opts, repeats=repeats, vocab_limit=vocab_limit, **decoder
         )
         if "error" not in r:
             compare(r, greedy["tokens"], "greedy")
             r = _strip(_relative(r, greedy))
-        rows.append(dict(r, mode=f"K={k}, draft vocab {size or 'all'}", k=k, draft_vocab=size))
+        rows.append(dict(r, mode=mode, k=k, **extra))
     return rows
 
 

@@ -267,11 +267,14 @@ class SpeculativeDecoder:
         self.log_d = torch.zeros(self.max_length + 1, batch, dtype=torch.long, device=dev)
         self.arange = torch.arange(T, device=dev)
         self.rows = torch.arange(batch, device=dev)
+        self.row_index = self.rows.unsqueeze(1)  # [b, 1]: the sample index of in-place position writes
         rope = m.rotary_pos_emb(T)  # [T, 1, 1, d] fp32, same values megatron uses in training
         self.rope_table = rope.reshape(T, rope.shape[-1])
         # Compiled pieces get the written-out attention at decode widths (kv_cache.AttendState.explicit_up_to); one
         # bound for every decoder, so a greedy decoder of the verify's width runs the verify's attention.
-        self.state = AttendState(explicit_up_to=EXPLICIT_ATTENTION_UP_TO if self.options.compile else 0)
+        self.state = AttendState(
+            rows=self.row_index, explicit_up_to=EXPLICIT_ATTENTION_UP_TO if self.options.compile else 0
+        )
         self._batch = batch
         self._graphs = {}
         self._compiled_pieces = {}
@@ -390,11 +393,11 @@ class SpeculativeDecoder:
 
     def _scatter_rows(self, buf: Tensor, index: Tensor, rows: Tensor) -> None:
         """buf[b, index[b, i]] = rows[i, b] for rows [s, b, h] (in place, see kv_cache.write_at_positions)."""
-        write_at_positions(buf, self.rows.unsqueeze(1), index, rows.transpose(0, 1))
+        write_at_positions(buf, self.row_index, index, rows.transpose(0, 1))
 
     def _put_tokens(self, positions: Tensor, tokens: Tensor) -> None:
         """seq[b, positions[b, i]] = tokens[b, i]."""
-        write_at_positions(self.seq, self.rows.unsqueeze(1), positions, tokens)
+        write_at_positions(self.seq, self.row_index, positions, tokens)
 
     def _draft_depth(self, k: int, width: int) -> None:
         """Head k at position p = n-2, over its window of `width` positions from its committed start."""

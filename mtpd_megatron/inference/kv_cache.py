@@ -47,7 +47,7 @@ class AttendState:
 
     kv: Optional[KVCache] = None
     positions: Optional[Tensor] = None
-    rows: Optional[Tensor] = None  # [b, 1] sample index beside `positions`, for `write_at_positions`
+    rows: Optional[Tensor] = None  # [b, 1] sample index (arange), for `write_at_positions`; set with the buffers
     mask: Optional[Tensor] = None
     annotate: bool = False  # a record_function("attention") region per call, for the profiler (profile.py)
     # Attention of up to this many new positions written out as matmul + masked softmax + matmul instead of one
@@ -58,7 +58,6 @@ class AttendState:
 
     def set_positions(self, positions: Tensor, max_len: int) -> None:
         self.positions = positions
-        self.rows = torch.arange(positions.shape[0], device=positions.device).unsqueeze(1)
         keys = torch.arange(max_len, device=positions.device)
         self.mask = keys.view(1, 1, 1, max_len) <= positions.unsqueeze(1).unsqueeze(-1)
 
