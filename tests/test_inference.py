@@ -1003,6 +1003,7 @@ def test_bench_decode_issue12_rows(cli_checkpoint):
         (["--k", "0"], "--k 0: every K must be >= 1"),
         (["--draft-threshold", "1.5"], "--draft-threshold 1.5: each must be a probability in (0, 1)"),
         (["--draft-vocab", "0"], "--draft-vocab 0: each N must be >= 1"),
+        (["--draft-vocab", "300"], "--draft-vocab 300: each N must be below the model's 300 token ids"),
         (["--compile", "--device", "cpu"], "--compile needs a CUDA device"),
         (["--ablate", "warp_drive"], "--ablate warp_drive: unknown switch"),
         (["--empty-jsonl"], "every prompt needs at least one token"),

@@ -333,6 +333,12 @@ def _main(argv=None) -> int:
     ks = args.k if args.k is not None else default_ks(heads)
     if any(k > heads or k < 1 for k in ks):
         raise ValueError(f"--k {ks}: every K must be in 1..{heads} (the model has {heads} MTP heads)")
+    vocab = vocab_limit or model.embedding.word_embeddings.weight.shape[0]
+    if args.draft_vocab and max(args.draft_vocab) >= vocab:
+        raise ValueError(
+            f"--draft-vocab {' '.join(map(str, args.draft_vocab))}: each N must be below the model's {vocab} token ids "
+            "(the whole vocabulary is always measured)"
+        )
     main_k = args.main_k if args.main_k is not None else min(4, heads)
     if main_k > heads:
         raise ValueError(f"--main-k {main_k}: the model has {heads} MTP heads")
