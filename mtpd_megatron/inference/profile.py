@@ -111,10 +111,13 @@ def profile_step(decoder, prompt: list, new_tokens: int, out_dir, label: str, *,
         if cuda:
             summary["graph_step_ms"] = replay_ms(decoder._step)
     events = prof.key_averages()
+    # Inductor names a kernel after every op it fused; the default 55 columns cut exactly the part that tells
+    # two fused norms apart.
+    table_args = {"row_limit": 80, "max_name_column_width": 160}
     try:
-        table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=80)
+        table = events.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", **table_args)
     except (AttributeError, KeyError):  # older torch names it after CUDA
-        table = events.table(sort_by="self_cuda_time_total", row_limit=80)
+        table = events.table(sort_by="self_cuda_time_total", **table_args)
     (out_dir / f"{label}_kernels.txt").write_text(table + "\n")
     summary.update(summarise(prof, iters, cuda))
     if cuda and summary.get("gpu_busy_ms_per_step") is not None:
