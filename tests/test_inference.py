@@ -1053,3 +1053,25 @@ def test_speculative_decode_refuses_bad_requests_in_one_line(cli_checkpoint, arg
     assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("speculative_decode: error: ") and phrase in lines[0], proc.stderr
+
+
+def test_gemv_bench_measures_the_models_weight_shapes(random_model):
+    """tools/bench_gemv.py times the products of a decoding step from a config alone: its shapes must be the
+    weights megatron builds for that config (GQA qkv, SwiGLU fc1, padded vocabulary, the heads' eh_proj)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    from bench_gemv import weight_shapes
+
+    layer = random_model.decoder.layers[0]
+    real = {
+        "linear_qkv": layer.self_attention.linear_qkv.weight,
+        "linear_proj": layer.self_attention.linear_proj.weight,
+        "linear_fc1": layer.mlp.linear_fc1.weight,
+        "linear_fc2": layer.mlp.linear_fc2.weight,
+        "output_layer": random_model.output_layer.weight,
+        "mtp_eh_proj": random_model.mtp.layers[0].eh_proj.weight,
+        "output_layer_draft64": torch.empty(64, random_model.config.hidden_size),
+    }
+    shapes = weight_shapes(_config().model, vocab=V - 5, draft_vocab=[64])  # V - 5 pads back to V
+    assert shapes == {name: tuple(w.shape) for name, w in real.items()}
