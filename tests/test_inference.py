@@ -616,6 +616,30 @@ def test_compile_traces_each_step_piece_as_one_graph(trained_model):
     torch._dynamo.reset()
 
 
+def test_autotune_mode_leaves_the_prefill_in_the_default_mode(trained_model, monkeypatch):
+    """compile_mode applies to the decoding step's pieces; the prefill (once per request, 64-token buckets whose
+    autotuning outlasted a device call) compiles in the default mode. torch.compile is stubbed to record the
+    mode of every piece a real generate asks for, and return the piece uncompiled."""
+    from mtpd_megatron.inference import SpeculativeDecoder
+    from mtpd_megatron.inference.options import DecodeOptions
+
+    modes = {}
+
+    def record(fn, dynamic, mode):
+        modes[fn.__name__] = mode
+        return fn
+
+    monkeypatch.setattr(torch, "compile", record)
+    options = DecodeOptions(compile=True, compile_mode="max-autotune-no-cudagraphs")
+    SpeculativeDecoder(trained_model, k=2, max_length=40, options=options).generate([PROMPTS_RANDOM[1]], 6)
+    assert modes == {
+        "_prefill_main": "default",
+        "_verify_main": "max-autotune-no-cudagraphs",
+        "_accept": "max-autotune-no-cudagraphs",
+        "_draft_depth": "max-autotune-no-cudagraphs",
+    }
+
+
 def test_position_writes_stay_in_place_under_compile():
     """Why kv_cache.write_at_positions is an index_put_: compiled, a scatter_ into a buffer clones the whole
     buffer (and copies it back), an index_put_ writes in place; both give the same values."""

@@ -577,8 +577,15 @@ class SpeculativeDecoder:
             return fn
         compiled = self._compiled_pieces.get(name)
         if compiled is None:
-            compiled = self._compiled_pieces[name] = torch.compile(fn, dynamic=False, mode=self.options.compile_mode)
+            mode = self.piece_compile_mode(name)
+            compiled = self._compiled_pieces[name] = torch.compile(fn, dynamic=False, mode=mode)
         return compiled
+
+    def piece_compile_mode(self, name: str) -> str:
+        """The prefill's main model is compiled in inductor's default mode whatever `compile_mode` says: it runs
+        once per request, and autotuning its 64-token-bucket GEMMs outlasted a 10-minute device call at the
+        dense_2b shape (docs/benchmarks.md, run 9) before any decode-width shape was reached."""
+        return "default" if name.startswith("prefill") else self.options.compile_mode
 
     def _host_sync(self) -> None:
         self.seq[:, :1].sum().item()  # a device -> host read, as a host-side acceptance check would make
