@@ -604,7 +604,7 @@ def test_compile_traces_each_step_piece_as_one_graph(trained_model):
     for buf in (decoder.main_caches[0].k, decoder.mtp_caches[1].v, decoder.hid[0], decoder.hid[1]):
         assert not any(f"empty_strided_cpu({tuple(buf.shape)}" in code for code in codes), tuple(buf.shape)
     graphs = counters["stats"]["unique_graphs"]
-    # prefill_main, verify_main, accept, and depth 1 and 2 at the prefill's width and at their windows
+    # prefill_main and prefill_depth 1, 2 at the prompt width; verify_main, accept, depth 1 and 2 at their windows
     assert graphs == 7, dict(counters["stats"])
     for again in (options, options.with_(graph_scope="phase")):
         out = SpeculativeDecoder(trained_model, k=2, max_length=40, options=again).generate(prompts, 12)
@@ -617,26 +617,28 @@ def test_compile_traces_each_step_piece_as_one_graph(trained_model):
 
 
 def test_autotune_mode_leaves_the_prefill_in_the_default_mode(trained_model, monkeypatch):
-    """compile_mode applies to the decoding step's pieces; the prefill (once per request, 64-token buckets whose
-    autotuning outlasted a device call) compiles in the default mode. torch.compile is stubbed to record the
+    """compile_mode applies to the decoding step's pieces; the prefill's (once per request, 64-token buckets
+    whose autotuning outlasted a device call) compile in the default mode. torch.compile is stubbed to record the
     mode of every piece a real generate asks for, and return the piece uncompiled."""
     from mtpd_megatron.inference import SpeculativeDecoder
     from mtpd_megatron.inference.options import DecodeOptions
 
-    modes = {}
+    modes = set()
 
     def record(fn, dynamic, mode):
-        modes[fn.__name__] = mode
+        modes.add((fn.__name__, mode))
         return fn
 
     monkeypatch.setattr(torch, "compile", record)
     options = DecodeOptions(compile=True, compile_mode="max-autotune-no-cudagraphs")
     SpeculativeDecoder(trained_model, k=2, max_length=40, options=options).generate([PROMPTS_RANDOM[1]], 6)
+    autotune = "max-autotune-no-cudagraphs"
     assert modes == {
-        "_prefill_main": "default",
-        "_verify_main": "max-autotune-no-cudagraphs",
-        "_accept": "max-autotune-no-cudagraphs",
-        "_draft_depth": "max-autotune-no-cudagraphs",
+        ("_prefill_main", "default"),
+        ("_draft_depth", "default"),  # the heads over the prompt
+        ("_verify_main", autotune),
+        ("_accept", autotune),
+        ("_draft_depth", autotune),  # the heads in each step
     }
 
 

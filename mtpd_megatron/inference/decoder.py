@@ -422,12 +422,12 @@ class SpeculativeDecoder:
             self._put_tokens((p + 1 + k).unsqueeze(1), draft[0].unsqueeze(1))
             self.cstart[:, k - 1] = (p + 2 - k).clamp(min=0)
 
-    def _draft_one(self, k: int, width: int) -> None:
-        self.piece(f"depth{k}", self._draft_depth)(k, width)
+    def _draft_one(self, k: int, width: int, piece: str = "depth") -> None:
+        self.piece(f"{piece}{k}", self._draft_depth)(k, width)
 
-    def _draft(self, widths: Sequence[int]) -> None:
+    def _draft(self, widths: Sequence[int], piece: str = "depth") -> None:
         for k in range(1, self.k + 1):
-            self._draft_one(k, widths[k - 1])
+            self._draft_one(k, widths[k - 1], piece)
 
     def _verify(self) -> None:
         """Main model over x_{p+1}, d_1..d_K (+ padding to the verify width); accept the agreeing prefix + a bonus."""
@@ -505,7 +505,7 @@ class SpeculativeDecoder:
         self.cstart.zero_()
         self.proposed.fill_(0 if self.options.adaptive else self.k)
         if self.k:
-            self._draft([width] * self.k)
+            self._draft([width] * self.k, piece="prefill_depth")  # the prompt-wide depths: prefill pieces
 
     def _prefill(self, prompts: list) -> None:
         self._phase = "prefill"
@@ -564,7 +564,8 @@ class SpeculativeDecoder:
         """`fn` as this decoder runs it: with `options.compile`, torch.compile'd once per piece name.
 
         The pieces are the main model's part of a verify (`verify_main`), the acceptance (`accept`), each draft
-        depth (`depth<k>`) and the prefill's main model (`prefill_main`). Each traces as one graph with no
+        depth (`depth<k>`), and the prefill's main model and prompt-wide depths (`prefill_main`,
+        `prefill_depth<k>`). Each traces as one graph with no
         break: every megatron layer it calls, our cache attention and the bookkeeping around it (see
         `_compile_ready`), so inductor fuses the glue too (residual add + next norm, the heads' prologue,
         argmax, the cache writes). The verify's main model is a piece of its own so that a greedy decoder of
@@ -582,9 +583,10 @@ class SpeculativeDecoder:
         return compiled
 
     def piece_compile_mode(self, name: str) -> str:
-        """The prefill's main model is compiled in inductor's default mode whatever `compile_mode` says: it runs
-        once per request, and autotuning its 64-token-bucket GEMMs outlasted a 10-minute device call at the
-        dense_2b shape (docs/benchmarks.md, run 9) before any decode-width shape was reached."""
+        """The prefill's pieces (its main model and the heads' prompt-wide depths) are compiled in inductor's
+        default mode whatever `compile_mode` says: they run once per request, and autotuning their
+        64-token-bucket GEMMs outlasted a 10-minute device call at the dense_2b shape (docs/benchmarks.md, runs
+        9-10) before any decode-width shape was reached."""
         return "default" if name.startswith("prefill") else self.options.compile_mode
 
     def _host_sync(self) -> None:
