@@ -161,6 +161,27 @@ def test_vocab_limit_masks_padding_rows():
     assert vocab_parallel_argmax(logits, vocab_limit=3).item() == 2
 
 
+def test_two_stage_argmax_equals_torch_max_ties_included():
+    """max_with_first_index on a decoding-wide vocabulary (per-chunk maxima, then the best chunk) returns what
+    torch's max(dim=-1) returns, including the first index among equal maxima within a chunk, across chunk
+    boundaries and in a masked (-inf) tail; under torch.compile too (the form the decoder runs)."""
+    from mtpd_megatron.inference.acceptance import ARGMAX_CHUNK, max_with_first_index
+
+    g = torch.Generator().manual_seed(0)
+    vocab = 8 * ARGMAX_CHUNK
+    logits = torch.randn(3, 2, vocab, generator=g).round(decimals=1)  # many exact ties
+    logits[0, 0, [5, 7]] = 9.0  # a tie inside the first chunk
+    logits[0, 1, [ARGMAX_CHUNK - 1, ARGMAX_CHUNK, 3 * ARGMAX_CHUNK]] = 9.0  # a tie across chunks
+    logits[1, 0, vocab // 2 :] = float("-inf")  # a masked tail
+    logits[2, 1, :] = 1.0  # all equal: index 0
+    values, index = logits.max(dim=-1)
+    assert index[0, 0] == 5 and index[0, 1] == ARGMAX_CHUNK - 1 and index[2, 1] == 0
+    for fn in (max_with_first_index, torch.compile(max_with_first_index, dynamic=False)):
+        got_values, got_index = fn(logits)
+        assert torch.equal(got_values, values) and torch.equal(got_index, index)
+    assert max_with_first_index(logits[..., :-128])[1].tolist() == logits[..., :-128].max(-1)[1].tolist()  # one stage
+
+
 def _tp2_worker(prompts, tokens):
     """At TP=2 (and then DP=2): argmax over shards with cross-shard ties, teacher-forced counts, decoding."""
     from megatron.core import parallel_state

@@ -42,7 +42,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mtpd_megatron.inference.acceptance import greedy_tokens, logits_argmax, num_heads, output_weight_of, tp_group_of
+from mtpd_megatron.inference.acceptance import (
+    greedy_tokens,
+    logits_argmax,
+    max_with_first_index,
+    num_heads,
+    output_weight_of,
+    tp_group_of,
+)
 from mtpd_megatron.inference.fused import FusedHeadPrologue, chunked_greedy, matmul_logits, top1_probability
 from mtpd_megatron.inference.kv_cache import AttendState, KVCache, cached_attention, write_at_positions
 from mtpd_megatron.inference.options import DecodeOptions
@@ -382,7 +389,7 @@ class SpeculativeDecoder:
             logits = self.model._scale_logits(
                 matmul_logits(hidden.reshape(s * b, h), self._draft_weight, self.fp32_logits)
             )
-            values, local = logits.max(dim=-1)
+            values, local = max_with_first_index(logits)
             tokens = self._draft_ids[local].view(s, b)
             return tokens, (top1_probability(logits, values).view(s, b) if confidence else None)
 
