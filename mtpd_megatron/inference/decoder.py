@@ -572,8 +572,7 @@ class SpeculativeDecoder:
 
         The pieces are the main model's part of a verify (`verify_main`), the acceptance (`accept`), each draft
         depth (`depth<k>`), and the prefill's main model and prompt-wide depths (`prefill_main`,
-        `prefill_depth<k>`). Each traces as one graph with no
-        break: every megatron layer it calls, our cache attention and the bookkeeping around it (see
+        `prefill_depth<k>`). Each traces as one graph with no break: every megatron layer it calls, our cache attention and the bookkeeping around it (see
         `_compile_ready`), so inductor fuses the glue too (residual add + next norm, the heads' prologue,
         argmax, the cache writes). The verify's main model is a piece of its own so that a greedy decoder of
         the verify's width runs the same compiled graph (dynamo's cache is keyed on the code and guards on
@@ -593,7 +592,7 @@ class SpeculativeDecoder:
         """The prefill's pieces (its main model and the heads' prompt-wide depths) are compiled in inductor's
         default mode whatever `compile_mode` says: they run once per request, and autotuning their
         64-token-bucket GEMMs outlasted a 10-minute device call at the dense_2b shape (docs/benchmarks.md, runs
-        9-10) before any decode-width shape was reached."""
+        9 and 11) before any decode-width shape was reached."""
         return "default" if name.startswith("prefill") else self.options.compile_mode
 
     def _host_sync(self) -> None:

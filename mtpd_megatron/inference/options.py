@@ -34,7 +34,7 @@ class DecodeOptions:
         when that is on; static shapes, compiled once per batch size and width.
     compile_mode: torch.compile's mode for `compile`: "default", or "max-autotune-no-cudagraphs" (inductor
         benchmarks Triton GEMM templates against cuBLAS per shape: a lever for the batch-1 GEMVs, which run at
-        1.4-3.2 TB/s with cuBLAS on an H200; much longer warm-up). The prefill's piece stays in the default mode
+        1.4-3.2 TB/s with cuBLAS on an H200; much longer warm-up). The prefill's pieces stay in the default mode
         (SpeculativeDecoder.piece_compile_mode).
     draft_vocab: > 0: the heads propose only among this many token ids, the most frequent ones of the decoder's
         `token_ranking` (a frequency-ranked draft vocabulary, as FR-Spec): each depth's output GEMM and argmax
