@@ -542,6 +542,17 @@ def test_adaptive_draft_length_equals_greedy(trained_model, threshold, skips):
         assert generate(trained_model, [p], 30, k=4, options=opts).tokens[0] == greedy.tokens[i]
 
 
+def test_adaptive_bench_compares_with_the_fixed_k_rows_asked_for(trained_model):
+    """bench_adaptive(fixed=[K]) measures only those fixed-K rows beside the adaptive ones (a device call has
+    room for few compiled verify widths); every row equals greedy."""
+    from mtpd_megatron.inference.benchmark import bench_adaptive
+    from mtpd_megatron.inference.options import DecodeOptions
+
+    rows = bench_adaptive(trained_model, _trained_prompts()[:2], 3, [0.3], 8, DecodeOptions(), fixed=[3])
+    assert [r["mode"] for r in rows] == ["greedy", "fixed K=3", "adaptive P=0.3 (K<=3)"]
+    assert all(r["greedy_matching"] == 2 for r in rows[1:])
+
+
 def test_draft_vocabulary_is_lossless_and_restricts_the_drafts(trained_model):
     """DecodeOptions.draft_vocab: the heads propose only among the first N ids of `token_ranking`. With the
     ids of the decoded text the drafts are still accepted; with N ids that never occur in it nothing can be
@@ -1050,6 +1061,7 @@ def test_bench_decode_issue12_rows(cli_checkpoint):
         (["--k", "0"], "--k 0: every K must be >= 1"),
         (["--draft-threshold", "1.5"], "--draft-threshold 1.5: each must be a probability in (0, 1)"),
         (["--draft-vocab", "0"], "--draft-vocab 0: each N must be >= 1"),
+        (["--draft-threshold", "0.3", "--adaptive-fixed", "9"], "--adaptive-fixed 9: each K must be in 1.."),
         (["--draft-vocab", "300"], "--draft-vocab 300: each N must be below the model's 300 token ids"),
         (["--compile", "--device", "cpu"], "--compile needs a CUDA device"),
         (["--ablate", "warp_drive"], "--ablate warp_drive: unknown switch"),

@@ -16,7 +16,7 @@ the cost side only (step time of greedy vs K drafts) at a size no checkpoint of 
 Issue-12 measurements, all in the same run as the greedy baseline (K = --main-k, default min(4, heads)):
 `--profile DIR` kernel tables + grouped summary of one greedy and one K-draft step (inference/profile.py);
 `--ablate [SWITCH ...]` each DecodeOptions switch on vs off (inference/options.py ABLATION_SWITCHES);
-`--draft-threshold P ...` adaptive drafting vs fixed K = 1..K; `--draft-vocab N ...` K drafts from a
+`--draft-threshold P ...` adaptive drafting vs fixed K = 1..K (or `--adaptive-fixed K ...`); `--draft-vocab N ...` K drafts from a
 frequency-ranked draft vocabulary of N ids (token counts of the checkpoint's data.paths); `--exact-greedy` the greedy that runs the
 verify's kernels, with the prompt mismatches of K drafts against both greedy decoders; `--batch B ...` greedy
 vs K drafts at each batch size. The base options of every row come from --compile, --graph-scope,
@@ -115,6 +115,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         metavar="P",
         help="adaptive drafting: stop at the first head whose top-1 probability is below P",
+    )
+    p.add_argument(
+        "--adaptive-fixed",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="K",
+        help="with --draft-threshold: the fixed-K rows it is compared with (default 1..main K; each K compiles "
+        "its own verify width, so a device call may have room only for the best fixed K of an earlier run)",
     )
     p.add_argument(
         "--draft-vocab",
@@ -342,6 +351,8 @@ def _main(argv=None) -> int:
     main_k = args.main_k if args.main_k is not None else min(4, heads)
     if main_k > heads:
         raise ValueError(f"--main-k {main_k}: the model has {heads} MTP heads")
+    if args.adaptive_fixed and not all(1 <= j <= main_k for j in args.adaptive_fixed):
+        raise ValueError(f"--adaptive-fixed {' '.join(map(str, args.adaptive_fixed))}: each K must be in 1..{main_k}")
     context = getattr(model, "max_sequence_length", None)
     longest = max(len(p) for p in prompts)
     if context is not None and longest + args.new_tokens > context:
@@ -437,7 +448,7 @@ def _main(argv=None) -> int:
         save(False)
     if args.draft_threshold and main_k:
         result["adaptive"] = B.bench_adaptive(
-            model, prompts, main_k, args.draft_threshold, args.new_tokens, base, **common
+            model, prompts, main_k, args.draft_threshold, args.new_tokens, base, fixed=args.adaptive_fixed, **common
         )
         save(False)
     if args.draft_vocab and main_k:
