@@ -13,7 +13,8 @@
 # on a machine that stays warm):
 #   1. gpu_small checkpoint (bf16, compiled: DecodeOptions.compile): profile of a greedy and a K=4 step, greedy
 #      vs K=1..4, transformers generate, exact greedy              -> $OUT/gpu_small.{json,md}, $OUT/profile_gpu_small/
-#   2. gpu_small checkpoint, compiled: fixed K vs adaptive (P = 0.05 0.1 0.3), batch 1/4/16
+#   2. gpu_small checkpoint, compiled: fixed K = 3, 4 (the best two of run 2, 2026-12-03) vs adaptive
+#      (P = 0.1 0.3), batch 1/4/16
 #                                                                  -> $OUT/gpu_small_adaptive_batch.{json,md}
 #   3. gpu_small checkpoint: every DecodeOptions switch on vs off at K=4 (eager baseline, compile last)
 #                                                                  -> $OUT/ablation_gpu_small.{json,md}
@@ -62,7 +63,7 @@ runs=" ${RUNS:-1 2 3 4 5 6 7} "
 [[ $runs == *" 1 "* ]] && run 400 gpu_small --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 --k 1 2 3 4 \
   "${common[@]}" "${hf[@]}" --compile --profile "$out/profile_gpu_small" --exact-greedy
 [[ $runs == *" 2 "* ]] && run 400 gpu_small_adaptive_batch --ckpt "$CKPT" --split valid --num-prompts 8 \
-  --prompt-len 128 --k 4 "${common[@]}" --compile --draft-threshold 0.05 0.1 0.3 --batch 1 4 16
+  --prompt-len 128 --k 4 "${common[@]}" --compile --draft-threshold 0.1 0.3 --adaptive-fixed 3 4 --batch 1 4 16
 [[ $runs == *" 3 "* ]] && run 300 ablation_gpu_small --ckpt "$CKPT" --split valid --num-prompts 8 --prompt-len 128 \
   --k 4 "${common[@]}" --ablate
 [[ $runs == *" 4 "* ]] && run 300 dense_2b --config configs/dense_2b.yaml --num-prompts 2 --prompt-len 128 --k 4 \
