@@ -16,10 +16,10 @@ the cost side only (step time of greedy vs K drafts) at a size no checkpoint of 
 Issue-12 measurements, all in the same run as the greedy baseline (K = --main-k, default min(4, heads)):
 `--profile DIR` kernel tables + grouped summary of one greedy and one K-draft step (inference/profile.py);
 `--ablate [SWITCH ...]` each DecodeOptions switch on vs off (inference/options.py ABLATION_SWITCHES);
-`--draft-threshold P ...` adaptive drafting vs fixed K = 1..K (or `--adaptive-fixed K ...`); `--draft-vocab N ...` K drafts from a
-frequency-ranked draft vocabulary of N ids (token counts of the checkpoint's data.paths); `--exact-greedy` the greedy that runs the
-verify's kernels, with the prompt mismatches of K drafts against both greedy decoders; `--batch B ...` greedy
-vs K drafts at each batch size. The base options of every row come from --compile, --graph-scope,
+`--draft-threshold P ...` adaptive drafting vs fixed K = 1..K (or `--adaptive-fixed K ...`);
+`--draft-vocab N ...` K drafts from a frequency-ranked draft vocabulary of N ids (token counts of the
+checkpoint's data.paths); `--exact-greedy` the greedy that runs the verify's kernels, with the prompt
+mismatches of K drafts against both greedy decoders; `--batch B ...` greedy vs K drafts at each batch size. The base options of every row come from --compile, --graph-scope,
 --sync-every, --host-sync-per-depth, --fused-prologue, --argmax-chunk, --fp32-logits, --cuda-graphs (CUDA
 graphs are a documented no-op on CPU; --compile on CPU is an error). Every figure is reported with the
 model's main-head validation loss (`main_loss`: the experiment's result.json beside the checkpoint, else
