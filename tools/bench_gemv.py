@@ -38,15 +38,16 @@ MIN_CALLS = 48
 def weight_shapes(model, vocab=None, draft_vocab=()) -> dict:
     """{name: (N, K)} of the y = x W^T products in one decoding step of a model config (`config.model`), with
     `vocab` (default model.vocab_size) padded as megatron pads it at TP 1."""
+    from mtpd_megatron.config.params import padded_vocab
+
     h = model.hidden_size
     heads = model.num_attention_heads
     groups = model.num_query_groups or heads
     d = model.kv_channels or h // heads
-    multiple = model.make_vocab_size_divisible_by
     vocab = vocab or model.vocab_size
     if vocab is None:
         raise ValueError("model.vocab_size is null in this config (read from a tokenizer): pass --vocab-size")
-    vocab = -(-vocab // multiple) * multiple
+    vocab = padded_vocab(vocab, model.make_vocab_size_divisible_by, 1)
     shapes = {
         "linear_qkv": ((heads + 2 * groups) * d, h),
         "linear_proj": (h, heads * d),

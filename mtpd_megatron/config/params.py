@@ -18,7 +18,8 @@ from mtpd_megatron.config.schema import Config
 
 
 def padded_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron-LM's padding rule (same as model.builder.padded_vocab_size, kept here torch-free)."""
+    """Megatron-LM's rule: pad so that every TP shard gets an equal multiple of `divisible_by` (torch-free, so
+    config checks and tools use it without importing megatron; model.builder re-exports it)."""
     multiple = divisible_by * tp
     return ((vocab_size + multiple - 1) // multiple) * multiple
 

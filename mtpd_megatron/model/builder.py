@@ -18,15 +18,10 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mtpd_megatron.config.params import padded_vocab as padded_vocab_size  # noqa: F401 (re-exported: one rule)
 from mtpd_megatron.config.schema import Config
 from mtpd_megatron.model.grouped_experts import resolve_experts_backend
 from mtpd_megatron.model.specs import build_specs, resolve_backend
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    """Megatron-LM's rule: pad so that every TP shard gets an equal multiple of `divisible_by`."""
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def transformer_config(
