@@ -19,9 +19,10 @@ Issue-12 measurements, all in the same run as the greedy baseline (K = --main-k,
 `--draft-threshold P ...` adaptive drafting vs fixed K = 1..K (or `--adaptive-fixed K ...`);
 `--draft-vocab N ...` K drafts from a frequency-ranked draft vocabulary of N ids (token counts of the
 checkpoint's data.paths); `--exact-greedy` the greedy that runs the verify's kernels, with the prompt
-mismatches of K drafts against both greedy decoders; `--batch B ...` greedy vs K drafts at each batch size. The base options of every row come from --compile, --graph-scope,
---sync-every, --host-sync-per-depth, --fused-prologue, --argmax-chunk, --fp32-logits, --cuda-graphs (CUDA
-graphs are a documented no-op on CPU; --compile on CPU is an error). Every figure is reported with the
+mismatches of K drafts against both greedy decoders; `--batch B ...` greedy vs K drafts at each batch size.
+The base options of every row come from --compile, --graph-scope, --sync-every, --host-sync-per-depth,
+--fused-prologue, --argmax-chunk, --fp32-logits, --cuda-graphs (CUDA graphs are a documented no-op on CPU;
+--compile on CPU is an error). Every figure is reported with the
 model's main-head validation loss (`main_loss`: the experiment's result.json beside the checkpoint, else
 computed on --loss-samples held-out sequences). `--markdown FILE` writes the tables.
 """

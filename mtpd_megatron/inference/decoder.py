@@ -574,11 +574,11 @@ class SpeculativeDecoder:
         depth (`depth<k>`), and the prefill's main model and prompt-wide depths (`prefill_main`,
         `prefill_depth<k>`). Each traces as one graph with no break: every megatron layer it calls, our cache
         attention and the bookkeeping around it (see `_compile_ready`), so inductor fuses the glue too
-        (residual add + next norm, the heads' prologue, argmax, the cache writes). The verify's main model is a piece of its own so that a greedy decoder of
-        the verify's width runs the same compiled graph (dynamo's cache is keyed on the code and guards on
-        shapes, not on the decoder), which keeps bf16 speculative output equal to that exact greedy. Shapes are
-        static: each piece compiles once per batch size and width; a CUDA graph (`_run`) records the pieces'
-        kernels like any others.
+        (residual add + next norm, the heads' prologue, argmax, the cache writes). The verify's main model is a
+        piece of its own so that a greedy decoder of the verify's width runs the same compiled graph (dynamo's
+        cache is keyed on the code and guards on shapes, not on the decoder), which keeps bf16 speculative
+        output equal to that exact greedy. Shapes are static: each piece compiles once per batch size and
+        width; a CUDA graph (`_run`) records the pieces' kernels like any others.
         """
         if not self.options.compile:
             return fn
