@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
         (["--config", "configs/tiny_dense.yaml"], "model.vocab_size is null"),
         (["--config", "configs/dense_2b.yaml", "--rows", "0"], "--rows 0"),
         (["--config", "configs/dense_2b.yaml", "--only", "linear_qvk"], "--only linear_qvk"),
+        (["--config", "configs/dense_2b.yaml", "--draft-vocab", "0"], "--draft-vocab 0: each size must be >= 1"),
+        (["--config", "configs/dense_2b.yaml", "--vocab-size", "0"], "--vocab-size 0: must be >= 1"),
         (["--config", "configs/nope.yaml"], "nope.yaml"),
         (["--config", "configs/dense_2b.yaml"], "needs a CUDA device"),
     ],

@@ -130,6 +130,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if any(r < 1 or r > 16 for r in args.rows):
         p.error(f"--rows {' '.join(map(str, args.rows))}: each must be in 1..16 (decode widths)")
+    if args.draft_vocab and min(args.draft_vocab) < 1:
+        p.error(f"--draft-vocab {' '.join(map(str, args.draft_vocab))}: each size must be >= 1")
+    if args.vocab_size is not None and args.vocab_size < 1:
+        p.error(f"--vocab-size {args.vocab_size}: must be >= 1")
     return args
 
 
