@@ -30,8 +30,8 @@
 # and a few s per draft depth and batch size (measured 2026-12-03), about twice that at the dense_2b shape.
 # Measured 2026-12-04: one run with its training took 340-560 s, mostly compile warm-up (docs/benchmarks.md
 # runs 5-7); run 5's autotuning alone outlasted a 545 s call (it autotuned the prefill's 128-row products;
-# since 2026-12-04 the prefill's pieces compile in the default mode, so run 5 autotunes only decode widths). INDUCTOR_CACHE=DIR keeps inductor's and Triton's
-# caches (compiled graphs, kernels, autotune choices) in DIR: tar DIR into $OUT at the end of a call (a file of
+# since 2026-12-04 the prefill's pieces compile in the default mode, so run 5 autotunes only decode widths).
+# INDUCTOR_CACHE=DIR keeps inductor's and Triton's caches (compiled graphs, kernels, autotune choices) in DIR: tar DIR into $OUT at the end of a call (a file of
 # <= 16 MiB comes back) and unpack it into a carried folder before the next call, which then skips the
 # compiles of every unchanged piece.
 # Then $OUT/tables.md concatenates the markdown of all runs. Logs: $OUT/*.log.
