@@ -1114,12 +1114,10 @@ def test_speculative_decode_refuses_bad_requests_in_one_line(cli_checkpoint, arg
     assert len(lines) == 1 and lines[0].startswith("speculative_decode: error: ") and phrase in lines[0], proc.stderr
 
 
-def test_gemv_bench_measures_the_models_weight_shapes(random_model):
+def test_gemv_bench_measures_the_models_weight_shapes(random_model, monkeypatch):
     """tools/bench_gemv.py times the products of a decoding step from a config alone: its shapes must be the
     weights megatron builds for that config (GQA qkv, SwiGLU fc1, padded vocabulary, the heads' eh_proj)."""
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tools"))
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(__file__), "..", "tools"))
     from bench_gemv import weight_shapes
 
     layer = random_model.decoder.layers[0]
