@@ -37,6 +37,7 @@ def optimizer_config(cfg: Config, params_dtype: torch.dtype) -> OptimizerConfig:
 
 def build_optimizer(cfg: Config, model_chunks: list, params_dtype: torch.dtype) -> MegatronOptimizer:
     """AdamW over the DDP-wrapped model chunks (a ChainedOptimizer when there are expert parameters)."""
+    use_foreach_multi_tensor_ops(cfg.training.foreach_multi_tensor)
     optimizer = get_megatron_optimizer(optimizer_config(cfg, params_dtype), model_chunks)
     if cfg.training.fused_adam:
         use_fused_adamw(optimizer)
@@ -61,6 +62,65 @@ def use_fused_adamw(optimizer: MegatronOptimizer) -> int:
         torch_opt.defaults["fused"], torch_opt.defaults["foreach"] = True, False
         switched += 1
     return switched
+
+
+def _foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for megatron/core/utils.py:1325 `local_multi_tensor_l2_norm`: the L2 norm of all tensors of
+    `tensor_lists[0]` as a [1] fp32 tensor on their device, without reading anything on the host."""
+    tensors = tensor_lists[0]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float, device=noop_flag.device), None
+    norms = torch._foreach_norm(tensors)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return total.reshape(1), None  # megatron's fallback returns no per-tensor norms either
+
+
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for megatron/core/utils.py:1337 `local_multi_tensor_scale`: dst = src * scale per pair
+    (dtype converted on the copy, as `dst.copy_(src * scale)`), in place when src is dst."""
+    src, dst = tensor_lists[0], tensor_lists[1]
+    if not src:
+        return
+    if scale == 1.0:
+        torch._foreach_copy_(dst, src)
+    elif all(a is b for a, b in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+# (module, attribute, megatron's local fallback it replaces, the foreach version)
+_FOREACH_BINDINGS = (
+    ("megatron.core.optimizer.clip_grads", "l2_norm_impl", "local_multi_tensor_l2_norm", _foreach_l2_norm),
+    ("megatron.core.optimizer.clip_grads", "multi_tensor_scale_impl", "local_multi_tensor_scale", _foreach_scale),
+    ("megatron.core.optimizer.optimizer", "multi_tensor_scale_impl", "local_multi_tensor_scale", _foreach_scale),
+)
+
+
+def use_foreach_multi_tensor_ops(enabled: bool) -> int:
+    """Bind torch's foreach kernels (or megatron's own fallbacks back) where megatron found neither TE nor apex.
+
+    Without them megatron-core 0.19.2 binds `megatron.core.utils.local_multi_tensor_l2_norm` and
+    `local_multi_tensor_scale` (optimizer/clip_grads.py:44-46, optimizer/optimizer.py:37-38): the grad norm
+    takes one `torch.norm` per parameter and then `torch.tensor(list of 0-d device tensors)`, which reads
+    every norm on the host (one sync per parameter: ~1,400 per step for 6 MoE layers of 128 experts), and
+    the clip/copy runs two kernels per tensor. torch's `_foreach_norm` / `_foreach_mul_` / `_foreach_copy_`
+    (what `torch.nn.utils.clip_grad_norm_` and `torch.optim` use) do the same math in a few launches per list.
+    Process-wide (module attributes), so each optimizer build sets it from its config; TE's or apex's
+    kernels, where megatron bound them, are never touched. Returns how many bindings were (re)set."""
+    import importlib
+
+    from megatron.core import utils as mcore_utils
+
+    changed = 0
+    for module_name, attr, fallback_name, foreach in _FOREACH_BINDINGS:
+        module = importlib.import_module(module_name)
+        fallback = getattr(mcore_utils, fallback_name)
+        if getattr(module, attr) not in (fallback, foreach):
+            continue  # TE's or apex's multi-tensor kernel
+        setattr(module, attr, foreach if enabled else fallback)
+        changed += 1
+    return changed
 
 
 def build_scheduler(cfg: Config, optimizer: MegatronOptimizer) -> OptimizerParamScheduler:

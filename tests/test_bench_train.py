@@ -66,7 +66,7 @@ def test_dense_arms_profile_and_head_switches(tmp_path):
         "--profile",
         "mtpd",
         "--compare",
-        "fused_output_layer,fused_adam",
+        "fused_output_layer,fused_adam,foreach_multi_tensor",
         "training.global_batch_size=4",
     )
     runs = _by_name(result)
@@ -84,6 +84,7 @@ def test_dense_arms_profile_and_head_switches(tmp_path):
     assert runs["mtp"]["losses"][0] == pytest.approx(runs["mtpd"]["losses"][0], abs=1e-6)  # same model, same batch
     _same_losses(runs, "fused_output_layer", 1e-5)  # share_teacher_logits: tests/test_fused_head.py
     _same_losses(runs, "fused_adam", 1e-5)
+    _same_losses(runs, "foreach_multi_tensor", 1e-5)  # the kernels themselves: tests/test_optim_foreach.py
     assert runs["mtpd+fused_adam=off"]["same_run_as"] == "mtpd"  # off is the default: not run twice
     assert "same_run_as" not in runs["mtpd+fused_adam=on"]
     profile = Path(runs["mtpd"]["profile"])

@@ -70,6 +70,7 @@ SWITCHES = {
     "fused_output_layer": ("mtp.mtpd.fused_output_layer=true", "mtp.mtpd.fused_output_layer=false"),
     "share_teacher_logits": ("mtp.mtpd.share_teacher_logits=true", "mtp.mtpd.share_teacher_logits=false"),
     "fused_adam": ("training.fused_adam=true", "training.fused_adam=false"),
+    "foreach_multi_tensor": ("training.foreach_multi_tensor=true", "training.foreach_multi_tensor=false"),
     "compile_layers": ("model.compile_layers=true", "model.compile_layers=false"),
     "grouped_gemm": ("model.moe.experts_backend=grouped", "model.moe.experts_backend=sequential"),
 }

@@ -180,6 +180,12 @@ class TrainingConfig:
         "foreach AdamW (no TE/apex); same update, fewer kernel launches.",
         False,
     )
+    foreach_multi_tensor: bool = doc(
+        "Gradient-norm, clipping and main-to-model copies on torch's foreach kernels where "
+        "megatron falls back to its per-tensor loops without TE/apex (one host sync per "
+        "parameter in the grad norm); same math, a few launches per step (optim.py).",
+        False,
+    )
     clip_grad: float = doc("Global gradient-norm clip; 0 disables.", 1.0)
     precision: str = doc("auto (bf16 on GPU, fp32 on CPU), bf16 or fp32.", "auto")
     seed: int = doc("Seed for weights, data order and dropout.", 1234)

@@ -126,6 +126,7 @@ EXECUTION_KNOBS = (
     ("model", "compile_layers"),
     ("model.moe", "experts_backend"),
     ("training", "fused_adam"),
+    ("training", "foreach_multi_tensor"),
 )
 
 
