@@ -47,7 +47,7 @@ def _module_pair() -> dict:
             "bias": bias,
             "dw": {n: q.grad.clone() for n, q in experts.named_parameters()},
         }
-    w = torch.stack([e.linear_fc1.weight.detach() for e in experts.local_experts])
+    w = experts.weight1.detach()
     gmm = None
     if hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm"):
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
@@ -61,15 +61,40 @@ def _module_pair() -> dict:
     return {"pair": out, "gmm": gmm}
 
 
-def _checkpoint_keys(model) -> list:
-    """The keys a torch_dist checkpoint stores (ShardedTensor.key with each shard's global offset)."""
-    keys = set()
+def _checkpoint_keys(model) -> dict:
+    """What a torch_dist checkpoint stores: {ShardedTensor.key: [(global shape, offset, box size)]} of the boxes
+    this rank writes (its main replicas)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory, is_main_replica
+
+    boxes = {}
     for item in model.sharded_state_dict().values():
-        if hasattr(item, "global_offset"):
-            keys.add((item.key, tuple(item.global_offset), tuple(item.global_shape)))
-        elif hasattr(item, "key"):
-            keys.add((item.key, (), ()))
-    return sorted(keys)
+        built = item.build() if isinstance(item, ShardedTensorFactory) else item
+        for sh in nested_values(built) if isinstance(built, (dict, list)) else [built]:
+            if isinstance(sh, ShardedTensor) and is_main_replica(sh.replica_id):
+                size = (1,) * sh.prepend_axis_num + tuple(sh.local_shape)
+                boxes.setdefault(sh.key, []).append((tuple(sh.global_shape), tuple(sh.global_offset), size))
+    return boxes
+
+
+def _coverage(*box_maps: dict) -> dict:
+    """{key: (global shape, how often each element is written)} over ranks: same tensors, written once each."""
+    out = {}
+    for boxes in box_maps:
+        for key, entries in boxes.items():
+            shape = entries[0][0]
+            count = out.setdefault(key, (shape, torch.zeros(shape, dtype=torch.int16)))[1]
+            for global_shape, offset, size in entries:
+                assert global_shape == shape, key
+                count[tuple(slice(o, o + n) for o, n in zip(offset, size))] += 1
+    return out
+
+
+def _same_coverage(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key][0] == b[key][0], key
+        assert torch.equal(a[key][1], b[key][1]) and int(a[key][1].min()) == 1 == int(a[key][1].max()), key
 
 
 def _keys(cfg) -> dict:
@@ -136,11 +161,12 @@ def test_grouped_forward_backward_equal_sequential_mlp(world1):
     assert g["bias"] is None and s["bias"] is None
     for key in ("y", "dx", "dp"):
         torch.testing.assert_close(g[key], s[key], atol=1e-6, rtol=1e-6, msg=key)
-    assert set(g["dw"]) == set(s["dw"]) and len(g["dw"]) == 8  # 4 experts x (fc1, fc2)
+    assert set(g["dw"]) == set(s["dw"]) == {"weight1", "weight2"}  # the stacked weights; megatron's loop on views
+    assert g["dw"]["weight1"].shape[0] == 4  # 4 experts
     for name in s["dw"]:
         torch.testing.assert_close(g["dw"][name], s["dw"][name], atol=1e-6, rtol=1e-6, msg=name)
-    assert s["dw"]["local_experts.1.linear_fc1.weight"].abs().sum() == 0  # the expert without tokens
-    assert s["dw"]["local_experts.0.linear_fc1.weight"].abs().sum() > 0
+    assert s["dw"]["weight1"][1].abs().sum() == 0  # the expert without tokens
+    assert s["dw"]["weight1"][0].abs().sum() > 0
 
 
 def test_grouped_mm_kernel_forward_matches_the_loop(world1):
@@ -153,9 +179,11 @@ def test_grouped_mm_kernel_forward_matches_the_loop(world1):
 def test_checkpoint_keys_are_sequential_mlps(world1):
     g, s = world1["keys_grouped"], world1["keys_sequential"]
     assert "GroupedGemmExperts" in g["types"] and "GroupedGemmExperts" not in s["types"]
-    assert g["state"] == s["state"]
-    assert g["sharded"] == s["sharded"]
-    assert any(k[0].endswith("mlp.experts.experts.linear_fc1.weight") for k in g["sharded"])
+    assert g["state"] == s["state"]  # state_dict(): SequentialMLP's per-expert names (views of the stacked)
+    # the same global tensors, each element written once: the stacked slab where SequentialMLP writes experts
+    _same_coverage(_coverage(g["sharded"]), _coverage(s["sharded"]))
+    fc1 = [k for k in g["sharded"] if k.endswith("mlp.experts.experts.linear_fc1.weight")]
+    assert fc1 and all(len(g["sharded"][k]) == 1 < len(s["sharded"][k]) for k in fc1)  # one slab vs per expert
     for name, value in s["weights"].items():  # same seeded weights: the module change draws nothing else
         torch.testing.assert_close(g["weights"][name], value, atol=0, rtol=0, msg=name)
 
@@ -177,4 +205,6 @@ def test_expert_parallel_2_grouped_equals_single_process_sequential(world1, worl
         for key in ("loss0", "loss1"):
             torch.testing.assert_close(rank["ep2_grouped"][key], ref[key], atol=1e-5, rtol=0, msg=key)
     # EP = 2 ranks each write their experts' shards; together the same checkpoint keys as EP = 1 sequential.
-    assert sorted(set(world2[0]["ep2_keys"]) | set(world2[1]["ep2_keys"])) == world1["keys_sequential"]["sharded"]
+    _same_coverage(
+        _coverage(world2[0]["ep2_keys"], world2[1]["ep2_keys"]), _coverage(world1["keys_sequential"]["sharded"])
+    )

@@ -98,6 +98,15 @@ def _seeded_weights(model) -> None:
     for name, param in model.named_parameters():
         if param.dim() < 2:
             continue  # norm weights start at one in every layout
+        stacked = re.search(r"experts\.weight([12])$", name)
+        if stacked is not None:  # GroupedGemmExperts (expert TP 1): each slab drawn as SequentialMLP's expert
+            for i in range(param.shape[0]):
+                expert = ps.get_expert_model_parallel_rank() * num_local + i
+                key = name.replace(stacked.group(0), f"experts.expert{expert}.linear_fc{stacked.group(1)}.weight")
+                gen = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+                with torch.no_grad():
+                    param[i].copy_(torch.randn(param[i].shape, generator=gen) * std)
+            continue
         match = re.search(r"local_experts\.(\d+)\.", name)
         if match is not None:
             expert = ps.get_expert_model_parallel_rank() * num_local + int(match.group(1))

@@ -7,11 +7,18 @@ at MFU 4-5%, docs/benchmarks.md). megatron calls torch's `grouped_mm` only in it
 replaced: the local experts' fc1 weights are stacked into one [E, 2F, H] tensor and the routed tokens (already
 permuted by megatron's dispatcher, grouped by expert) go through one grouped GEMM for fc1 and one for fc2.
 
-Why a subclass of SequentialMLP rather than TEGroupedMLP's layout: the parameters stay exactly where
-SequentialMLP keeps them (`local_experts.<i>.linear_fc1.weight`, ...), so `state_dict`/`sharded_state_dict`
-(inherited, unchanged) and every checkpoint, converter and HF export keep working, and a run can switch
-between the two modules on resume. The price is a `torch.stack` of the expert weights per forward (a
-bandwidth-bound copy of the layer's expert weights, small next to the GEMMs it saves).
+Layout: the experts' weights are two stacked parameters per layer, `weight1` [E, 2F, H] and `weight2`
+[E, H, F] (E local experts), not SequentialMLP's 2E small ones. Each parameter costs the trainer a fixed
+amount of per-parameter work (DDP's grad hook and its `main_grad.add_` per micro-batch, the optimizer's
+main-to-model copy, its grad-norm term, a torch.stack per forward): with 128 experts that was ~14,000
+launches in a 6-layer MoE step whose GPU work takes 240 ms of a 547 ms step (host-bound, docs/benchmarks.md).
+Checkpoints stay SequentialMLP's: `sharded_state_dict` writes each stacked weight as the slab of the same
+global tensor (`...experts.linear_fc1.weight`, [layers, experts, 2F, H]) that SequentialMLP writes expert by
+expert, so torch_dist reshards between the two modules in both directions (optimizer moments included, which
+megatron keys by the same sharded tensors), and `state_dict()` / `load_state_dict()` speak SequentialMLP's
+per-expert names (`local_experts.<i>.linear_fc1.weight`, views of the stacked weights) for the converters.
+The `local_experts` modules remain (megatron's construction and init draw the weights; `reference_forward`
+runs megatron's own loop on views of the stacked weights) but own no parameters.
 
 Paths: on CUDA with bf16 activations, `torch.nn.functional.grouped_mm` (torch >= 2.10; `torch._grouped_mm`
 before), the cuBLAS/CUTLASS grouped kernel on Hopper. Everywhere else (CPU, fp32) a loop of per-expert matmuls
@@ -25,8 +32,12 @@ applied on the input, clamped/offset GLU) fall back to SequentialMLP's own forwa
 
 from __future__ import annotations
 
+import contextlib
+import re
+
 import torch
 import torch.nn.functional as F
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.fusions.fused_bias_swiglu import weighted_bias_swiglu_impl
 from megatron.core.transformer.moe.experts import SequentialMLP
 
@@ -54,12 +65,34 @@ def grouped_linear(
     return torch.cat([piece @ weight[e].t() for e, piece in enumerate(pieces)], dim=0)
 
 
+_PER_EXPERT = re.compile(r"local_experts\.(\d+)\.linear_fc([12])\.weight$")
+
+
 class GroupedGemmExperts(SequentialMLP):
-    """SequentialMLP (same parameters, same checkpoint keys) whose forward runs all local experts at once."""
+    """SequentialMLP's experts (same init, same checkpoints) as two stacked weights run by grouped GEMMs."""
 
     force_loop = False  # tests: run the per-expert loop even where grouped_mm would be used
 
-    def _supported(self, hidden: torch.Tensor) -> bool:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stacked = self._supported()
+        if not self.stacked:
+            return
+        for index, name in ((1, "linear_fc1"), (2, "linear_fc2")):
+            linears = [getattr(e, name) for e in self.local_experts]
+            first = linears[0].weight
+            with torch.no_grad():
+                weight = torch.nn.Parameter(torch.stack([lin.weight for lin in linears]), first.requires_grad)
+            for attr, value in vars(first).items():  # megatron's marks: allreduce (expert), tensor_model_parallel...
+                setattr(weight, attr, value)
+            self.register_parameter(f"weight{index}", weight)
+            for lin in linears:
+                del lin._parameters["weight"]
+                lin.weight = None  # a plain attribute: views are set only while megatron's own code reads them
+        self._register_state_dict_hook(_per_expert_state_dict)
+        self._register_load_state_dict_pre_hook(_stack_per_expert_state_dict, with_module=True)
+
+    def _supported(self) -> bool:
         c = self.config
         first = self.local_experts[0]
         return (
@@ -80,7 +113,7 @@ class GroupedGemmExperts(SequentialMLP):
         self, permuted_local_hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor, permuted_probs: torch.Tensor
     ):
         x = permuted_local_hidden_states
-        if not self._supported(x):
+        if not self.stacked:
             return super().forward(x, tokens_per_expert, permuted_probs)
         use_gmm = grouped_mm_available(x.device, x.dtype) and not self.force_loop
         offsets = counts = None
@@ -88,9 +121,7 @@ class GroupedGemmExperts(SequentialMLP):
             offsets = torch.cumsum(tokens_per_expert.to(device=x.device, dtype=torch.int32), dim=0, dtype=torch.int32)
         else:
             counts = tokens_per_expert.tolist()
-        w1 = torch.stack([e.linear_fc1.weight for e in self.local_experts])  # [E, 2F, H]
-        w2 = torch.stack([e.linear_fc2.weight for e in self.local_experts])  # [E, H, F]
-        h = grouped_linear(x, w1, counts, offsets, use_gmm)
+        h = grouped_linear(x, self.weight1, counts, offsets, use_gmm)
         if self.config.bias_activation_fusion:  # model.compile_layers: megatron's fused weighted SwiGLU, as MLP
             h = weighted_bias_swiglu_impl(
                 h, None, permuted_probs.unsqueeze(-1), self.config.activation_func_fp8_input_store
@@ -99,11 +130,81 @@ class GroupedGemmExperts(SequentialMLP):
             x_glu, x_linear = torch.chunk(h, 2, dim=-1)
             h = self.config.activation_func(x_glu) * x_linear
             h = (h * permuted_probs.unsqueeze(-1)).to(h.dtype)  # as MLP.forward: scale in the activation's dtype
-        return grouped_linear(h, w2, counts, offsets, use_gmm), None
+        return grouped_linear(h, self.weight2, counts, offsets, use_gmm), None
+
+    @contextlib.contextmanager
+    def _expert_views(self, as_parameters: bool):
+        """Each local expert's linear_fc1/fc2 `weight` as a view of the stacked weights while megatron's own
+        code reads them: autograd views (gradients reach the stacked weights) or, for megatron's
+        sharded_state_dict (which collects registered parameters), parameters sharing their storage."""
+        if not self.stacked:
+            yield
+            return
+        for i, expert in enumerate(self.local_experts):
+            for index, name in ((1, "linear_fc1"), (2, "linear_fc2")):
+                view = getattr(self, f"weight{index}")[i]
+                lin = getattr(expert, name)
+                if as_parameters:
+                    lin.__dict__.pop("weight", None)
+                    lin.register_parameter("weight", torch.nn.Parameter(view.detach(), requires_grad=False))
+                else:
+                    lin.weight = view
+        try:
+            yield
+        finally:
+            for expert in self.local_experts:
+                for lin in (expert.linear_fc1, expert.linear_fc2):
+                    lin._parameters.pop("weight", None)
+                    lin.weight = None
 
     def reference_forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs):
         """megatron's SequentialMLP forward on the same weights (the bench's GPU numerics check)."""
-        return SequentialMLP.forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+        with self._expert_views(as_parameters=False):
+            return SequentialMLP.forward(self, permuted_local_hidden_states, tokens_per_expert, permuted_probs)
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """SequentialMLP's checkpoint tensors, each stacked weight written as one slab of them (module docstring).
+
+        Keys, replica ids and the global shape come from megatron's own per-expert entries; only where
+        `singleton_local_shards` stores every expert under its own key do those per-expert entries stay
+        (views of the stacked weights: model-only reads, such as a converter's)."""
+        with self._expert_views(as_parameters=True):
+            per_expert = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if not self.stacked or (metadata or {}).get("singleton_local_shards", False):
+            return per_expert
+        out = {k: v for k, v in per_expert.items() if not _PER_EXPERT.search(k)}
+        reference = per_expert[f"{prefix}local_experts.0.linear_fc2.weight"]  # a plain ShardedTensor
+        ep_rank, ep_size = self.ep_group.rank(), self.ep_group.size()
+        axis = len(sharded_offsets)
+        for index, name in ((1, "linear_fc1.weight"), (2, "linear_fc2.weight")):
+            out[f"{prefix}weight{index}"] = ShardedTensor.from_rank_offsets(
+                reference.key[: -len("linear_fc2.weight")] + name,
+                getattr(self, f"weight{index}"),
+                *sharded_offsets,
+                (axis, ep_rank, ep_size),
+                replica_id=reference.replica_id,
+                prepend_axis_num=axis,
+            )
+        return out
+
+
+def _per_expert_state_dict(module, state_dict, prefix, local_metadata):
+    """state_dict hook: the stacked weights under SequentialMLP's per-expert names (views, no copies)."""
+    for index, name in ((1, "linear_fc1"), (2, "linear_fc2")):
+        stacked = state_dict.pop(f"{prefix}weight{index}", None)
+        if stacked is None:
+            continue
+        for i in range(stacked.shape[0]):
+            state_dict[f"{prefix}local_experts.{i}.{name}.weight"] = stacked[i]
+
+
+def _stack_per_expert_state_dict(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """load_state_dict pre-hook: SequentialMLP's per-expert entries stacked into weight1/weight2."""
+    for index, name in ((1, "linear_fc1"), (2, "linear_fc2")):
+        keys = [f"{prefix}local_experts.{i}.{name}.weight" for i in range(module.num_local_experts)]
+        if f"{prefix}weight{index}" in state_dict or not all(k in state_dict for k in keys):
+            continue  # stacked already, or absent: load_state_dict reports what is missing
+        state_dict[f"{prefix}weight{index}"] = torch.stack([state_dict.pop(k) for k in keys])
 
 
 def resolve_experts_backend(requested: str, attention_backend: str) -> str:
