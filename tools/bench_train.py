@@ -232,7 +232,7 @@ def grouped_check(model, device) -> dict | None:
     experts = next((m for m in model.modules() if isinstance(m, GroupedGemmExperts)), None)
     if experts is None:
         return None
-    dtype = experts.local_experts[0].linear_fc1.weight.dtype
+    dtype = next(experts.parameters()).dtype
     gen = torch.Generator(device=device).manual_seed(0)
     n_exp = experts.num_local_experts
     counts = torch.randint(0, 64, (n_exp,), generator=gen, device=device)
