@@ -96,10 +96,14 @@ def read_checkpoint_meta(ckpt: Path) -> tuple[Config, dict]:
 
 
 def _single_process(cfg: Config) -> Config:
-    """The same model at TP=EP=PP=1 (what this process builds)."""
+    """The same model at TP=EP=PP=1 (what this process builds), its MoE experts as megatron's SequentialMLP:
+    the reader asks for every expert's tensor by its live name, and SequentialMLP describes the same global
+    checkpoint tensors expert by expert that GroupedGemmExperts writes as one slab (model/grouped_experts.py)."""
+    data = _asdict(cfg)
+    data["model"] = {**data["model"], "moe": {**data["model"]["moe"], "experts_backend": "sequential"}}
     return config_from_dict(
         {
-            **_asdict(cfg),
+            **data,
             "parallel": {
                 "tensor_model_parallel_size": 1,
                 "pipeline_model_parallel_size": 1,
