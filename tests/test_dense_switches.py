@@ -30,13 +30,35 @@ def _grads(cfg) -> dict:
         "loss": loss.detach(),
         "compiled": compiled,
         "fusion": model.config.bias_activation_fusion,
+        "rope_fusion": model.config.apply_rope_fusion,
+        "rope_calls": _ROPE_CALLS.pop("n", 0),
         "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
     }
+
+
+_ROPE_CALLS: dict = {}
+
+
+def _count_rope_calls() -> None:
+    """Count the calls of the RoPE bound to megatron's fusion hook (the switch's path, not megatron's unfused one)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from mtpd_megatron.model import builder
+
+    builder.enable_rope_fusion()
+    bound = rope_utils.fused_apply_rotary_pos_emb
+
+    def counted(*args, **kwargs):
+        _ROPE_CALLS["n"] = _ROPE_CALLS.get("n", 0) + 1
+        return bound(*args, **kwargs)
+
+    rope_utils.fused_apply_rotary_pos_emb = counted
 
 
 def _rank() -> dict:
     cpu_compat.enable()
     torch._dynamo.config.disable = True  # eager bodies of the compiled callables (see module docstring)
+    _count_rope_calls()
     out = {}
     for preset in ("tiny_dense", "tiny_moe"):
         for flag in ("false", "true"):
@@ -53,6 +75,8 @@ def runs() -> dict:
 def test_compile_layers_eager_path_is_exact(runs, preset):
     off, on = runs[f"{preset}:false"], runs[f"{preset}:true"]
     assert on["fusion"] and not off["fusion"]
+    assert on["rope_fusion"] and not off["rope_fusion"]
+    assert on["rope_calls"] > 0 and off["rope_calls"] == 0  # q and k of every layer through the compiled RoPE
     assert on["compiled"] > 0 and off["compiled"] == 0
     torch.testing.assert_close(on["loss"], off["loss"], atol=1e-6, rtol=1e-6)
     assert set(on["grads"]) == set(off["grads"])

@@ -56,7 +56,7 @@ class ModelConfig:
     attention_backend: str = doc("auto (TE if importable, else torch SDPA), sdpa, te or local.", "auto")
     compile_layers: bool = doc(
         "Fused elementwise kernels without TE: megatron's torch.compile'd SwiGLU "
-        "(bias_activation_fusion) and torch.compile'd RMSNorm modules "
+        "(bias_activation_fusion), torch.compile'd RMSNorm modules and RoPE (apply_rope_fusion) "
         "(tools/bench_train.py --compare compile_layers measures it).",
         False,
     )

@@ -54,7 +54,7 @@ def transformer_config(
         bias_activation_fusion=m.compile_layers,  # megatron's torch.compile'd SwiGLU (fused_bias_swiglu.py)
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=m.compile_layers and enable_rope_fusion(),  # TE's kernel, else a compiled torch RoPE
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
@@ -150,6 +150,35 @@ def compile_norms(model: torch.nn.Module) -> int:
             module._mtpd_compiled = True
             count += 1
     return count
+
+
+def enable_rope_fusion() -> bool:
+    """Give megatron's RoPE fusion hook a kernel where TE is absent; returns True (fusion available).
+
+    With `apply_rope_fusion` megatron calls `rope_utils.fused_apply_rotary_pos_emb` (TE's fused RoPE, None
+    without TE; models/common/embeddings/rope_utils.py:316, checked by transformer_config.py:2184). Without
+    TE it is bound here to megatron's own unfused RoPE (`_apply_rotary_pos_emb_bshd`: chunk, cat, cos, sin,
+    two products and a sum, each a kernel over q and k, forward and backward) under one torch.compile, so
+    inductor fuses it into a kernel or two. Same math: megatron takes its unfused path for what TE's kernel
+    does not cover (mscale != 1, MLA interleaving, mRoPE), and so does this binding. Process-wide; TE's
+    kernel, where megatron bound it, is left alone."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    if rope_utils.fused_apply_rotary_pos_emb is None:
+        rope_utils.fused_apply_rotary_pos_emb = _compiled_rope
+    return True
+
+
+@functools.cache
+def _compiled_rope_bshd():
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    return torch.compile(_apply_rotary_pos_emb_bshd, dynamic=None)
+
+
+def _compiled_rope(t: torch.Tensor, freqs: torch.Tensor, transpose_output_memory: bool = False, interleaved=False):
+    """TE's `fused_apply_rotary_pos_emb` signature (sbhd tensors) over the compiled megatron RoPE."""
+    return _compiled_rope_bshd()(t, freqs, rotary_interleaved=interleaved)
 
 
 @functools.cache
