@@ -5,7 +5,7 @@ other module for step 5. The step-5 checkpoint (weights, and the Adam moments th
 writes per parameter in the fully_reshardable format, keyed by the model's sharded tensors) must equal the
 straight run's: the stacked slab and the per-expert tensors are the same global checkpoint tensors, so any
 misplaced expert, swapped gate/up half or dropped moment shows up here. Both directions, real CLI, forked
-trainer processes.
+trainer processes; the plain (non-distributed) optimizer too, which maps its state to the same sharded tensors.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _moe_config(data, save: Path, backend: str, **checkpoint) -> dict:
+def _moe_config(data, save: Path, backend: str, distributed: bool, **checkpoint) -> dict:
     model = yaml.safe_load((ROOT / "configs/tiny_moe.yaml").read_text())["model"]
     model["moe"]["experts_backend"] = backend
     return tiny_config(
@@ -32,18 +32,20 @@ def _moe_config(data, save: Path, backend: str, **checkpoint) -> dict:
         save,
         model=model,
         training={"train_iters": 5},
-        parallel={"use_distributed_optimizer": True},
+        parallel={"use_distributed_optimizer": distributed},
         checkpoint={"save": str(save), "keep_last": 0, **checkpoint},
     )
 
 
-def _train(data, root: Path, backend: str, resume_from: Path | None = None) -> Path:
+def _train(data, root: Path, backend: str, distributed: bool, resume_from: Path | None = None) -> Path:
     save = root / "ckpt"
     root.mkdir(parents=True, exist_ok=True)
     if resume_from is not None:
         save.mkdir(parents=True)
         shutil.copytree(resume_from / "iter_0000004", save / "iter_0000004")
-    cfg = write_config(root / "cfg.yaml", _moe_config(data, save, backend, save_interval=4 if not resume_from else 1))
+    cfg = write_config(
+        root / "cfg.yaml", _moe_config(data, save, backend, distributed, save_interval=4 if not resume_from else 1)
+    )
     args = ["--config", str(cfg)] + (["--resume", "auto"] if resume_from is not None else [])
     [(rc, out, err)] = run(args, fork=True)
     assert rc == 0, err[-2000:]
@@ -55,10 +57,14 @@ def data(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("grouped-ckpt-data"))
 
 
-@pytest.mark.parametrize("first, then", [("grouped", "sequential"), ("sequential", "grouped")])
-def test_resume_with_the_other_experts_module_continues_exactly(data, tmp_path, first, then):
-    straight = _train(data, tmp_path / "straight", first)
-    resumed = _train(data, tmp_path / "resumed", then, resume_from=straight)
+@pytest.mark.parametrize(
+    "first, then, distributed",
+    [("grouped", "sequential", True), ("sequential", "grouped", True), ("grouped", "sequential", False)],
+    ids=["grouped-to-sequential", "sequential-to-grouped", "grouped-to-sequential-plain-optimizer"],
+)
+def test_resume_with_the_other_experts_module_continues_exactly(data, tmp_path, first, then, distributed):
+    straight = _train(data, tmp_path / "straight", first, distributed)
+    resumed = _train(data, tmp_path / "resumed", then, distributed, resume_from=straight)
     a, b = _tensors(straight / "iter_0000005"), _tensors(resumed / "iter_0000005")
     experts = [k for k in a if "mlp.experts.experts.linear_fc" in k]
     moments = [k for k in experts if k.startswith("optimizer.state.exp_avg")]
