@@ -63,12 +63,56 @@ def _rank() -> dict:
     for preset in ("tiny_dense", "tiny_moe"):
         for flag in ("false", "true"):
             out[f"{preset}:{flag}"] = _grads(tiny(preset, SINGLE + [f"model.compile_layers={flag}"]))
+    out["ce"] = _fused_ce_vs_unfused()
+    out["ce_flags"] = {
+        dtype: tiny_transformer_config(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        for dtype in ("bf16", "fp32")
+    }
+    return out
+
+
+def tiny_transformer_config(dtype) -> bool:
+    from mtpd_megatron.config import load_config
+    from mtpd_megatron.model.builder import transformer_config
+
+    cfg = load_config("configs/tiny_dense.yaml", SINGLE + ["model.compile_layers=true"])
+    return transformer_config(cfg, params_dtype=dtype).cross_entropy_loss_fusion
+
+
+def _fused_ce_vs_unfused() -> dict:
+    """megatron's fused CE (what compile_layers selects in bf16) against its unfused one on bf16 logits."""
+    import torch.distributed as dist
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    gen = torch.Generator().manual_seed(3)
+    logits0 = (torch.randn(16, 2, 384, generator=gen) * 3).to(torch.bfloat16)
+    target = torch.randint(0, 384, (16, 2), generator=gen)
+    grad_out = torch.rand(16, 2, generator=gen)
+    out = {}
+    for name, fn in (
+        ("fused", lambda x: fused_vocab_parallel_cross_entropy(x, target, dist.group.WORLD)),
+        ("unfused", lambda x: vocab_parallel_cross_entropy(x.float(), target)),  # as compute_language_model_loss
+    ):
+        x = logits0.clone().requires_grad_(True)
+        loss = fn(x)
+        loss.backward(grad_out)
+        out[name] = {"loss": loss.detach(), "grad": x.grad, "logits_unchanged": torch.equal(x.detach(), logits0)}
     return out
 
 
 @pytest.fixture(scope="module")
 def runs() -> dict:
     return run_distributed(_rank, 1)[0]
+
+
+def test_fused_cross_entropy_is_chosen_in_bf16_only_and_equals_the_unfused_one(runs):
+    assert runs["ce_flags"] == {"bf16": True, "fp32": False}  # its backward casts to bf16 (see builder.py)
+    fused, unfused = runs["ce"]["fused"], runs["ce"]["unfused"]
+    assert fused["grad"].dtype == unfused["grad"].dtype == torch.bfloat16
+    torch.testing.assert_close(fused["loss"], unfused["loss"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused["grad"].float(), unfused["grad"].float(), atol=1e-2, rtol=1e-2)
+    assert fused["logits_unchanged"] and unfused["logits_unchanged"]  # the shared teacher's logits stay intact
 
 
 @pytest.mark.parametrize("preset", ["tiny_dense", "tiny_moe"])

@@ -56,7 +56,8 @@ class ModelConfig:
     attention_backend: str = doc("auto (TE if importable, else torch SDPA), sdpa, te or local.", "auto")
     compile_layers: bool = doc(
         "Fused elementwise kernels without TE: megatron's torch.compile'd SwiGLU "
-        "(bias_activation_fusion), torch.compile'd RMSNorm modules and RoPE (apply_rope_fusion) "
+        "(bias_activation_fusion), torch.compile'd RMSNorm modules and RoPE (apply_rope_fusion), "
+        "and in bf16 megatron's fused cross entropy (cross_entropy_loss_fusion) "
         "(tools/bench_train.py --compare compile_layers measures it).",
         False,
     )

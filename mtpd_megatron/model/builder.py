@@ -55,6 +55,10 @@ def transformer_config(
         masked_softmax_fusion=False,
         persist_layer_norm=False,
         apply_rope_fusion=m.compile_layers and enable_rope_fusion(),  # TE's kernel, else a compiled torch RoPE
+        # megatron's own fused CE (fusions/fused_cross_entropy.py, jit_fuser = torch.compile): its backward
+        # returns bf16 gradients (line 82), which is exact only for bf16 logits, so bf16 runs only
+        cross_entropy_loss_fusion=m.compile_layers and bf16,
+        cross_entropy_fusion_impl="native",
         gradient_accumulation_fusion=False,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
