@@ -62,6 +62,20 @@ def test_compare_flags_a_perturbed_step():
     assert not missing["ok"] and "missing" in missing["failures"][0]
 
 
+def test_a_layout_the_config_cannot_take_is_skipped_with_the_validators_reason():
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        from check_multi_gpu import _invalid, _parallel, layouts, parse_args
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
+    args = parse_args(["--config", "configs/tiny_moe.yaml", "--gpus", "4", "--out", "/nonexistent/x"])
+    names = list(layouts(4, moe=True))
+    assert names == ["ep4", "tp4_sp", "pp2", "dp4", "tp2_ep2_sp"]
+    reasons = {n: _invalid(args, _parallel(4, **p), 4) for n, p in layouts(4, moe=True).items()}
+    assert "num_query_groups=2" in reasons["tp4_sp"] and "tensor_model_parallel_size=4" in reasons["tp4_sp"]
+    assert all(reasons[n] is None for n in ("ep4", "pp2", "dp4", "tp2_ep2_sp"))
+
+
 def test_usage_errors_are_one_line():
     for args, needle in (
         (["--gpus", "3"], "--gpus 3"),

@@ -185,6 +185,19 @@ def compare(name: str, got: dict, ref: dict, steps: range, tol: dict) -> dict:
     return {"name": name, "ok": not failures, "worst": worst, "failures": failures[:10]}
 
 
+def _invalid(args, parallel: list, world: int):
+    """The config validator's one-line reason why this layout cannot run this config, or None."""
+    from mtpd_megatron.config import load_config
+    from mtpd_megatron.config.validate import validate
+
+    extra = [f"training.global_batch_size={args.global_batch}"] if args.global_batch else []
+    try:
+        validate(load_config(args.config, [*args.overrides, *parallel, *extra]), world)
+    except ValueError as e:
+        return str(e).splitlines()[0]
+    return None
+
+
 def _check(args) -> int:
     from mtpd_megatron.config import load_config
 
@@ -211,6 +224,11 @@ def _check(args) -> int:
     tok_ref = [ref[s]["tokens_per_s"] for s in range(args.resume_at + 2, last + 1) if s in ref]
     first_layout = None
     for name, parallel in layouts(args.gpus, moe).items():
+        reason = _invalid(args, _parallel(args.gpus, **parallel), args.gpus)
+        if reason is not None:  # e.g. TP=4 with 2 query groups: reported, not run
+            result["runs"].append({"name": name, "ok": True, "skipped": reason, "failures": []})
+            print(f"[{PROG}] {name}: skipped ({reason})", flush=True)
+            continue
         try:
             got = runner.train(name, args.gpus, _parallel(args.gpus, **parallel), args.steps, args.steps, start)
             row = compare(name, got, ref, range(args.resume_at + 1, args.steps + 1), tol)
@@ -220,7 +238,7 @@ def _check(args) -> int:
                     "tokens_per_s_per_gpu_1": sum(tok_ref) / max(len(tok_ref), 1),
                     f"tokens_per_s_per_gpu_{args.gpus}": sum(tok) / max(len(tok), 1) / args.gpus,
                 }
-            first_layout = first_layout or name
+            first_layout = first_layout or (name if row["ok"] else None)
         except (RuntimeError, subprocess.TimeoutExpired, OSError) as e:
             row = {"name": name, "ok": False, "failures": [str(e)[:500]]}
         result["runs"].append(row)
@@ -255,6 +273,9 @@ def _check(args) -> int:
     for r in result["runs"]:
         worst = r.get("worst", {})
         head = max((v for k, v in worst.items() if k.startswith("mtp")), default=None)
+        if r.get("skipped"):
+            lines.append(f"| {r['name']} | skipped: {r['skipped']} | | |")
+            continue
         lines.append(
             f"| {r['name']} | {'yes' if r['ok'] else 'no'} | "
             f"{worst.get('loss', float('nan')):.2e} | {'' if head is None else f'{head:.2e}'} |"
