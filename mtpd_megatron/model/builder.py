@@ -34,6 +34,8 @@ def transformer_config(
         use_cpu_init = not (cfg.model.init_on_device and torch.cuda.is_available())
     m, p, moe = cfg.model, cfg.parallel, cfg.model.moe
     bf16 = params_dtype == torch.bfloat16
+    if m.compile_layers:
+        enable_rope_fusion()  # before TransformerConfig: its __post_init__ checks that a fused RoPE exists
     kwargs = dict(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -54,7 +56,7 @@ def transformer_config(
         bias_activation_fusion=m.compile_layers,  # megatron's torch.compile'd SwiGLU (fused_bias_swiglu.py)
         masked_softmax_fusion=False,
         persist_layer_norm=False,
-        apply_rope_fusion=m.compile_layers and enable_rope_fusion(),  # TE's kernel, else a compiled torch RoPE
+        apply_rope_fusion=m.compile_layers,  # TE's kernel, else a compiled torch RoPE (enable_rope_fusion)
         # megatron's own fused CE (fusions/fused_cross_entropy.py, jit_fuser = torch.compile): its backward
         # returns bf16 gradients (line 82), which is exact only for bf16 logits, so bf16 runs only
         cross_entropy_loss_fusion=m.compile_layers and bf16,
@@ -156,8 +158,8 @@ def compile_norms(model: torch.nn.Module) -> int:
     return count
 
 
-def enable_rope_fusion() -> bool:
-    """Give megatron's RoPE fusion hook a kernel where TE is absent; returns True (fusion available).
+def enable_rope_fusion() -> None:
+    """Give megatron's RoPE fusion hook a kernel where TE is absent.
 
     With `apply_rope_fusion` megatron calls `rope_utils.fused_apply_rotary_pos_emb` (TE's fused RoPE, None
     without TE; models/common/embeddings/rope_utils.py:316, checked by transformer_config.py:2184). Without
@@ -170,7 +172,6 @@ def enable_rope_fusion() -> bool:
 
     if rope_utils.fused_apply_rotary_pos_emb is None:
         rope_utils.fused_apply_rotary_pos_emb = _compiled_rope
-    return True
 
 
 @functools.cache

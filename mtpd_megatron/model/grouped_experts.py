@@ -66,6 +66,7 @@ def grouped_linear(
 
 
 _PER_EXPERT = re.compile(r"local_experts\.(\d+)\.linear_fc([12])\.weight$")
+STACKED = (("weight1", "linear_fc1"), ("weight2", "linear_fc2"))  # (stacked parameter, each expert's linear)
 
 
 class GroupedGemmExperts(SequentialMLP):
@@ -78,14 +79,14 @@ class GroupedGemmExperts(SequentialMLP):
         self.stacked = self._supported()
         if not self.stacked:
             return
-        for index, name in ((1, "linear_fc1"), (2, "linear_fc2")):
+        for stacked_name, name in STACKED:
             linears = [getattr(e, name) for e in self.local_experts]
             first = linears[0].weight
             with torch.no_grad():
                 weight = torch.nn.Parameter(torch.stack([lin.weight for lin in linears]), first.requires_grad)
             for attr, value in vars(first).items():  # megatron's marks: allreduce (expert), tensor_model_parallel...
                 setattr(weight, attr, value)
-            self.register_parameter(f"weight{index}", weight)
+            self.register_parameter(stacked_name, weight)
             for lin in linears:
                 del lin._parameters["weight"]
                 lin.weight = None  # a plain attribute: views are set only while megatron's own code reads them
@@ -141,8 +142,8 @@ class GroupedGemmExperts(SequentialMLP):
             yield
             return
         for i, expert in enumerate(self.local_experts):
-            for index, name in ((1, "linear_fc1"), (2, "linear_fc2")):
-                view = getattr(self, f"weight{index}")[i]
+            for stacked_name, name in STACKED:
+                view = getattr(self, stacked_name)[i]
                 lin = getattr(expert, name)
                 if as_parameters:
                     lin.__dict__.pop("weight", None)
@@ -176,10 +177,10 @@ class GroupedGemmExperts(SequentialMLP):
         reference = per_expert[f"{prefix}local_experts.0.linear_fc2.weight"]  # a plain ShardedTensor
         ep_rank, ep_size = self.ep_group.rank(), self.ep_group.size()
         axis = len(sharded_offsets)
-        for index, name in ((1, "linear_fc1.weight"), (2, "linear_fc2.weight")):
-            out[f"{prefix}weight{index}"] = ShardedTensor.from_rank_offsets(
-                reference.key[: -len("linear_fc2.weight")] + name,
-                getattr(self, f"weight{index}"),
+        for stacked_name, name in STACKED:
+            out[f"{prefix}{stacked_name}"] = ShardedTensor.from_rank_offsets(
+                reference.key[: -len("linear_fc2.weight")] + f"{name}.weight",
+                getattr(self, stacked_name),
                 *sharded_offsets,
                 (axis, ep_rank, ep_size),
                 replica_id=reference.replica_id,
@@ -190,8 +191,8 @@ class GroupedGemmExperts(SequentialMLP):
 
 def _per_expert_state_dict(module, state_dict, prefix, local_metadata):
     """state_dict hook: the stacked weights under SequentialMLP's per-expert names (views, no copies)."""
-    for index, name in ((1, "linear_fc1"), (2, "linear_fc2")):
-        stacked = state_dict.pop(f"{prefix}weight{index}", None)
+    for stacked_name, name in STACKED:
+        stacked = state_dict.pop(f"{prefix}{stacked_name}", None)
         if stacked is None:
             continue
         for i in range(stacked.shape[0]):
@@ -200,11 +201,11 @@ def _per_expert_state_dict(module, state_dict, prefix, local_metadata):
 
 def _stack_per_expert_state_dict(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
     """load_state_dict pre-hook: SequentialMLP's per-expert entries stacked into weight1/weight2."""
-    for index, name in ((1, "linear_fc1"), (2, "linear_fc2")):
+    for stacked_name, name in STACKED:
         keys = [f"{prefix}local_experts.{i}.{name}.weight" for i in range(module.num_local_experts)]
-        if f"{prefix}weight{index}" in state_dict or not all(k in state_dict for k in keys):
+        if f"{prefix}{stacked_name}" in state_dict or not all(k in state_dict for k in keys):
             continue  # stacked already, or absent: load_state_dict reports what is missing
-        state_dict[f"{prefix}weight{index}"] = torch.stack([state_dict.pop(k) for k in keys])
+        state_dict[f"{prefix}{stacked_name}"] = torch.stack([state_dict.pop(k) for k in keys])
 
 
 def resolve_experts_backend(requested: str, attention_backend: str) -> str:
