@@ -76,7 +76,7 @@ def test_a_layout_the_config_cannot_take_is_skipped_with_the_validators_reason()
     assert all(reasons[n] is None for n in ("ep4", "pp2", "dp4", "tp2_ep2_sp"))
 
 
-def test_usage_errors_are_one_line():
+def test_usage_errors_are_one_line(tmp_path):
     for args, needle in (
         (["--gpus", "3"], "--gpus 3"),
         (["--gpus", "2", "--steps", "4", "--resume-at", "4"], "--resume-at 4"),
@@ -84,3 +84,9 @@ def test_usage_errors_are_one_line():
         r = _tool("--config", "configs/tiny_dense.yaml", "--out", "/nonexistent/x", *args, timeout=60)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and needle in lines[0], r.stderr
+
+    out = tmp_path / "check"  # a config the reference cannot run: the validator's line, nothing written
+    r = _tool("--config", "configs/tiny_dense.yaml", "--gpus", "2", "--out", str(out), "training.global_batch_size=3")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "training.global_batch_size=3" in lines[0], r.stderr
+    assert not out.exists()  # nothing written

@@ -202,6 +202,9 @@ def _check(args) -> int:
     from mtpd_megatron.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    reason = _invalid(args, _parallel(1), 1)
+    if reason is not None:  # the reference cannot run: one line, exit 2, nothing written
+        raise ValueError(reason)
     moe = bool(cfg.model.moe.num_experts)
     tol = TOLERANCE[args.device]
     out = Path(args.out)
